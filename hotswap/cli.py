@@ -1,0 +1,302 @@
+"""The ``hotswap`` command line. The only module that reads argv and prints.
+
+Every failure is one line on stderr and a non-zero exit code from :data:`hotswap.errors.ERROR_TABLE`;
+a traceback appears only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from hotswap import __version__
+from hotswap.errors import HotswapError, InvalidArgument, mapping_for
+from hotswap.registry import AdapterRef, Lineage, Manifest, Registry, default_registry_url
+
+log = logging.getLogger("hotswap.cli")
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry)
+
+
+def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _print_manifest(m: Manifest, aliases: dict[str, int]) -> None:
+    pointing = sorted(a for a, v in aliases.items() if v == m.version)
+    fields = [
+        ("name", m.name),
+        ("version", m.version),
+        ("method", m.method),
+        ("base", m.base_fingerprint or "(none recorded)"),
+        ("created", m.created_at),
+        ("visibility", m.visibility + (f" (tenant {m.tenant})" if m.tenant else "")),
+        ("aliases", ", ".join(pointing) or "-"),
+        ("size", f"{m.total_size:,} bytes in {len(m.files)} files"),
+    ]
+    if m.description:
+        fields.append(("description", m.description))
+    lineage = {k: v for k, v in asdict(m.lineage).items() if v is not None}
+    for key, value in lineage.items():
+        fields.append((f"lineage.{key}", json.dumps(value) if isinstance(value, dict) else value))
+    for key, value in sorted(m.metrics.items()):
+        fields.append((f"metrics.{key}", value))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {value}")
+    print()
+    print(_table([(p, f"{e.size:,}", e.sha256[:16]) for p, e in m.files.items()], ("file", "bytes", "sha256")))
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_base_build(args: argparse.Namespace) -> int:
+    from hotswap.basemodel import build_model, fingerprint, save_model
+
+    out = save_model(build_model(args.preset, seed=args.seed), args.out)
+    print(f"built base '{args.preset}' (seed {args.seed}) at {out}")
+    print(f"fingerprint {fingerprint(out)}")
+    return 0
+
+
+def cmd_base_fingerprint(args: argparse.Namespace) -> int:
+    from hotswap.basemodel import fingerprint
+
+    print(fingerprint(args.path))
+    return 0
+
+
+def cmd_adapter_random(args: argparse.Namespace) -> int:
+    from hotswap.train import RandomLoraConfig, random_lora
+
+    config = RandomLoraConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        target_modules=tuple(t for t in args.targets.split(",") if t),
+        use_dora=args.dora,
+        seed=args.seed,
+    )
+    out = random_lora(args.base, args.out, config)
+    print(f"wrote random {'DoRA' if args.dora else 'LoRA'} adapter r={args.rank} (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    base_fp = None
+    if args.base:
+        from hotswap.basemodel import fingerprint
+
+        base_fp = fingerprint(args.base)
+    lineage = Lineage(parent=args.parent, code_version=f"hotswap {__version__}")
+    m = _registry(args).publish(
+        args.dir,
+        args.name,
+        method=args.method,
+        base_fingerprint=base_fp,
+        aliases=args.alias,
+        lineage=lineage,
+        visibility=args.visibility,
+        description=args.description,
+    )
+    suffix = f" (aliases: {', '.join(args.alias)})" if args.alias else ""
+    print(f"published {m.ref} [{m.method}, {len(m.files)} files, {m.total_size:,} bytes]{suffix}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    ref = AdapterRef.parse(args.ref)
+    dest = args.to or Path(f"{ref.name}-v{reg.resolve(ref).version}")
+    m = reg.pull(ref, dest)
+    print(f"pulled {m.ref} to {dest} (verified {len(m.files)} files)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    items = _registry(args).list()
+    if args.json:
+        print(json.dumps([asdict(i) for i in items], indent=2))
+    elif not items:
+        print(f"no adapters in {_registry(args).url}")
+    else:
+        rows = [
+            (i.name, i.latest, i.versions, i.method, ", ".join(f"{a}={v}" for a, v in sorted(i.aliases.items())) or "-",
+             i.visibility, i.created_at)
+            for i in items
+        ]
+        print(_table(rows, ("name", "latest", "versions", "method", "aliases", "visibility", "created")))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    manifests = reg.versions(args.name)
+    aliases = reg.aliases(args.name)
+    if args.json:
+        print(json.dumps([json.loads(m.to_json()) for m in manifests], indent=2))
+        return 0
+    rows = [
+        (m.version, m.method, ", ".join(sorted(a for a, v in aliases.items() if v == m.version)) or "-",
+         f"{m.total_size:,}", m.created_at, (m.base_fingerprint or "-")[:19])
+        for m in manifests
+    ]
+    print(_table(rows, ("version", "method", "aliases", "bytes", "created", "base")))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    m = reg.resolve(args.ref)
+    if args.json:
+        print(m.to_json(), end="")
+    else:
+        _print_manifest(m, reg.aliases(m.name))
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.delete:
+        reg.delete_alias(args.name, args.alias)
+        print(f"deleted alias {args.name}:{args.alias}")
+        return 0
+    if args.version is None:
+        raise InvalidArgument("alias needs a VERSION to point at (or --delete to remove it)")
+    before = reg.aliases(args.name).get(args.alias)
+    m = reg.set_alias(args.name, args.alias, args.version)
+    moved = f" (was {before})" if before is not None and before != m.version else ""
+    print(f"{m.name}:{args.alias} -> {m.version}{moved}")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hotswap", description="Adapter registry and hot-swap inference server.")
+    p.add_argument("--version", action="version", version=f"hotswap {__version__}")
+    p.add_argument(
+        "--registry",
+        default=None,
+        help="registry URL or path (default: $HOTSWAP_REGISTRY or ~/.cache/hotswap/registry)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    base = sub.add_parser("base", help="build and fingerprint base models")
+    base_sub = base.add_subparsers(dest="base_command", required=True, metavar="ACTION")
+    sp = base_sub.add_parser("build", help="build a random-init base checkpoint from a preset shape")
+    sp.add_argument("--preset", default="tiny", help="tiny (tests) or smollm2-135m (benchmarks)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, type=Path, help="new directory for the checkpoint")
+    sp.set_defaults(fn=cmd_base_build)
+    sp = base_sub.add_parser("fingerprint", help="print a checkpoint's base fingerprint")
+    sp.add_argument("path", type=Path)
+    sp.set_defaults(fn=cmd_base_fingerprint)
+
+    adapter = sub.add_parser("adapter", help="create adapter artifacts without training")
+    adapter_sub = adapter.add_subparsers(dest="adapter_command", required=True, metavar="ACTION")
+    sp = adapter_sub.add_parser("random", help="a PEFT LoRA/DoRA adapter with random non-zero weights")
+    sp.add_argument("--base", required=True, type=Path)
+    sp.add_argument("--out", required=True, type=Path)
+    sp.add_argument("--rank", type=_positive_int, default=8)
+    sp.add_argument("--alpha", type=float, default=16.0)
+    sp.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    sp.add_argument("--dora", action="store_true")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_adapter_random)
+
+    sp = add("push", cmd_push, "publish an adapter directory as a new immutable version")
+    sp.add_argument("dir", type=Path)
+    sp.add_argument("--name", required=True, help="adapter name, optionally tenant/name")
+    sp.add_argument("--base", type=Path, help="base checkpoint the adapter is for (records its fingerprint)")
+    sp.add_argument("--alias", action="append", default=[], help="move this alias to the new version (repeatable)")
+    sp.add_argument("--method", help="override the method detected from the config (e.g. plora)")
+    sp.add_argument("--visibility", choices=("public", "private"), help="default: private for tenant/name")
+    sp.add_argument("--parent", help="lineage: the version this one was fine-tuned from, e.g. math@2")
+    sp.add_argument("--description", default="")
+
+    sp = add("pull", cmd_pull, "copy a verified version to a local directory")
+    sp.add_argument("ref", help="name, name@N or name:alias")
+    sp.add_argument("--to", type=Path, help="new directory (default: ./NAME-vN)")
+
+    sp = add("list", cmd_list, "list adapters")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("versions", cmd_versions, "list the versions of an adapter")
+    sp.add_argument("name")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("show", cmd_show, "show a version's manifest")
+    sp.add_argument("ref")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("alias", cmd_alias, "point an alias at a version (rollback = point it back)")
+    sp.add_argument("name")
+    sp.add_argument("alias")
+    sp.add_argument("version", nargs="?", type=_positive_int)
+    sp.add_argument("--delete", action="store_true", help="remove the alias")
+    return p
+
+
+def _quiet_libraries() -> None:
+    """Keep CLI output to our own lines: no library progress bars or deprecation chatter."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers honours it too
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        _quiet_libraries()
+    if args.registry is None:
+        args.registry = default_registry_url()
+    try:
+        return args.fn(args)
+    except HotswapError as e:
+        if args.verbose:
+            log.exception("failed")
+        print(f"hotswap: error: {e}", file=sys.stderr)
+        return mapping_for(e).exit_code
+    except OSError as e:
+        if args.verbose:
+            log.exception("failed")
+        print(f"hotswap: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hotswap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The one error tree of hotswap, and the one table mapping it to gRPC status codes and CLI exit codes.
+
+Every package raises these (never bare ``ValueError``/``OSError`` across a package boundary), so the
+CLI and the gRPC server translate errors in exactly one place each, from :data:`ERROR_TABLE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class HotswapError(Exception):
+    """Base of every error hotswap raises on purpose. ``str(err)`` is a one-line, user-facing message."""
+
+
+class InvalidArgument(HotswapError):
+    """A caller-supplied value is malformed or out of range (the request can be fixed and retried)."""
+
+
+class InvalidAdapterRef(InvalidArgument):
+    """An adapter reference or name does not match the allowed syntax."""
+
+
+class InvalidArtifact(InvalidArgument):
+    """An adapter directory is not a publishable artifact (missing files, pickle weights, bad JSON...)."""
+
+
+class AdapterNotFound(HotswapError):
+    """No adapter, version or alias by that name exists in the registry."""
+
+
+class VersionExists(HotswapError):
+    """A published version is immutable: it cannot be written again."""
+
+
+class IntegrityError(HotswapError):
+    """A stored file no longer matches the sha256/size recorded in its manifest (tampered or truncated)."""
+
+
+class BaseModelMismatch(HotswapError):
+    """The adapter was published for a different base model than the one asked for."""
+
+
+class InvalidBaseModel(InvalidArgument):
+    """A path given as a base model is not a usable checkpoint directory."""
+
+
+class RegistryUnavailable(HotswapError):
+    """The registry storage cannot be reached or used (permissions, missing root, remote down)."""
+
+
+class CapacityExceeded(HotswapError):
+    """A bounded resource (queue, resident slots, memory) is full."""
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    """How one error class surfaces: a gRPC status code name (``grpc.StatusCode[name]``) and a CLI exit code."""
+
+    grpc_status: str
+    exit_code: int
+
+
+# Lookup walks the exception's MRO, so a subclass uses its nearest listed ancestor's row.
+ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
+    InvalidArgument: ErrorMapping("INVALID_ARGUMENT", 2),
+    AdapterNotFound: ErrorMapping("NOT_FOUND", 3),
+    VersionExists: ErrorMapping("ALREADY_EXISTS", 4),
+    IntegrityError: ErrorMapping("FAILED_PRECONDITION", 5),
+    BaseModelMismatch: ErrorMapping("FAILED_PRECONDITION", 6),
+    RegistryUnavailable: ErrorMapping("UNAVAILABLE", 7),
+    CapacityExceeded: ErrorMapping("RESOURCE_EXHAUSTED", 8),
+    HotswapError: ErrorMapping("INTERNAL", 1),
+}
+
+
+def mapping_for(err: HotswapError) -> ErrorMapping:
+    """The table row for ``err`` (its own class, else the nearest ancestor's)."""
+    for cls in type(err).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    raise TypeError(f"{type(err).__name__} is not a HotswapError")

@@ -1,0 +1,237 @@
+"""The registry API: publish immutable versions, resolve refs, fetch verified files, move aliases.
+
+This is the one place that knows what a ref means (``latest``, aliases, versions), that checks
+integrity and base fingerprints, and that builds manifests; backends only store bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hotswap.errors import (
+    AdapterNotFound,
+    BaseModelMismatch,
+    InvalidAdapterRef,
+    InvalidArgument,
+    InvalidArtifact,
+)
+from hotswap.registry.artifact import detect_method, hash_files, scan_artifact, verify
+from hotswap.registry.backend import Backend
+from hotswap.registry.fsutil import atomic_copy_tree
+from hotswap.registry.local import LocalBackend
+from hotswap.registry.manifest import MANIFEST_FILE, VISIBILITIES, Lineage, Manifest
+from hotswap.registry.refs import LATEST, AdapterRef, check_alias, check_part
+
+log = logging.getLogger(__name__)
+
+ENV_REGISTRY = "HOTSWAP_REGISTRY"
+DEFAULT_ROOT = Path("~/.cache/hotswap/registry")
+
+
+def default_registry_url() -> str:
+    """``$HOTSWAP_REGISTRY`` if set, else ``~/.cache/hotswap/registry``."""
+    return os.environ.get(ENV_REGISTRY) or str(DEFAULT_ROOT.expanduser())
+
+
+def open_backend(url: str | os.PathLike[str]) -> Backend:
+    """Pick the backend for a registry URL: ``file:///path`` or a plain path (local)."""
+    text = os.fspath(url)
+    if text.startswith("file://"):
+        return LocalBackend(text.removeprefix("file://"))
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise InvalidArgument(f"unsupported registry URL scheme {scheme!r} in {text!r}; use file:// or a path")
+    return LocalBackend(text)
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    name: str
+    latest: int
+    versions: int
+    method: str  # of the latest version
+    aliases: dict[str, int]
+    visibility: str
+    created_at: str  # of the latest version
+
+
+def _as_ref(ref: str | AdapterRef) -> AdapterRef:
+    return ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
+
+
+def _as_name(name: str | AdapterRef) -> AdapterRef:
+    ref = _as_ref(name)
+    if ref.version is not None or ref.alias is not None:
+        raise InvalidAdapterRef(f"expected an adapter name without @version or :alias, got {str(ref)!r}")
+    return ref
+
+
+class Registry:
+    """Adapter registry over one backend. ``Registry()`` opens the default local registry."""
+
+    def __init__(self, backend: Backend | str | os.PathLike[str] | None = None) -> None:
+        if backend is None:
+            backend = default_registry_url()
+        self.backend: Backend = open_backend(backend) if isinstance(backend, str | os.PathLike) else backend
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    # -- publish -------------------------------------------------------------------------------
+    def publish(
+        self,
+        src: str | os.PathLike[str],
+        name: str | AdapterRef,
+        *,
+        method: str | None = None,
+        base_fingerprint: str | None = None,
+        aliases: tuple[str, ...] | list[str] = (),
+        lineage: Lineage | None = None,
+        metrics: dict | None = None,
+        visibility: str | None = None,
+        description: str = "",
+        version: int | None = None,
+        created_at: str | None = None,
+    ) -> Manifest:
+        """Publish the artifact directory ``src`` as the next version of ``name`` and return its manifest.
+
+        ``version`` pins the number (used when mirroring between registries); otherwise the next free
+        number is allocated atomically. Aliases given are moved to the new version after it is visible.
+        """
+        ref = _as_name(name)
+        for alias in aliases:
+            check_alias(alias)
+        src_path = Path(src)
+        files = scan_artifact(src_path)
+        method = check_part(method, "method") if method else detect_method(src_path)
+        if visibility is None:
+            visibility = "private" if ref.tenant else "public"
+        if visibility not in VISIBILITIES:
+            raise InvalidArtifact(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
+        if visibility == "private" and not ref.tenant:
+            raise InvalidArtifact(f"{ref.full_name}: only tenant-scoped names (tenant/name) can be private")
+        if version is not None and version < 1:
+            raise InvalidAdapterRef(f"version must be a positive integer, got {version}")
+        manifest = Manifest(
+            name=ref.full_name,
+            version=version or 0,
+            method=method,
+            files=hash_files(files),
+            created_at=created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            base_fingerprint=base_fingerprint,
+            lineage=lineage or Lineage(),
+            metrics=dict(metrics or {}),
+            visibility=visibility,
+            tenant=ref.tenant,
+            description=description,
+        )
+        manifest = self.backend.commit_version(files, manifest, pinned=version is not None)
+        for alias in aliases:
+            self.backend.write_alias(manifest.name, alias, manifest.version)
+        return manifest
+
+    # -- resolve / fetch -----------------------------------------------------------------------
+    def _version_of(self, ref: AdapterRef) -> int:
+        name = ref.full_name
+        versions = self.backend.list_versions(name)
+        if not versions:
+            raise AdapterNotFound(f"adapter {name!r} is not in registry {self.url}")
+        if ref.version is not None:
+            if ref.version not in versions:
+                raise AdapterNotFound(f"{name} has no version {ref.version} (latest is {versions[-1]})")
+            return ref.version
+        if ref.alias is None or ref.alias == LATEST:
+            return versions[-1]
+        aliases = self.backend.read_aliases(name)
+        if ref.alias not in aliases:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise AdapterNotFound(f"{name} has no alias {ref.alias!r} (aliases: {known}; 'latest' always works)")
+        return aliases[ref.alias]
+
+    def resolve(self, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> Manifest:
+        """The manifest ``ref`` points at now. With ``base_fingerprint``, refuse an adapter for another base."""
+        ref = _as_ref(ref)
+        manifest = self.backend.read_manifest(ref.full_name, self._version_of(ref))
+        if base_fingerprint is not None and manifest.base_fingerprint != base_fingerprint:
+            if manifest.base_fingerprint is None:
+                raise BaseModelMismatch(
+                    f"{manifest.ref} was published without a base fingerprint; republish it with --base"
+                )
+            raise BaseModelMismatch(
+                f"{manifest.ref} was trained for base {manifest.base_fingerprint[:19]}…, "
+                f"not {base_fingerprint[:19]}…"
+            )
+        return manifest
+
+    def fetch(self, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> tuple[Manifest, Path]:
+        """Resolve ``ref`` and return its manifest and a local directory whose files were just verified."""
+        manifest = self.resolve(ref, base_fingerprint=base_fingerprint)
+        path = self.backend.local_path(manifest.name, manifest.version)
+        verify(path, manifest)
+        return manifest, path
+
+    def pull(self, ref: str | AdapterRef, dest: str | os.PathLike[str]) -> Manifest:
+        """Copy a verified version (files + manifest) to a new directory ``dest``, atomically."""
+        dest_path = Path(dest)
+        if dest_path.exists():
+            raise InvalidArtifact(f"{dest_path}: already exists; pull into a new directory")
+        manifest, path = self.fetch(ref)
+        atomic_copy_tree(
+            {rel: path / rel for rel in manifest.files}, dest_path, {MANIFEST_FILE: manifest.to_json().encode()}
+        )
+        return manifest
+
+    # -- listing -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return self.backend.list_names()
+
+    def list(self) -> list[AdapterSummary]:
+        out = []
+        for name in self.backend.list_names():
+            versions = self.backend.list_versions(name)
+            latest = self.backend.read_manifest(name, versions[-1])
+            out.append(
+                AdapterSummary(
+                    name=name,
+                    latest=versions[-1],
+                    versions=len(versions),
+                    method=latest.method,
+                    aliases=self.backend.read_aliases(name),
+                    visibility=latest.visibility,
+                    created_at=latest.created_at,
+                )
+            )
+        return out
+
+    def versions(self, name: str | AdapterRef) -> list[Manifest]:
+        ref = _as_name(name)
+        versions = self.backend.list_versions(ref.full_name)
+        if not versions:
+            raise AdapterNotFound(f"adapter {ref.full_name!r} is not in registry {self.url}")
+        return [self.backend.read_manifest(ref.full_name, v) for v in versions]
+
+    def aliases(self, name: str | AdapterRef) -> dict[str, int]:
+        ref = _as_name(name)
+        self._version_of(ref)  # raises AdapterNotFound for unknown names
+        return self.backend.read_aliases(ref.full_name)
+
+    # -- aliases -------------------------------------------------------------------------------
+    def set_alias(self, name: str | AdapterRef, alias: str, version: int) -> Manifest:
+        """Point ``alias`` at an existing ``version`` (moving it if set; rollback = move it back)."""
+        ref = _as_name(name)
+        check_alias(alias)
+        manifest = self.resolve(ref.at(version))
+        self.backend.write_alias(ref.full_name, alias, version)
+        log.info("alias %s:%s -> %d", ref.full_name, alias, version)
+        return manifest
+
+    def delete_alias(self, name: str | AdapterRef, alias: str) -> None:
+        ref = _as_name(name)
+        check_alias(alias)
+        self._version_of(ref)
+        self.backend.write_alias(ref.full_name, alias, None)

@@ -1,0 +1,7 @@
+"""hotswap.train: fine-tune and produce adapter artifacts; publishes only through hotswap.registry."""
+
+from __future__ import annotations
+
+from hotswap.train.synthetic import DEFAULT_TARGETS, RandomLoraConfig, random_lora
+
+__all__ = ["DEFAULT_TARGETS", "RandomLoraConfig", "random_lora"]
