@@ -132,8 +132,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no adapters in {_registry(args).url}")
     else:
         rows = [
-            (i.name, i.latest, i.versions, i.method, ", ".join(f"{a}={v}" for a, v in sorted(i.aliases.items())) or "-",
-             i.visibility, i.created_at)
+            (
+                i.name,
+                i.latest,
+                i.versions,
+                i.method,
+                ", ".join(f"{a}={v}" for a, v in sorted(i.aliases.items())) or "-",
+                i.visibility,
+                i.created_at,
+            )
             for i in items
         ]
         print(_table(rows, ("name", "latest", "versions", "method", "aliases", "visibility", "created")))
@@ -148,8 +155,14 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(json.dumps([json.loads(m.to_json()) for m in manifests], indent=2))
         return 0
     rows = [
-        (m.version, m.method, ", ".join(sorted(a for a, v in aliases.items() if v == m.version)) or "-",
-         f"{m.total_size:,}", m.created_at, (m.base_fingerprint or "-")[:19])
+        (
+            m.version,
+            m.method,
+            ", ".join(sorted(a for a, v in aliases.items() if v == m.version)) or "-",
+            f"{m.total_size:,}",
+            m.created_at,
+            (m.base_fingerprint or "-")[:19],
+        )
         for m in manifests
     ]
     print(_table(rows, ("version", "method", "aliases", "bytes", "created", "base")))

@@ -61,7 +61,7 @@ def check_safetensors(path: Path) -> dict[str, dict]:
     end = 0
     for key, info in tensors.items():
         try:
-            start, stop = info["data_offsets"]
+            _start, stop = info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArtifact(f"{path.name}: tensor {key!r} has no valid data_offsets") from e
         end = max(end, stop)

@@ -163,8 +163,7 @@ class Registry:
                     f"{manifest.ref} was published without a base fingerprint; republish it with --base"
                 )
             raise BaseModelMismatch(
-                f"{manifest.ref} was trained for base {manifest.base_fingerprint[:19]}…, "
-                f"not {base_fingerprint[:19]}…"
+                f"{manifest.ref} was trained for base {manifest.base_fingerprint[:19]}…, not {base_fingerprint[:19]}…"
             )
         return manifest
 
