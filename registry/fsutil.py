@@ -71,6 +71,7 @@ def building_dir(dest: Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the result from other users (e.g. a server's)
         yield tmp
         fsync_tree(tmp)
         os.rename(tmp, dest)

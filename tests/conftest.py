@@ -1,0 +1,21 @@
+"""Fixtures shared by every test package: tiny base checkpoints built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hotswap.basemodel import build_model, save_model
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama checkpoint (seed 0)."""
+    return save_model(build_model("tiny", seed=0), tmp_path_factory.mktemp("bases") / "tiny-s0")
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same shape as ``tiny_base``, different weights (seed 1)."""
+    return save_model(build_model("tiny", seed=1), tmp_path_factory.mktemp("bases") / "tiny-s1")

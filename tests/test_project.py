@@ -1,0 +1,49 @@
+"""The project's shape: the installed layout is namespaced, the Dockerfile parses and ships every package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_dockerfile_parses_and_copies_every_package() -> None:
+    parser = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    instructions = [i["instruction"] for i in parser.structure if i["instruction"] != "COMMENT"]
+    assert instructions[0] in ("FROM", "ARG")
+    assert parser.baseimage.startswith("python:3.11")
+    copied = {i["value"].split()[0] for i in parser.structure if i["instruction"] == "COPY"}
+    for directory in PYPROJECT["tool"]["setuptools"]["package-dir"].values():
+        assert directory in copied, f"Dockerfile does not COPY {directory}/"
+    entry = next(i["value"] for i in parser.structure if i["instruction"] == "ENTRYPOINT")
+    assert '"hotswap"' in entry
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_under_the_hotswap_namespace(tmp_path: Path) -> None:
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hotswap-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert top == {"hotswap"}
+    for module in ("hotswap/registry/refs.py", "hotswap/train/synthetic.py", "hotswap/serve/__init__.py"):
+        assert module in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "hotswap = hotswap.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_ci_runs_make_test() -> None:
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
