@@ -49,6 +49,14 @@ class RegistryUnavailable(HotswapError):
     """The registry storage cannot be reached or used (permissions, missing root, remote down)."""
 
 
+class UnsupportedAdapter(HotswapError):
+    """A valid artifact uses something this engine cannot serve (the message names it)."""
+
+
+class EngineClosed(HotswapError):
+    """The engine is shut down (or shutting down) and takes no more requests."""
+
+
 class CapacityExceeded(HotswapError):
     """A bounded resource (queue, resident slots, memory) is full."""
 
@@ -69,7 +77,9 @@ ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
     IntegrityError: ErrorMapping("FAILED_PRECONDITION", 5),
     BaseModelMismatch: ErrorMapping("FAILED_PRECONDITION", 6),
     RegistryUnavailable: ErrorMapping("UNAVAILABLE", 7),
+    UnsupportedAdapter: ErrorMapping("FAILED_PRECONDITION", 9),
     CapacityExceeded: ErrorMapping("RESOURCE_EXHAUSTED", 8),
+    EngineClosed: ErrorMapping("UNAVAILABLE", 10),
     HotswapError: ErrorMapping("INTERNAL", 1),
 }
 

@@ -1,1 +1,8 @@
 """hotswap.serve: one frozen base model, many adapters applied unmerged per row (see DESIGN.md)."""
+
+from __future__ import annotations
+
+from hotswap.serve.engine import Engine, EngineConfig, RequestHandle
+from hotswap.serve.types import Request, Result, Timings
+
+__all__ = ["Engine", "EngineConfig", "Request", "RequestHandle", "Result", "Timings"]

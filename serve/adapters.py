@@ -1,0 +1,184 @@
+"""Adapter kinds the engine serves: each method registers one loader that turns a verified artifact
+directory into a :class:`LoadedAdapter` (host tensors, ready to install in a resident slot).
+
+PEFT's classes read the configs (``LoraConfig``, ``PrefixTuningConfig``...) and its pattern helper
+resolves ``rank_pattern``/``alpha_pattern``, so our numbers are PEFT's; the forward math is ours
+because PEFT applies one adapter per model call (or a Python loop over ``adapter_names`` groups).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PromptTuningConfig
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file
+from torch import nn
+
+from hotswap.errors import InvalidArtifact, UnsupportedAdapter
+from hotswap.registry import PEFT_CONFIG, Manifest
+from hotswap.serve.layers import LinearDelta
+
+_PEFT_PREFIX = "base_model.model."
+_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class LoadedAdapter:
+    ref: str  # exact "name@version"
+    method: str
+    linear: dict[str, LinearDelta] = field(default_factory=dict)  # module path -> delta
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (kv_heads, P, head_dim) x2
+    prompt_embeds: torch.Tensor | None = None  # (T, hidden) virtual tokens prepended to the prompt
+
+    @property
+    def nbytes(self) -> int:
+        n = sum(d.nbytes for d in self.linear.values())
+        for t in [*((self.prefix_kv and [t for kv in self.prefix_kv for t in kv]) or []), self.prompt_embeds]:
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_kv is None else self.prefix_kv[0][0].shape[1]
+
+    @property
+    def virtual_tokens(self) -> int:
+        return 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What loaders need to know about the served base."""
+
+    linears: dict[str, nn.Linear]  # wrapped module path -> the frozen base layer
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: torch.dtype
+
+
+Loader = Callable[[Path, Manifest, BaseInfo], LoadedAdapter]
+_LOADERS: dict[str, Loader] = {}
+
+
+def register_method(name: str, loader: Loader) -> None:
+    """Register the loader for one method name; a name registers once."""
+    if name in _LOADERS:
+        raise ValueError(f"method {name!r} is already registered")
+    _LOADERS[name] = loader
+
+
+def served_methods() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_adapter(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    loader = _LOADERS.get(manifest.method)
+    if loader is None:
+        raise UnsupportedAdapter(
+            f"{manifest.ref}: method {manifest.method!r} is not served (served: {', '.join(served_methods())})"
+        )
+    return loader(path, manifest, base)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(path / _WEIGHTS).items()}
+
+
+def _peft_json(path: Path) -> dict:
+    return json.loads((path / PEFT_CONFIG).read_text())
+
+
+# -- LoRA family (LoRA, DoRA, and anything published in PEFT's LoRA format) --------------------------
+def load_lora(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    config = LoraConfig.from_pretrained(str(path))
+    if config.bias != "none" or getattr(config, "lora_bias", False):
+        raise UnsupportedAdapter(f"{manifest.ref}: LoRA bias={config.bias!r} is not served; use bias='none'")
+    tensors = _weights(path)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    extra = sorted(k for k in tensors if ".lora_" not in k)
+    if extra:
+        raise UnsupportedAdapter(f"{manifest.ref}: unexpected tensor {extra[0]!r} (modules_to_save is not served)")
+    out = LoadedAdapter(ref=manifest.ref, method=manifest.method)
+    for module in modules:
+        if module not in base.linears:
+            raise UnsupportedAdapter(f"{manifest.ref}: targets {module!r}, not a linear layer of the base's blocks")
+        a = tensors[f"{module}.lora_A.weight"].float()  # (r, in)
+        b = tensors[f"{module}.lora_B.weight"].float()  # (out, r)
+        r = a.shape[0]
+        # PEFT matches rank/alpha patterns against the module's full name in the base model.
+        expected_r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        if expected_r != r:
+            raise InvalidArtifact(f"{manifest.ref}: {module} has rank {r}, config says {expected_r}")
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        linear = base.linears[module]
+        b_scaled = (b * scaling).T.contiguous()  # (r, out)
+        dora_scale = None
+        magnitude = tensors.get(f"{module}.lora_magnitude_vector")
+        if magnitude is not None:
+            # DoRA (PEFT's DoraLinearLayer): y = W x + (m/n - 1) * W x + (m/n) * s B A x, n = ||W + s B A||
+            # per output row, computed once here in fp32; m/n is folded into B.
+            weight = linear.weight.float() + scaling * (b @ a)  # (out, in)
+            mag_scale = magnitude.float() / torch.linalg.norm(weight, dim=1)  # (out,)
+            b_scaled = b_scaled * mag_scale[None, :]
+            dora_scale = (mag_scale - 1).to(base.dtype)
+        out.linear[module] = LinearDelta(A=a.to(base.dtype), B=b_scaled.to(base.dtype), dora_scale=dora_scale)
+    if not out.linear:
+        raise InvalidArtifact(f"{manifest.ref}: no LoRA tensors found in {_WEIGHTS}")
+    return out
+
+
+# -- BitFit (hotswap format) ------------------------------------------------------------------------
+def load_bitfit(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    """``hotswap_config.json`` {"method": "bitfit"} + ``adapter_model.safetensors`` with ``<module>.bias``
+    tensors holding each bias *delta* (added to the base bias; a layer without bias gets it only in the
+    adapter's rows)."""
+    out = LoadedAdapter(ref=manifest.ref, method=manifest.method)
+    for key, t in load_file(path / _WEIGHTS).items():
+        module = key.removesuffix(".bias")
+        if not key.endswith(".bias") or module not in base.linears:
+            raise UnsupportedAdapter(f"{manifest.ref}: {key!r} is not the bias of a linear layer of the base")
+        if t.shape != (base.linears[module].out_features,):
+            raise InvalidArtifact(f"{manifest.ref}: {key} has shape {tuple(t.shape)}")
+        out.linear[module] = LinearDelta(bias=t.to(base.dtype))
+    if not out.linear:
+        raise InvalidArtifact(f"{manifest.ref}: no bias tensors in {_WEIGHTS}")
+    return out
+
+
+# -- Prefix tuning (PEFT format) --------------------------------------------------------------------
+def load_prefix(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    config = _peft_json(path)
+    emb = load_file(path / _WEIGHTS)["prompt_embeddings"]  # (P, layers * 2 * kv_heads * head_dim), final KV
+    p = config["num_virtual_tokens"]
+    if emb.shape != (p, base.num_layers * 2 * base.num_kv_heads * base.head_dim):
+        raise UnsupportedAdapter(f"{manifest.ref}: prefix of shape {tuple(emb.shape)} does not fit this base")
+    # PEFT's get_prompt: view(P, L*2, kv, hd).permute -> (L*2, kv, P, hd); layer l uses [2l] as K, [2l+1] as V.
+    kv = emb.view(p, base.num_layers * 2, base.num_kv_heads, base.head_dim).permute(1, 2, 0, 3).to(base.dtype)
+    pairs = [(kv[2 * i].contiguous(), kv[2 * i + 1].contiguous()) for i in range(base.num_layers)]
+    return LoadedAdapter(ref=manifest.ref, method=manifest.method, prefix_kv=pairs)
+
+
+# -- Prompt tuning (PEFT format) --------------------------------------------------------------------
+def load_prompt(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    config = PromptTuningConfig.from_pretrained(str(path))
+    emb = load_file(path / _WEIGHTS)["prompt_embeddings"]  # (T, hidden)
+    if emb.shape != (config.num_virtual_tokens, base.hidden_size):
+        raise UnsupportedAdapter(f"{manifest.ref}: prompt embeddings {tuple(emb.shape)} do not fit this base")
+    return LoadedAdapter(ref=manifest.ref, method=manifest.method, prompt_embeds=emb.to(base.dtype))
+
+
+register_method("lora", load_lora)
+register_method("dora", load_lora)
+register_method("bitfit", load_bitfit)
+register_method("prefix", load_prefix)
+register_method("prompt", load_prompt)

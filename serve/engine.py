@@ -1,0 +1,525 @@
+"""The engine: one frozen base, many adapters applied unmerged row by row, continuous batching.
+
+One engine thread runs the loop: install adapters that finished loading, admit waiting requests
+into free rows (a request whose adapter is still loading waits without holding anyone up),
+prefill the newcomers, run one decode step for every running row, retire finished rows. Requests
+join and leave between steps; a finished row's cache row is reused at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hotswap.basemodel import fingerprint, load_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
+from hotswap.registry import Registry
+from hotswap.serve.adapters import BaseInfo
+from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
+from hotswap.serve.pool import AdapterPool
+from hotswap.serve.runner import Runner
+from hotswap.serve.sampling import RowSampler, choose_tokens
+from hotswap.serve.types import Request, Result, Timings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONTEXT_METHODS = ("prefix", "prompt")  # change the row's context, so at most one per request, weight 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32  # rows decoded together
+    max_resident: int = 16  # adapter slots ready for the batched ops
+    max_seq_len: int = 1024  # per row: prefix + virtual tokens + prompt + generated
+    max_queue: int = 1024  # waiting requests; more -> CapacityExceeded
+    max_adapters_per_request: int = 8  # length of a weighted adapter list
+    host_cache_bytes: int = 2 << 30  # loaded adapters kept in host RAM (beyond the resident ones)
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in _DTYPES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+
+
+class RequestHandle:
+    """A submitted request: iterate for token ids as they come, ``result()`` to wait, ``cancel()``."""
+
+    def __init__(self) -> None:
+        self._events: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._done = threading.Event()
+        self._result: Result | None = None
+        self._error: HotswapError | None = None
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            kind, value = self._events.get()
+            if kind == "token":
+                yield value  # type: ignore[misc]
+            elif kind == "error":
+                raise value  # type: ignore[misc]
+            else:
+                return
+
+    def result(self, timeout: float | None = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError("request still running")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (finish_reason 'cancelled'); its row and slots are freed."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _finish(self, result: Result | None, error: HotswapError | None = None) -> None:
+        self._result, self._error = result, error
+        self._events.put(("error", error) if error else ("done", None))
+        self._done.set()
+
+
+@dataclass
+class _Job:
+    req: Request
+    prompt_ids: list[int]
+    adapters: list[tuple[str, float]]  # exact refs ("name@3") and weights
+    handle: RequestHandle
+    sampler: RowSampler
+    submitted: float
+    row: int = -1
+    slots: list[tuple[int, float]] = field(default_factory=list)
+    position: int = 0  # next cache position to write
+    generated: list[int] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+
+
+class Engine:
+    """``Engine(base="path/to/base", registry="path-or-url", max_batch=32)``; see README for the API."""
+
+    def __init__(
+        self, base: str | Path, registry: Registry | str | Path | None = None, config: EngineConfig | None = None, **kw
+    ) -> None:
+        self.config = replace(config or EngineConfig(), **kw)
+        self.registry = registry if isinstance(registry, Registry) else Registry(registry)
+        self.base_path = Path(base)
+        self.base_fingerprint = fingerprint(self.base_path)
+        self.model = load_model(self.base_path, dtype=_DTYPES[self.config.dtype], device=self.config.device)
+        self.tokenizer = _load_tokenizer(self.base_path)
+        cfg = self.model.config
+        self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))
+        self.plan = BatchPlan()
+        self.layers = self._wrap_linears()
+        self.runner = Runner(self.model, self.config.max_batch, self.config.max_seq_len)
+        base_info = BaseInfo(
+            linears={name: layer.base for name, layer in self.layers.items()},
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=self.runner.num_kv_heads,
+            head_dim=self.runner.head_dim,
+            hidden_size=cfg.hidden_size,
+            dtype=self.model.dtype,
+        )
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self.pool = AdapterPool(
+            self.registry,
+            base_info,
+            self.base_fingerprint,
+            self.layers,
+            self.config.max_resident,
+            self.config.host_cache_bytes,
+            self._cv,
+        )
+        self._waiting: list[_Job] = []
+        self._rows: list[_Job | None] = [None] * self.config.max_batch
+        self._wants: dict[str, list[Future[int]]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="hotswap-engine", daemon=True)
+        self._thread.start()
+
+    def _wrap_linears(self) -> dict[str, MultiAdapterLinear]:
+        """Wrap every linear of the decoder blocks once; the base layers inside stay frozen and unmerged."""
+        wrapped = {}
+        for name, module in list(self.model.named_modules()):
+            if ".layers." not in name:
+                continue
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    layer = MultiAdapterLinear(child, self.plan, self.config.max_resident)
+                    setattr(module, child_name, layer)
+                    wrapped[f"{name}.{child_name}"] = layer
+        return wrapped
+
+    # -- public API --------------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request and return its handle at once. Bad input raises here, before queueing."""
+        job = self._make_job(request)
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is shut down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise CapacityExceeded(f"queue is full ({self.config.max_queue} waiting); retry later")
+            self._waiting.append(job)
+            for ref, _ in job.adapters:
+                if ref in self.pool.slot_of:
+                    self.pool.stats.hits += 1
+                else:
+                    self.pool.stats.misses += 1
+                    self.pool.ensure_loading(ref)
+            self._cv.notify_all()
+        return job.handle
+
+    def _make_job(self, request: Request) -> _Job:
+        """Validate and resolve a request (adapter refs -> exact versions for this base)."""
+        if len(request.adapters) > self.config.max_adapters_per_request:
+            raise InvalidArgument(f"at most {self.config.max_adapters_per_request} adapters per request")
+        adapters, context = [], 0
+        for ref, weight in request.weighted_adapters():
+            manifest = self.registry.resolve(ref, base_fingerprint=self.base_fingerprint)
+            if manifest.method in _CONTEXT_METHODS:
+                context += 1
+                if weight != 1.0:
+                    raise InvalidArgument(f"{manifest.ref} ({manifest.method}) cannot be weighted; use weight 1")
+            adapters.append((manifest.ref, weight))
+        if context > 1:
+            raise InvalidArgument("a request can use at most one prefix- or prompt-tuning adapter")
+        if (request.stop or request.prompt is not None) and self.tokenizer is None:
+            raise InvalidArgument("text prompts and stop strings need a base with a tokenizer; send prompt_ids")
+        prompt_ids = request.prompt_ids if request.prompt_ids is not None else self._encode(request.prompt or "")
+        vocab = self.model.config.vocab_size
+        if max(prompt_ids) >= vocab:
+            raise InvalidArgument(f"prompt_ids contains {max(prompt_ids)}, outside the vocabulary (size {vocab})")
+        if len(prompt_ids) + request.max_new_tokens > self.config.max_seq_len:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds "
+                f"max_seq_len {self.config.max_seq_len}"
+            )
+        return _Job(
+            req=request,
+            prompt_ids=list(prompt_ids),
+            adapters=adapters,
+            handle=RequestHandle(),
+            sampler=RowSampler(request.temperature, request.top_k, request.top_p, request.seed),
+            submitted=time.perf_counter(),
+        )
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Submit all, wait for all, return results in order (raises the first request error)."""
+        handles = [self.submit(r) for r in requests]
+        return [h.result() for h in handles]
+
+    def load_adapter(self, ref: str, pin: bool = False, timeout: float | None = None) -> str:
+        """Make an adapter resident now (prefetch), optionally pinned against eviction. Returns its exact ref."""
+        exact = self.registry.resolve(ref, base_fingerprint=self.base_fingerprint).ref
+        future: Future[int] = Future()
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is shut down")
+            if pin:
+                self.pool.pin(exact, True)
+            self._wants.setdefault(exact, []).append(future)
+            self.pool.ensure_loading(exact)
+            self._cv.notify_all()
+        future.result(timeout)
+        return exact
+
+    def unload_adapter(self, ref: str) -> str:
+        """Unpin and free an adapter's slot; rows using it finish first (new requests for it wait)."""
+        exact = self.registry.resolve(ref).ref
+        with self._cv:
+            self.pool.unload(exact)
+            self._cv.notify_all()
+        return exact
+
+    def resident(self) -> list[str]:
+        with self._cv:
+            return sorted(self.pool.slot_of)
+
+    def forward_logits(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Logits over each request's prompt positions, (L, V) per row, from ONE mixed batch (tests, benchmarks)."""
+        if len(requests) > self.config.max_batch:
+            raise CapacityExceeded(f"at most max_batch={self.config.max_batch} rows")
+        jobs = [self._make_job(req) for req in requests]
+        for job in jobs:
+            for ref, _ in job.adapters:
+                self.load_adapter(ref)
+        with self._step_lock:
+            with self._cv:
+                free = [r for r, j in enumerate(self._rows) if j is None]
+                if len(free) < len(jobs):
+                    raise CapacityExceeded("forward_logits needs free rows; the engine is busy")
+                for job, row in zip(jobs, free, strict=False):
+                    if not self._bind(job, row):
+                        for bound in jobs:
+                            if bound.row >= 0:
+                                self._unbind(bound)
+                        raise CapacityExceeded(f"adapters of a request were evicted before use: {job.adapters}")
+            try:
+                with torch.inference_mode():
+                    return self._prefill(jobs, all_positions=True)
+            finally:
+                with self._cv:
+                    for job in jobs:
+                        self._unbind(job)
+
+    def close(self) -> None:
+        """Stop the loop; running and waiting requests fail with EngineClosed."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+        self.pool.close()
+        with self._cv:
+            for job in [*self._waiting, *(j for j in self._rows if j is not None)]:
+                job.handle._finish(None, EngineClosed("the engine shut down before this request finished"))
+            self._waiting.clear()
+            self._rows = [None] * self.config.max_batch
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._closed and not (self._waiting or self._wants or any(self._rows)):
+                    self._cv.wait()
+                if self._closed:
+                    return
+            with self._step_lock, torch.inference_mode():
+                with self._cv:
+                    self._service_wants()
+                    admitted = self._admit()
+                running = [j for j in self._rows if j is not None and j not in admitted]
+                try:
+                    if admitted:
+                        self._emit_all(admitted, self._prefill(admitted))
+                    if running or admitted:
+                        self._decode()
+                except Exception as e:
+                    log.exception("engine step failed")
+                    self._fail_running(HotswapError(f"engine step failed: {type(e).__name__}: {e}"))
+            if not admitted and not running:
+                with self._cv:
+                    self._cv.wait(timeout=0.01)  # waiting for adapters to load
+
+    def _service_wants(self) -> None:
+        for ref in list(self._wants):
+            error = self.pool.failed.get(ref)
+            slot = None if error else self.pool.install(ref)
+            if error is not None or slot is not None:
+                for fut in self._wants.pop(ref):
+                    fut.set_exception(error) if error else fut.set_result(slot)  # type: ignore[func-returns-value]
+                if error is not None:
+                    self.pool.take_failure(ref)
+
+    def _admit(self) -> list[_Job]:
+        admitted: list[_Job] = []
+        for job in list(self._waiting):
+            if job.handle.cancelled:
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+                continue
+            failed = next((self.pool.take_failure(ref) for ref, _ in job.adapters if ref in self.pool.failed), None)
+            if failed is not None:
+                self._waiting.remove(job)
+                job.handle._finish(None, failed)
+                continue
+            free = next((r for r, j in enumerate(self._rows) if j is None), None)
+            if free is None:
+                break
+            try:
+                bound = self._bind(job, free)
+            except InvalidArgument as e:
+                self._waiting.remove(job)
+                job.handle._finish(None, e)
+                continue
+            if bound:
+                self._waiting.remove(job)
+                job.timings.queue_s = time.perf_counter() - job.submitted
+                admitted.append(job)
+        return admitted
+
+    def _bind(self, job: _Job, row: int) -> bool:
+        """Give ``job`` cache row ``row`` if all its adapters are resident (installing host-ready ones)."""
+        slots = []
+        for ref, weight in job.adapters:
+            slot = self.pool.install(ref)
+            if slot is None:
+                return False
+            slots.append((slot, weight))
+        extra = sum(self._context_len(s) for s, _ in slots)
+        if extra + len(job.prompt_ids) + job.req.max_new_tokens > self.config.max_seq_len:
+            raise InvalidArgument(
+                f"{extra} adapter context tokens + prompt ({len(job.prompt_ids)}) + max_new_tokens "
+                f"({job.req.max_new_tokens}) exceed max_seq_len {self.config.max_seq_len}"
+            )
+        for slot, _ in slots:
+            self.pool.acquire(slot)
+        job.slots, job.row = slots, row
+        self._rows[row] = job
+        return True
+
+    def _unbind(self, job: _Job) -> None:
+        self._rows[job.row] = None
+        for slot, _ in job.slots:
+            self.pool.release(slot)
+        self._cv.notify_all()
+
+    def _context_len(self, slot: int) -> int:
+        adapter = self.pool.resident[slot]
+        return adapter.prefix_len + adapter.virtual_tokens
+
+    # -- model steps (engine thread, step lock held) -------------------------------------------------
+    def _prefill(self, jobs: list[_Job], all_positions: bool = False) -> list[torch.Tensor]:
+        """Prefill newly admitted rows in one batch; returns last-position logits (or all prompt positions)."""
+        device = self.runner.device
+        texts, offsets, skips = [], [], []
+        for job in jobs:
+            ids = torch.tensor(job.prompt_ids, device=device)
+            emb = self.runner.embed(ids)  # (L, hidden)
+            offset, skip = 0, 0
+            for slot, _ in job.slots:
+                adapter = self.pool.resident[slot]
+                if adapter.prefix_kv is not None:
+                    self.runner.write_prefix(job.row, adapter.prefix_kv)
+                    offset = adapter.prefix_len
+                if adapter.prompt_embeds is not None:
+                    emb = torch.cat([adapter.prompt_embeds.to(emb.dtype), emb])  # virtual tokens first
+                    skip = adapter.virtual_tokens
+            texts.append(emb)
+            offsets.append(offset)
+            skips.append(skip)
+        lengths = [e.shape[0] for e in texts]
+        embeds = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # (J, Lmax, hidden)
+        offs = torch.tensor(offsets, device=device)
+        positions = offs[:, None] + torch.arange(embeds.shape[1], device=device)[None, :]  # (J, Lmax)
+        rows = torch.tensor([j.row for j in jobs], device=device)
+        self.plan.set([j.slots for j in jobs], device)
+        hidden = self.runner.forward(rows, embeds, positions)  # (J, Lmax, hidden)
+        for job, offset, n in zip(jobs, offsets, lengths, strict=True):
+            job.position = offset + n
+        if all_positions:
+            return [self.runner.logits(hidden[i, s:n]) for i, (s, n) in enumerate(zip(skips, lengths, strict=True))]
+        last = hidden[torch.arange(len(jobs)), torch.tensor(lengths) - 1]  # (J, hidden)
+        return list(self.runner.logits(last))
+
+    def _decode(self) -> None:
+        with self._cv:
+            for job in [j for j in self._rows if j is not None and j.handle.cancelled]:
+                self._finish(job, "cancelled")
+            active = [j for j in self._rows if j is not None]
+        if not active:
+            return
+        n = max(j.row for j in active) + 1  # rows [0, n) decode together; idle rows inside are masked padding
+        tokens = torch.zeros(n, 1, dtype=torch.long)
+        positions = torch.zeros(n, 1, dtype=torch.long)
+        plan_rows: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+        for job in active:
+            tokens[job.row, 0] = job.generated[-1]
+            positions[job.row, 0] = job.position
+            plan_rows[job.row] = job.slots
+        device = self.runner.device
+        self.plan.set(plan_rows, device)
+        hidden = self.runner.forward(
+            torch.arange(n, device=device), self.runner.embed(tokens.to(device)), positions.to(device), True
+        )
+        logits = self.runner.logits(hidden[:, 0])  # (n, V)
+        for job in active:
+            job.position += 1
+        self._emit_all(active, [logits[j.row] for j in active])
+
+    def _emit_all(self, jobs: list[_Job], logits: list[torch.Tensor]) -> None:
+        chosen = choose_tokens(torch.stack(logits), [j.sampler for j in jobs])
+        now = time.perf_counter()
+        with self._cv:
+            for job, token in zip(jobs, chosen, strict=True):
+                self._emit(job, token, now)
+
+    def _emit(self, job: _Job, token: int, now: float) -> None:
+        t = now - job.submitted
+        if not job.generated:
+            job.timings.ttft_s = t
+        req = job.req
+        if not req.ignore_eos and (token in self.eos_ids or token in req.stop_token_ids):
+            self._finish(job, "stop")
+            return
+        job.generated.append(token)
+        job.timings.token_times_s.append(t)
+        job.handle._events.put(("token", token))
+        if req.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+            if any(s in text for s in req.stop):
+                self._finish(job, "stop")
+                return
+        if len(job.generated) >= req.max_new_tokens:
+            self._finish(job, "length")
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        if job.row >= 0 and self._rows[job.row] is job:
+            self._unbind(job)
+        job.timings.total_s = time.perf_counter() - job.submitted
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+            for stop in job.req.stop:
+                text = text.split(stop, 1)[0]
+        result = Result(
+            token_ids=list(job.generated),
+            text=text,
+            finish_reason=reason,
+            timings=job.timings,
+            prompt_tokens=len(job.prompt_ids),
+            adapters=list(job.adapters),
+        )
+        job.handle._finish(result)
+
+    def _fail_running(self, error: HotswapError) -> None:
+        with self._cv:
+            for job in [j for j in self._rows if j is not None]:
+                self._unbind(job)
+                job.handle._finish(None, error)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidArgument("this base has no tokenizer: send prompt_ids instead of prompt text")
+        return list(self.tokenizer.encode(text))
+
+
+def _as_list(value: object) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [int(value)]  # type: ignore[arg-type]
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

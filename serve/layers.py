@@ -1,0 +1,155 @@
+"""The batch plan, and the multi-adapter linear layer that reads it.
+
+At start-up every linear layer of the base's decoder blocks is wrapped once by
+:class:`MultiAdapterLinear`. It keeps the base layer untouched (weights never change) and, per
+resident adapter slot, that adapter's delta for this layer: LoRA factors (scaling folded in),
+DoRA's per-output scale, a BitFit bias. Before each forward the engine sets the shared
+:class:`BatchPlan` (which slots, with which weights, each row uses); every wrapped layer then adds
+its batch's deltas with the batched ops of :mod:`hotswap.serve.ops`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hotswap.serve.ops import gather_rows, lora_apply, weighted_rows
+
+
+@dataclass
+class BatchPlan:
+    """Which adapter slots each row of the current forward uses. Set by the engine before each forward."""
+
+    slots: torch.Tensor | None = None  # (Bt, K) long; slot 0 = no adapter
+    weights: torch.Tensor | None = None  # (Bt, K) float
+    used: frozenset[int] = frozenset()  # non-zero slots present in `slots`
+    version: int = 0  # bumped whenever slots/weights change, so layers can reuse gathered factors
+    _key: tuple = field(default=(), repr=False)
+
+    def set(self, rows: list[list[tuple[int, float]]], device: torch.device) -> None:
+        """rows[b] = [(slot, weight), ...] (empty for the base model)."""
+        key = tuple(tuple(r) for r in rows)
+        if key == self._key:
+            return
+        self._key = key
+        self.version += 1
+        self.used = frozenset(s for r in rows for s, _ in r if s)
+        if not self.used:
+            self.slots = self.weights = None
+            return
+        k = max(len(r) for r in rows)
+        slots = torch.zeros(len(rows), k, dtype=torch.long)
+        weights = torch.zeros(len(rows), k, dtype=torch.float32)
+        for b, r in enumerate(rows):
+            for j, (s, w) in enumerate(r):
+                slots[b, j], weights[b, j] = s, w
+        self.slots, self.weights = slots.to(device), weights.to(device)
+
+
+@dataclass(frozen=True)
+class LinearDelta:
+    """One adapter's delta for one linear layer, ready to install in a slot."""
+
+    A: torch.Tensor | None = None  # (r, in)
+    B: torch.Tensor | None = None  # (r, out): scaling (and DoRA's magnitude scale) folded in
+    dora_scale: torch.Tensor | None = None  # (out,) m / ||W + s B A|| - 1: scales the base output
+    bias: torch.Tensor | None = None  # (out,) added to the output (BitFit)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.dora_scale, self.bias) if t is not None)
+
+
+class MultiAdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus per-slot adapter deltas applied row by row, never merged into W."""
+
+    def __init__(self, base: nn.Linear, plan: BatchPlan, num_slots: int) -> None:
+        super().__init__()
+        self.base = base
+        self.plan = plan
+        self.num_slots = num_slots  # resident slots; tables have num_slots + 1 rows (slot 0 = zero)
+        w = base.weight
+        self.A = torch.zeros(num_slots + 1, 0, base.in_features, dtype=w.dtype, device=w.device)
+        self.B = torch.zeros(num_slots + 1, 0, base.out_features, dtype=w.dtype, device=w.device)
+        self.dora: torch.Tensor | None = None  # (slots+1, out), allocated on first DoRA adapter
+        self.bias: torch.Tensor | None = None  # (slots+1, out), allocated on first BitFit adapter
+        self.slot_rank = [0] * (num_slots + 1)
+        self.slot_dora = [False] * (num_slots + 1)
+        self.slot_bias = [False] * (num_slots + 1)
+        self._cached_version = -1
+        self._rows: tuple[torch.Tensor | None, ...] = (None, None, None, None)
+
+    # -- slot management (engine thread, between steps) ------------------------------------------
+    def _grow_rank(self, rank: int) -> None:
+        pad = rank - self.A.shape[1]
+        self.A = torch.nn.functional.pad(self.A, (0, 0, 0, pad))
+        self.B = torch.nn.functional.pad(self.B, (0, 0, 0, pad))
+
+    def _table(self, attr: str) -> torch.Tensor:
+        if getattr(self, attr) is None:
+            w = self.base.weight
+            setattr(self, attr, torch.zeros(self.num_slots + 1, self.base.out_features, dtype=w.dtype, device=w.device))
+        return getattr(self, attr)
+
+    def set_slot(self, slot: int, delta: LinearDelta | None) -> None:
+        """Install (or with ``None`` clear) one adapter's delta in ``slot``."""
+        assert 1 <= slot <= self.num_slots
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        for attr in ("dora", "bias"):
+            if getattr(self, attr) is not None:
+                getattr(self, attr)[slot].zero_()
+        self.slot_rank[slot], self.slot_dora[slot], self.slot_bias[slot] = 0, False, False
+        if delta is not None:
+            if delta.A is not None:
+                r = delta.rank
+                if r > self.A.shape[1]:
+                    self._grow_rank(r)
+                self.A[slot, :r] = delta.A
+                self.B[slot, :r] = delta.B
+                self.slot_rank[slot] = r
+            if delta.dora_scale is not None:
+                self._table("dora")[slot] = delta.dora_scale
+                self.slot_dora[slot] = True
+            if delta.bias is not None:
+                self._table("bias")[slot] = delta.bias
+                self.slot_bias[slot] = True
+        self._cached_version = -1
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _batch_rows(self) -> tuple[torch.Tensor | None, ...]:
+        """Gathered per-row factors for the current plan, computed once per plan version."""
+        plan = self.plan
+        if self._cached_version != plan.version:
+            a_rows = b_rows = dora_rows = bias_rows = None
+            rank = max((self.slot_rank[s] for s in plan.used), default=0)
+            if rank:
+                a_rows, b_rows = gather_rows(self.A, self.B, plan.slots, plan.weights, rank)
+            if any(self.slot_dora[s] for s in plan.used):
+                dora_rows = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
+            if any(self.slot_bias[s] for s in plan.used):
+                bias_rows = weighted_rows(self.bias, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
+            self._rows = (a_rows, b_rows, dora_rows, bias_rows)
+            self._cached_version = plan.version
+        return self._rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (Bt, T, out)
+        if not self.plan.used:
+            return y
+        a_rows, b_rows, dora_rows, bias_rows = self._batch_rows()
+        out = y
+        if dora_rows is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
+            base_no_bias = y if self.base.bias is None else y - self.base.bias
+            out = out + dora_rows * base_no_bias
+        if a_rows is not None:
+            out = out + lora_apply(x, a_rows, b_rows)
+        if bias_rows is not None:
+            out = out + bias_rows
+        return out

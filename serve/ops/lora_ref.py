@@ -1,0 +1,26 @@
+"""Row-by-row references for :mod:`hotswap.serve.ops.lora`: same signatures, plain fp32 loops."""
+
+from __future__ import annotations
+
+import torch
+
+
+def lora_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """delta[b] = sum_k weights[b, k] * x[b] @ A[slots[b, k], :rank].T @ B[slots[b, k], :rank]."""
+    out = torch.zeros(x.shape[0], x.shape[1], B.shape[-1], dtype=torch.float32)
+    for b in range(x.shape[0]):
+        for k in range(slots.shape[1]):
+            s, w = int(slots[b, k]), float(weights[b, k])
+            out[b] += w * (x[b].float() @ A[s, :rank].float().T) @ B[s, :rank].float()
+    return out
+
+
+def weighted_rows(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum_k weights[b, k] * table[slots[b, k]]."""
+    out = torch.zeros(slots.shape[0], table.shape[-1], dtype=torch.float32)
+    for b in range(slots.shape[0]):
+        for k in range(slots.shape[1]):
+            out[b] += float(weights[b, k]) * table[int(slots[b, k])].float()
+    return out

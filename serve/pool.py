@@ -1,0 +1,186 @@
+"""The adapter cache: resident slots <- host RAM <- the registry (whose local cache is verified on fetch).
+
+Loading (fetch, sha256 verification, parsing into tensors) runs on a background thread, so a cold
+adapter never stalls rows that are already running; installing the tensors into the layers' slot
+tables is quick and happens on the engine thread between steps. Resident slots are evicted LRU,
+never while a row uses them or while pinned; unloading an adapter in use drains its rows first.
+
+Every method except the loader job runs with the engine's lock held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from hotswap.errors import HotswapError
+from hotswap.registry import Registry
+from hotswap.serve.adapters import BaseInfo, LoadedAdapter, load_adapter
+from hotswap.serve.layers import MultiAdapterLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # a request's adapter was resident when it arrived
+    misses: int = 0  # a request's adapter had to be installed or loaded first
+    host_hits: int = 0  # installed from host RAM, no registry read
+    registry_loads: int = 0  # fetched + verified + parsed from the registry
+    evictions: int = 0  # resident slots reclaimed (LRU or unload)
+    load_seconds: float = 0.0  # total background load time
+
+
+class AdapterPool:
+    def __init__(
+        self,
+        registry: Registry,
+        base: BaseInfo,
+        base_fingerprint: str,
+        layers: dict[str, MultiAdapterLinear],
+        max_resident: int,
+        host_cache_bytes: int,
+        lock: threading.Condition,
+    ) -> None:
+        self.registry, self.base, self.base_fingerprint = registry, base, base_fingerprint
+        self.layers, self.max_resident, self.host_cache_bytes = layers, max_resident, host_cache_bytes
+        self.lock = lock
+        self.slot_of: dict[str, int] = {}  # exact ref ("name@3") -> slot
+        self.ref_at: list[str | None] = [None] * (max_resident + 1)
+        self.resident: dict[int, LoadedAdapter] = {}
+        self.refcount = [0] * (max_resident + 1)
+        self.pinned: set[str] = set()
+        self.lru: OrderedDict[str, None] = OrderedDict()  # resident refs, least recently used first
+        self.host: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self.loading: set[str] = set()
+        self.failed: dict[str, HotswapError] = {}
+        self.draining: set[str] = set()
+        self.stats = CacheStats()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotswap-loader")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- loading (background) --------------------------------------------------------------------
+    def ensure_loading(self, ref: str) -> None:
+        if ref in self.slot_of or ref in self.host or ref in self.loading or ref in self.failed:
+            return
+        self.loading.add(ref)
+        self._executor.submit(self._load, ref)
+
+    def _load(self, ref: str) -> None:
+        start = time.perf_counter()
+        try:
+            manifest, path = self.registry.fetch(ref, base_fingerprint=self.base_fingerprint)
+            loaded = load_adapter(path, manifest, self.base)
+        except HotswapError as e:
+            log.warning("loading %s failed: %s", ref, e)
+            with self.lock:
+                self.loading.discard(ref)
+                self.failed[ref] = e
+                self.lock.notify_all()
+            return
+        except Exception as e:  # a bug or an unreadable file: report it on the requests, keep serving
+            log.exception("loading %s failed", ref)
+            with self.lock:
+                self.loading.discard(ref)
+                self.failed[ref] = HotswapError(f"{ref}: could not be loaded ({type(e).__name__}: {e})")
+                self.lock.notify_all()
+            return
+        elapsed = time.perf_counter() - start
+        with self.lock:
+            self.loading.discard(ref)
+            self.stats.registry_loads += 1
+            self.stats.load_seconds += elapsed
+            self._host_put(ref, loaded)
+            self.lock.notify_all()
+        log.info("loaded %s (%s, %.1f KiB) in %.1f ms", ref, loaded.method, loaded.nbytes / 1024, elapsed * 1e3)
+
+    def _host_put(self, ref: str, loaded: LoadedAdapter) -> None:
+        self.host[ref] = loaded
+        self.host.move_to_end(ref)
+        total = sum(a.nbytes for a in self.host.values())
+        while total > self.host_cache_bytes and len(self.host) > 1:
+            old, dropped = self.host.popitem(last=False)
+            total -= dropped.nbytes
+            log.debug("host cache dropped %s", old)
+
+    def take_failure(self, ref: str) -> HotswapError | None:
+        """The load error for ``ref``, once (a later request retries the load)."""
+        return self.failed.pop(ref, None)
+
+    # -- residency (engine thread) ---------------------------------------------------------------
+    def install(self, ref: str) -> int | None:
+        """The slot holding ``ref``, installing it from host RAM if needed; None if not ready or no slot free."""
+        if ref in self.draining:
+            return None
+        slot = self.slot_of.get(ref)
+        if slot is not None:
+            self.lru.move_to_end(ref)
+            return slot
+        loaded = self.host.get(ref)
+        if loaded is None:
+            self.ensure_loading(ref)
+            return None
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        for name, layer in self.layers.items():
+            layer.set_slot(slot, loaded.linear.get(name))
+        self.slot_of[ref], self.ref_at[slot], self.resident[slot] = slot, ref, loaded
+        self.lru[ref] = None
+        self.host.move_to_end(ref)
+        return slot
+
+    def _free_slot(self) -> int | None:
+        for slot in range(1, self.max_resident + 1):
+            if self.ref_at[slot] is None:
+                return slot
+        for ref in self.lru:  # least recently used first
+            slot = self.slot_of[ref]
+            if self.refcount[slot] == 0 and ref not in self.pinned:
+                self._evict(ref)
+                return slot
+        return None
+
+    def _evict(self, ref: str) -> None:
+        slot = self.slot_of.pop(ref)
+        for layer in self.layers.values():
+            layer.set_slot(slot, None)
+        self.ref_at[slot] = None
+        del self.resident[slot]
+        self.lru.pop(ref, None)
+        self.stats.evictions += 1
+        log.debug("evicted %s from slot %d", ref, slot)
+
+    def acquire(self, slot: int) -> None:
+        self.refcount[slot] += 1
+
+    def release(self, slot: int) -> None:
+        self.refcount[slot] -= 1
+        ref = self.ref_at[slot]
+        if self.refcount[slot] == 0 and ref in self.draining:
+            self._finish_unload(ref)
+
+    def pin(self, ref: str, pinned: bool) -> None:
+        (self.pinned.add if pinned else self.pinned.discard)(ref)
+
+    def unload(self, ref: str) -> None:
+        """Stop admitting rows for ``ref``; free its slot once the rows using it have finished."""
+        self.pinned.discard(ref)
+        self.host.pop(ref, None)
+        slot = self.slot_of.get(ref)
+        if slot is None:
+            return
+        self.draining.add(ref)
+        if self.refcount[slot] == 0:
+            self._finish_unload(ref)
+
+    def _finish_unload(self, ref: str) -> None:
+        self.draining.discard(ref)
+        self._evict(ref)
+        self.lock.notify_all()
