@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from hotswap.train.synthetic import DEFAULT_TARGETS, RandomLoraConfig, random_lora
+from hotswap.train.synthetic import (
+    DEFAULT_TARGETS,
+    RandomLoraConfig,
+    random_bitfit,
+    random_lora,
+    random_prefix,
+    random_prompt,
+)
 
-__all__ = ["DEFAULT_TARGETS", "RandomLoraConfig", "random_lora"]
+__all__ = ["DEFAULT_TARGETS", "RandomLoraConfig", "random_bitfit", "random_lora", "random_prefix", "random_prompt"]
