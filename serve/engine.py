@@ -49,6 +49,10 @@ class EngineConfig:
     host_cache_bytes: int = 2 << 30  # loaded adapters kept in host RAM (beyond the resident ones)
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # CPU intra-op threads for prefill (compute-bound: all cores) and decode (memory-bound: on small
+    # batches extra threads add fork/join cost to every small op and barely speed up the big ones).
+    prefill_threads: int = 0  # 0 = torch's default (all cores)
+    decode_threads: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request"):
@@ -155,6 +159,9 @@ class Engine:
         self._rows: list[_Job | None] = [None] * self.config.max_batch
         self._wants: dict[str, list[Future[int]]] = {}
         self._closed = False
+        on_cpu = torch.device(self.config.device).type == "cpu"
+        self._prefill_threads = (self.config.prefill_threads or torch.get_num_threads()) if on_cpu else 1
+        self._decode_threads = (self.config.decode_threads or torch.get_num_threads()) if on_cpu else 1
         self._thread = threading.Thread(target=self._loop, name="hotswap-engine", daemon=True)
         self._thread.start()
 
@@ -318,8 +325,10 @@ class Engine:
                 running = [j for j in self._rows if j is not None and j not in admitted]
                 try:
                     if admitted:
+                        torch.set_num_threads(self._prefill_threads)
                         self._emit_all(admitted, self._prefill(admitted))
                     if running or admitted:
+                        torch.set_num_threads(self._decode_threads)
                         self._decode()
                 except Exception as e:
                     log.exception("engine step failed")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hotswap.serve.ops import gather_rows, lora_apply, weighted_rows
+from hotswap.serve.ops import gather_rows, gather_unique, lora_apply, lora_apply_unique, weighted_rows
 
 
 @dataclass
@@ -83,7 +83,7 @@ class MultiAdapterLinear(nn.Module):
         self.slot_dora = [False] * (num_slots + 1)
         self.slot_bias = [False] * (num_slots + 1)
         self._cached_version = -1
-        self._rows: tuple[torch.Tensor | None, ...] = (None, None, None, None)
+        self._rows: tuple = (None, None, None)  # (lora path + factors, dora scale rows, bias rows)
 
     # -- slot management (engine thread, between steps) ------------------------------------------
     def _grow_rank(self, rank: int) -> None:
@@ -123,19 +123,24 @@ class MultiAdapterLinear(nn.Module):
         self._cached_version = -1
 
     # -- forward ---------------------------------------------------------------------------------
-    def _batch_rows(self) -> tuple[torch.Tensor | None, ...]:
+    def _batch_rows(self) -> tuple:
         """Gathered per-row factors for the current plan, computed once per plan version."""
         plan = self.plan
         if self._cached_version != plan.version:
-            a_rows = b_rows = dora_rows = bias_rows = None
-            rank = max((self.slot_rank[s] for s in plan.used), default=0)
-            if rank:
-                a_rows, b_rows = gather_rows(self.A, self.B, plan.slots, plan.weights, rank)
+            lora = dora_rows = bias_rows = None
+            with_lora = sorted(s for s in plan.used if self.slot_rank[s])
+            if with_lora:
+                rank = max(self.slot_rank[s] for s in with_lora)
+                # Few distinct adapters for many rows: read each adapter once (dense path); else per row.
+                if 2 * len(with_lora) <= plan.slots.shape[0]:
+                    lora = ("unique", *gather_unique(self.A, self.B, plan.slots, plan.weights, rank, with_lora))
+                else:
+                    lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank))
             if any(self.slot_dora[s] for s in plan.used):
                 dora_rows = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
             if any(self.slot_bias[s] for s in plan.used):
                 bias_rows = weighted_rows(self.bias, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
-            self._rows = (a_rows, b_rows, dora_rows, bias_rows)
+            self._rows = (lora, dora_rows, bias_rows)
             self._cached_version = plan.version
         return self._rows
 
@@ -143,13 +148,15 @@ class MultiAdapterLinear(nn.Module):
         y = self.base(x)  # (Bt, T, out)
         if not self.plan.used:
             return y
-        a_rows, b_rows, dora_rows, bias_rows = self._batch_rows()
-        out = y
+        lora, dora_rows, bias_rows = self._batch_rows()
         if dora_rows is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
             base_no_bias = y if self.base.bias is None else y - self.base.bias
-            out = out + dora_rows * base_no_bias
-        if a_rows is not None:
-            out = out + lora_apply(x, a_rows, b_rows)
+            y = y + dora_rows * base_no_bias
+        if lora is not None:  # accumulate in place into y, a fresh tensor owned by this call
+            if lora[0] == "unique":
+                lora_apply_unique(x, *lora[1:], out=y)
+            else:
+                lora_apply(x, *lora[1:], out=y)
         if bias_rows is not None:
-            out = out + bias_rows
-        return out
+            y = y + bias_rows
+        return y

@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
-from hotswap.serve.ops.lora import gather_rows, lora_apply, lora_delta, weighted_rows
+from hotswap.serve.ops.lora import (
+    gather_rows,
+    gather_unique,
+    lora_apply,
+    lora_apply_unique,
+    lora_delta,
+    lora_delta_unique,
+    weighted_rows,
+)
 
-__all__ = ["gather_rows", "lora_apply", "lora_delta", "weighted_rows"]
+__all__ = [
+    "gather_rows",
+    "gather_unique",
+    "lora_apply",
+    "lora_apply_unique",
+    "lora_delta",
+    "lora_delta_unique",
+    "weighted_rows",
+]

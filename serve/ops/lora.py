@@ -7,9 +7,15 @@ delta is the weighted sum of its adapters' deltas:
 
     delta[b] = sum_k weights[b, k] * x[b] @ A[slots[b, k], :rank].T @ B[slots[b, k], :rank]
 
-Composition is rank concatenation, so the whole batch is two ``bmm`` calls whatever the mix of
-adapters: gather each row's factors (once per batch plan; the engine caches them while the batch
-does not change), then ``x @ A_rows^T @ B_rows``. No Python loop over rows or adapters.
+Composition is rank concatenation. Two fast paths compute it, both without a Python loop over
+rows or adapters, and both prepared once per batch plan (the layers cache them while the batch does
+not change):
+
+- per row (``gather_rows`` + ``lora_apply``): each row's own factors, two ``bmm``; reads one copy of
+  the factors per row, so it suits batches where most rows have distinct adapters;
+- per unique adapter (``gather_unique`` + ``lora_apply_unique``): the batch's U distinct adapters
+  concatenated, two dense GEMMs for the whole batch and a per-row coefficient mask; reads each
+  adapter once, so it wins when U is well below the batch size (popular adapters).
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ def gather_rows(
     return a.reshape(bt, k * rank, A.shape[-1]), b.reshape(bt, k * rank, B.shape[-1])
 
 
-def lora_apply(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
-    """x: [Bt, T, in] -> delta [Bt, T, out] = x @ a_rows^T @ b_rows."""
+def lora_apply(
+    x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [Bt, T, in] -> delta [Bt, T, out] = x @ a_rows^T @ b_rows, added in place to ``out`` if given."""
     h = torch.bmm(x, a_rows.transpose(1, 2))  # (Bt, T, K*r)
-    return torch.bmm(h, b_rows)  # (Bt, T, out)
+    return torch.bmm(h, b_rows) if out is None else out.baddbmm_(h, b_rows)  # (Bt, T, out)
 
 
 def lora_delta(
@@ -49,3 +57,41 @@ def weighted_rows(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tenso
     Used for BitFit bias deltas and for DoRA's per-row scale ``sum_k w_k (m_k / ||W + s B A||_k - 1)``.
     """
     return torch.einsum("bk,bko->bo", weights.to(table.dtype), table[slots])
+
+
+def gather_unique(
+    A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int, used: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factors of the batch's distinct slots ``used`` (U of them) and each row's coefficient on them.
+
+    Returns a_cat [U*rank, in], b_cat [U*rank, out] and coef [Bt, 1, U*rank], where
+    coef[b, 0, u*rank:(u+1)*rank] = sum_k weights[b, k] * (slots[b, k] == used[u]).
+    """
+    idx = torch.tensor(used, device=slots.device)
+    a_cat = A[idx, :rank].reshape(len(used) * rank, A.shape[-1])  # (U*r, in)
+    b_cat = B[idx, :rank].reshape(len(used) * rank, B.shape[-1])  # (U*r, out)
+    onehot = (slots[:, :, None] == idx[None, None, :]).to(weights.dtype)  # (Bt, K, U)
+    coef = torch.einsum("bk,bku->bu", weights, onehot)  # (Bt, U)
+    coef = coef.repeat_interleave(rank, dim=1)[:, None, :].to(A.dtype)  # (Bt, 1, U*r)
+    return a_cat, b_cat, coef
+
+
+def lora_apply_unique(
+    x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [Bt, T, in] -> delta [Bt, T, out] = ((x @ a_cat^T) * coef) @ b_cat, added in place to ``out`` if given."""
+    h = (x @ a_cat.T).mul_(coef)  # (Bt, T, U*r)
+    if out is None:
+        return h @ b_cat  # (Bt, T, out)
+    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_cat)
+    return out
+
+
+def lora_delta_unique(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """The module docstring's ``delta`` through the per-unique-adapter path (same result as ``lora_delta``)."""
+    used = sorted(set(slots.flatten().tolist()) - {0})
+    if not used:
+        return torch.zeros(*x.shape[:2], B.shape[-1], dtype=x.dtype, device=x.device)
+    return lora_apply_unique(x, *gather_unique(A, B, slots, weights, rank, used))
