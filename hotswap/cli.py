@@ -87,6 +87,7 @@ def cmd_adapter_random(args: argparse.Namespace) -> int:
         target_modules=tuple(t for t in args.targets.split(",") if t),
         use_dora=args.dora,
         seed=args.seed,
+        init_std=args.init_std,
     )
     out = random_lora(args.base, args.out, config)
     print(f"wrote random {'DoRA' if args.dora else 'LoRA'} adapter r={args.rank} (seed {args.seed}) to {out}")
@@ -194,6 +195,35 @@ def cmd_alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hotswap.serve import Engine, Request
+
+    refs = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    try:
+        prompt_ids = [int(t) for t in args.prompt_ids.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    with Engine(args.base, _registry(args), max_batch=max(len(refs), 1)) as engine:
+        requests = [
+            Request(prompt_ids=prompt_ids, adapters=[] if ref == "-" else [ref], max_new_tokens=args.max_new_tokens)
+            for ref in refs
+        ]
+        results = engine.generate(requests)  # submitted together: one batch, one row per adapter
+    rows = [
+        (
+            ref if ref != "-" else "(base)",
+            ", ".join(f"{a}" for a, _ in r.adapters) or "-",
+            " ".join(map(str, r.token_ids)),
+            r.finish_reason,
+            f"{r.timings.ttft_s * 1e3:.0f}",
+            f"{r.timings.total_s * 1e3:.0f}",
+        )
+        for ref, r in zip(refs, results, strict=True)
+    ]
+    print(_table(rows, ("adapter", "resolved", "token ids", "finish", "ttft ms", "total ms")))
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -242,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     sp.add_argument("--dora", action="store_true")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--init-std", type=float, default=0.02, help="std of the random A and B entries")
     sp.set_defaults(fn=cmd_adapter_random)
 
     sp = add("push", cmd_push, "publish an adapter directory as a new immutable version")
@@ -268,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("show", cmd_show, "show a version's manifest")
     sp.add_argument("ref")
     sp.add_argument("--json", action="store_true")
+
+    sp = add("compare", cmd_compare, "run one prompt through several adapters (and the base) in one batch")
+    sp.add_argument("--base", required=True, type=Path, help="base checkpoint to serve")
+    sp.add_argument("--adapters", required=True, help="comma-separated refs; '-' is the base model alone")
+    sp.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 5,17,99")
+    sp.add_argument("--max-new-tokens", type=_positive_int, default=8)
 
     sp = add("alias", cmd_alias, "point an alias at a version (rollback = point it back)")
     sp.add_argument("name")
