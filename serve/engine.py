@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hotswap.basemodel import fingerprint, load_model
+from hotswap.basemodel import fingerprint, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -517,7 +517,9 @@ class Engine:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidArgument("this base has no tokenizer: send prompt_ids instead of prompt text")
-        return list(self.tokenizer.encode(text))
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        bos = self.model.config.bos_token_id
+        return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
 
 def _as_list(value: object) -> list[int]:
@@ -529,6 +531,4 @@ def _as_list(value: object) -> list[int]:
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
