@@ -46,6 +46,7 @@ class EngineConfig:
     max_seq_len: int = 1024  # per row: prefix + virtual tokens + prompt + generated
     max_queue: int = 1024  # waiting requests; more -> CapacityExceeded
     max_adapters_per_request: int = 8  # length of a weighted adapter list
+    max_rank: int = 64  # largest LoRA rank served; slot tables hold max_resident x (largest rank loaded)
     host_cache_bytes: int = 2 << 30  # loaded adapters kept in host RAM (beyond the resident ones)
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -55,7 +56,7 @@ class EngineConfig:
     decode_threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request"):
+        for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request", "max_rank"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in _DTYPES:
@@ -153,6 +154,7 @@ class Engine:
             self.layers,
             self.config.max_resident,
             self.config.host_cache_bytes,
+            self.config.max_rank,
             self._cv,
         )
         self._waiting: list[_Job] = []

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from hotswap.errors import HotswapError
+from hotswap.errors import CapacityExceeded, HotswapError
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, LoadedAdapter, load_adapter
 from hotswap.serve.layers import MultiAdapterLinear
@@ -44,10 +44,12 @@ class AdapterPool:
         layers: dict[str, MultiAdapterLinear],
         max_resident: int,
         host_cache_bytes: int,
+        max_rank: int,
         lock: threading.Condition,
     ) -> None:
         self.registry, self.base, self.base_fingerprint = registry, base, base_fingerprint
         self.layers, self.max_resident, self.host_cache_bytes = layers, max_resident, host_cache_bytes
+        self.max_rank = max_rank
         self.lock = lock
         self.slot_of: dict[str, int] = {}  # exact ref ("name@3") -> slot
         self.ref_at: list[str | None] = [None] * (max_resident + 1)
@@ -77,6 +79,9 @@ class AdapterPool:
         try:
             manifest, path = self.registry.fetch(ref, base_fingerprint=self.base_fingerprint)
             loaded = load_adapter(path, manifest, self.base)
+            rank = max((d.rank for d in loaded.linear.values()), default=0)
+            if rank > self.max_rank:
+                raise CapacityExceeded(f"{ref} has LoRA rank {rank}; this engine serves ranks up to {self.max_rank}")
         except HotswapError as e:
             log.warning("loading %s failed: %s", ref, e)
             with self.lock:
