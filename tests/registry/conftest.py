@@ -1,0 +1,43 @@
+"""Registry fixtures: small real artifacts built without torch, and a registry in a temp dir."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from hotswap.registry import Registry
+
+MakeArtifact = Callable[..., Path]
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry")
+
+
+@pytest.fixture
+def make_artifact(tmp_path: Path) -> MakeArtifact:
+    """Write a PEFT-shaped LoRA artifact (or a hotswap one with ``method=``) and return its directory."""
+    counter = iter(range(10_000))
+
+    def make(peft_type: str = "LORA", method: str | None = None, seed: int = 0, **config: object) -> Path:
+        out = tmp_path / f"artifact-{next(counter)}"
+        out.mkdir()
+        rng = np.random.default_rng(seed)
+        save_file(
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((4, 8), np.float32)},
+            str(out / "adapter_model.safetensors"),
+        )
+        if method is not None:
+            (out / "hotswap_config.json").write_text(json.dumps({"method": method}))
+        else:
+            cfg = {"peft_type": peft_type, "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config}
+            (out / "adapter_config.json").write_text(json.dumps(cfg))
+        return out
+
+    return make

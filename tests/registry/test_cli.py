@@ -1,0 +1,94 @@
+"""The CLI: happy paths print what a user needs; every error is one line and a distinct exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hotswap.cli import main
+from hotswap.registry import Registry
+
+MakeArtifact = Callable[..., Path]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str) -> None:
+    assert err.startswith("hotswap: error: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_push_list_versions_show_alias_pull(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, make_artifact: MakeArtifact
+) -> None:
+    reg = str(tmp_path / "reg")
+    code, out, _ = run(capsys, "--registry", reg, "push", str(make_artifact()), "--name", "math", "--alias", "prod")
+    assert code == 0 and "published math@1" in out and "prod" in out
+    assert run(capsys, "--registry", reg, "push", str(make_artifact(seed=1)), "--name", "math")[0] == 0
+    code, out, _ = run(capsys, "--registry", reg, "list")
+    assert code == 0 and "math" in out and "prod=1" in out
+    code, out, _ = run(capsys, "--registry", reg, "versions", "math")
+    assert code == 0 and out.count("lora") == 2
+    code, out, _ = run(capsys, "--registry", reg, "show", "math:prod")
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line and not line.startswith(("-", " ")))
+    assert code == 0 and fields["version"] == "1" and fields["aliases"] == "prod" and fields["method"] == "lora"
+    assert "adapter_model.safetensors" in out
+    code, out, _ = run(capsys, "--registry", reg, "show", "math", "--json")
+    assert code == 0 and json.loads(out)["version"] == 2
+    code, out, _ = run(capsys, "--registry", reg, "alias", "math", "prod", "2")
+    assert code == 0 and "math:prod -> 2 (was 1)" in out
+    code, out, _ = run(capsys, "--registry", reg, "pull", "math:prod", "--to", str(tmp_path / "copy"))
+    assert code == 0 and (tmp_path / "copy" / "manifest.json").is_file()
+    code, out, _ = run(capsys, "--registry", reg, "list", "--json")
+    assert json.loads(out)[0]["aliases"] == {"prod": 2}
+
+
+def test_errors_are_one_line_with_exit_codes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, make_artifact: MakeArtifact
+) -> None:
+    reg = str(tmp_path / "reg")
+    run(capsys, "--registry", reg, "push", str(make_artifact()), "--name", "math")
+
+    code, _, err = run(capsys, "--registry", reg, "show", "../etc")
+    assert code == 2
+    assert_one_line_error(err)
+    code, _, err = run(capsys, "--registry", reg, "show", "ghost")
+    assert code == 3 and "ghost" in err
+    assert_one_line_error(err)
+    code, _, err = run(capsys, "--registry", reg, "alias", "math", "prod")
+    assert code == 2
+    assert_one_line_error(err)
+
+    pickled = make_artifact()
+    (pickled / "extra.pt").write_bytes(b"\x80\x04x")
+    code, _, err = run(capsys, "--registry", reg, "push", str(pickled), "--name", "math")
+    assert code == 2 and "pickle" in err
+    assert_one_line_error(err)
+
+    stored = Registry(reg).fetch("math")[1] / "adapter_model.safetensors"
+    os.chmod(stored, 0o644)
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
+    code, _, err = run(capsys, "--registry", reg, "pull", "math", "--to", str(tmp_path / "x"))
+    assert code == 5 and "sha256" in err
+    assert_one_line_error(err)
+
+
+def test_console_entry_point_exit_code(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hotswap.cli", "--registry", str(tmp_path), "show", "ghost"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("hotswap: error:") and "Traceback" not in proc.stderr
