@@ -1,0 +1,85 @@
+"""Engine fixtures: adapters of every served method for the tiny base, published once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hotswap.basemodel import fingerprint, load_model
+from hotswap.registry import Registry
+from hotswap.serve import Engine
+from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_prefix, random_prompt
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_lora(base: Path, out: Path, config: LoraConfig, seed: int) -> Path:
+    """A LoRA made by PEFT itself (config features our synthetic helper does not set), random A and B."""
+    model = get_peft_model(load_model(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> artifact directory, for every method the engine serves."""
+    d = tmp_path_factory.mktemp("adapters")
+    return {
+        "lora4": random_lora(tiny_base, d / "lora4", RandomLoraConfig(rank=4, seed=1, init_std=0.2)),
+        "lora8qv": random_lora(
+            tiny_base,
+            d / "lora8qv",
+            RandomLoraConfig(rank=8, seed=2, init_std=0.2, target_modules=("q_proj", "v_proj")),
+        ),
+        "pattern": _peft_lora(
+            tiny_base,
+            d / "pattern",
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=ALL_TARGETS,
+                rank_pattern={"q_proj": 2, "down_proj": 3},
+                alpha_pattern={"v_proj": 4},
+            ),
+            seed=3,
+        ),
+        "rslora": _peft_lora(
+            tiny_base, d / "rslora", LoraConfig(r=6, lora_alpha=12, target_modules=ALL_TARGETS, use_rslora=True), 4
+        ),
+        "dropout": _peft_lora(
+            tiny_base,
+            d / "dropout",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=0.3),
+            5,
+        ),
+        "dora": random_lora(tiny_base, d / "dora", RandomLoraConfig(rank=4, seed=6, init_std=0.2, use_dora=True)),
+        "prefix": random_prefix(tiny_base, d / "prefix", num_virtual_tokens=5, seed=7),
+        "prompt": random_prompt(tiny_base, d / "prompt", num_virtual_tokens=3, seed=8),
+        "bitfit": random_bitfit(tiny_base, d / "bitfit", seed=9, std=0.2),
+        "lora4b": random_lora(tiny_base, d / "lora4b", RandomLoraConfig(rank=4, seed=10, init_std=0.2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def registry_path(tiny_base: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve-registry")
+    reg = Registry(root)
+    fp = fingerprint(tiny_base)
+    for name, path in adapters.items():
+        reg.publish(path, name, base_fingerprint=fp)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Path, registry_path: Path) -> Iterator[Engine]:
+    with Engine(tiny_base, registry_path, max_batch=16, max_resident=16, max_seq_len=128) as eng:
+        yield eng

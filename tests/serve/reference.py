@@ -1,0 +1,30 @@
+"""PEFT-side references for engine tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from hotswap.basemodel import load_model
+
+
+def peft_model(tiny_base: Path, adapter_dir: Path) -> torch.nn.Module:
+    return PeftModel.from_pretrained(load_model(tiny_base), adapter_dir).eval()
+
+
+def reference_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """Logits over the prompt positions (prompt tuning's virtual tokens dropped)."""
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        return model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -len(ids) :]
+
+
+def reference_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens by recomputing the full forward each step. PEFT's generate() ignores prefix
+    tuning under transformers 5.x, so its plain forward is the oracle for every method."""
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(reference_logits(model, seq)[-1].argmax()))
+    return seq[len(ids) :]
