@@ -256,7 +256,7 @@ class Engine:
     def unload_adapter(self, ref: str) -> str:
         """Unpin and free an adapter's slot; rows using it finish first (new requests for it wait)."""
         exact = self.registry.resolve(ref).ref
-        with self._cv:
+        with self._step_lock, self._cv:  # an idle adapter's slot is cleared now, never mid-forward
             self.pool.unload(exact)
             self._cv.notify_all()
         return exact

@@ -97,8 +97,12 @@ class MultiAdapterLinear(nn.Module):
             setattr(self, attr, torch.zeros(self.num_slots + 1, self.base.out_features, dtype=w.dtype, device=w.device))
         return getattr(self, attr)
 
+    # Slot tables are ordinary tensors even when written from the engine's inference-mode loop, so
+    # any later write (forward_logits, unload) can update them in place.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def set_slot(self, slot: int, delta: LinearDelta | None) -> None:
-        """Install (or with ``None`` clear) one adapter's delta in ``slot``."""
+        """Install (or with ``None`` clear) one adapter's delta in ``slot``. Never during a forward."""
         assert 1 <= slot <= self.num_slots
         self.A[slot].zero_()
         self.B[slot].zero_()

@@ -1,0 +1,88 @@
+"""Methods checked against closed forms: BitFit, weighted composition; unsupported artifacts refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from hotswap.basemodel import fingerprint, load_model
+from hotswap.errors import UnsupportedAdapter
+from hotswap.registry import Registry
+from hotswap.serve import Engine, Request
+from tests.serve.reference import reference_logits
+
+IDS = [11, 42, 7, 99, 3, 250, 18]
+
+
+def _lora_delta(adapter: Path, module: str, weight: float) -> torch.Tensor:
+    """weight * (alpha / r) * B @ A for one module of a PEFT LoRA artifact."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    a = tensors[f"base_model.model.{module}.lora_A.weight"]
+    b = tensors[f"base_model.model.{module}.lora_B.weight"]
+    return weight * config["lora_alpha"] / config["r"] * (b @ a)
+
+
+def test_bitfit_matches_a_base_with_those_biases(engine: Engine, adapters: dict[str, Path], tiny_base: Path) -> None:
+    model = load_model(tiny_base)
+    for key, delta in load_file(adapters["bitfit"] / "adapter_model.safetensors").items():
+        layer = model.get_submodule(key.removesuffix(".bias"))
+        assert layer.bias is None  # Llama has no biases: the adapter's rows get one, others do not
+        layer.bias = torch.nn.Parameter(delta.clone())
+    ref = reference_logits(model, IDS)
+    ours, base_row = engine.forward_logits(
+        [Request(prompt_ids=IDS, adapters=["bitfit"]), Request(prompt_ids=IDS, adapters=[])]
+    )
+    assert (ref - reference_logits(load_model(tiny_base), IDS)).abs().max() > 1e-2
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (base_row - reference_logits(load_model(tiny_base), IDS)).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.5), (0.3, -1.0)])
+def test_weighted_composition_equals_the_closed_form(
+    engine: Engine, adapters: dict[str, Path], tiny_base: Path, weights: tuple[float, float]
+) -> None:
+    wa, wb = weights
+    merged = copy.deepcopy(load_model(tiny_base))
+    with torch.no_grad():
+        for name, module in merged.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight += _lora_delta(adapters["lora4"], name, wa)
+                if name.endswith(("q_proj", "v_proj")):
+                    module.weight += _lora_delta(adapters["lora8qv"], name, wb)
+    ref = reference_logits(merged, IDS)
+    (ours,) = engine.forward_logits([Request(prompt_ids=IDS, adapters=[("lora4", wa), ("lora8qv", wb)])])
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_zero_weight_partner_changes_nothing(engine: Engine) -> None:
+    """Mixing methods in one request (BitFit + DoRA): a partner at weight 0 leaves the row as it was."""
+    rows = engine.forward_logits(
+        [
+            Request(prompt_ids=IDS, adapters=[]),
+            Request(prompt_ids=IDS, adapters=["bitfit"]),
+            Request(prompt_ids=IDS, adapters=[("bitfit", 1.0), ("dora", 0.0)]),
+        ]
+    )
+    assert torch.allclose(rows[1], rows[2], atol=1e-5)  # a zero-weight partner changes nothing
+    assert (rows[1] - rows[0]).abs().max() > 1e-2
+
+
+def test_unsupported_method_fails_the_request_and_engine_keeps_serving(tiny_base: Path, tmp_path: Path) -> None:
+    art = tmp_path / "weird"
+    art.mkdir()
+    save_file({"x": np.ones(3, np.float32)}, str(art / "adapter_model.safetensors"))
+    (art / "hotswap_config.json").write_text(json.dumps({"method": "nonesuch"}))
+    reg = Registry(tmp_path / "reg")
+    reg.publish(art, "weird", base_fingerprint=fingerprint(tiny_base))
+    with Engine(tiny_base, reg, max_batch=4, max_resident=2) as eng:
+        with pytest.raises(UnsupportedAdapter, match="nonesuch"):
+            eng.generate([Request(prompt_ids=IDS, adapters=["weird"], max_new_tokens=2)])
+        assert len(eng.generate([Request(prompt_ids=IDS, max_new_tokens=2)])[0].token_ids) == 2
