@@ -6,9 +6,24 @@ from hotswap.train.synthetic import (
     DEFAULT_TARGETS,
     RandomLoraConfig,
     random_bitfit,
+    random_bitfits,
     random_lora,
+    random_loras,
     random_prefix,
+    random_prefixes,
     random_prompt,
+    random_prompts,
 )
 
-__all__ = ["DEFAULT_TARGETS", "RandomLoraConfig", "random_bitfit", "random_lora", "random_prefix", "random_prompt"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "RandomLoraConfig",
+    "random_bitfit",
+    "random_bitfits",
+    "random_lora",
+    "random_loras",
+    "random_prefix",
+    "random_prefixes",
+    "random_prompt",
+    "random_prompts",
+]

@@ -1,19 +1,21 @@
-"""Synthetic adapters: real PEFT artifacts with random, non-zero weights and a fixed seed.
+"""Synthetic adapters: real artifacts with random, non-zero weights and fixed seeds.
 
 Benchmarks (shared/BENCHMARK.md: "random non-zero A and B with a fixed seed, so the delta is real"),
-tests and the demo need adapters before any training; these are exactly PEFT's files, loadable by
-``PeftModel.from_pretrained``.
+tests and the demo need adapters before any training. PEFT methods are exactly PEFT's files, loadable
+by ``PeftModel.from_pretrained``; BitFit is hotswap's documented format. The plural functions write
+many adapters of one config from a single loaded base (one per seed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
 from hotswap.basemodel import load_model
@@ -22,6 +24,9 @@ from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.registry.fsutil import building_dir
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PathLike = str | os.PathLike[str]
+# fill(name, parameter, its value at attach time, generator) -> the random value to save
+Fill = Callable[[str, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class RandomLoraConfig:
     alpha: float = 16.0  # scaling numerator: delta = (alpha / r) * B @ A
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # module name suffixes to adapt
     use_dora: bool = False  # DoRA: add PEFT's magnitude vector (random around the base column norms)
-    seed: int = 0  # fixes A, B (and DoRA magnitudes)
+    seed: int = 0  # fixes A, B (and DoRA magnitudes) for random_lora
     init_std: float = 0.02  # std of the random A and B entries
 
     def __post_init__(self) -> None:
@@ -40,12 +45,35 @@ class RandomLoraConfig:
             raise InvalidArtifact("target_modules must name at least one module")
 
 
-def random_lora(base: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: RandomLoraConfig) -> Path:
-    """Write a PEFT LoRA (or DoRA) adapter for the base checkpoint at ``base`` with random A and B."""
-    out = Path(out_dir)
-    if out.exists():
-        raise InvalidArtifact(f"{out}: already exists; write the adapter into a new directory")
-    model = load_model(base)
+def _check_new(outs: Mapping[PathLike, int]) -> dict[Path, int]:
+    paths = {Path(o): seed for o, seed in outs.items()}
+    for out in paths:
+        if out.exists():
+            raise InvalidArtifact(f"{out}: already exists; write the adapter into a new directory")
+    return paths
+
+
+def _save_variants(base: PathLike, config: PeftConfig, outs: Mapping[PathLike, int], fill: Fill) -> list[Path]:
+    """Attach ``config`` to the base once; for each (out, seed) re-fill the trainable weights and save."""
+    paths = _check_new(outs)
+    try:
+        peft_model = get_peft_model(load_model(base), config)
+    except ValueError as e:  # PEFT's message for targets the base lacks
+        raise InvalidArtifact(f"cannot attach {config.peft_type} to {base}: {e}") from e
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in trainable.items()}
+    for out, seed in paths.items():
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(fill(name, param, initial[name], gen))
+        with building_dir(out) as tmp:
+            peft_model.save_pretrained(tmp)
+    return list(paths)
+
+
+def random_loras(base: PathLike, outs: Mapping[PathLike, int], config: RandomLoraConfig) -> list[Path]:
+    """PEFT LoRA (or DoRA) adapters for the base at ``base``: one per (directory, seed), random A and B."""
     peft_config = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -54,75 +82,72 @@ def random_lora(base: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
         lora_dropout=0.0,
         bias="none",
     )
-    try:
-        peft_model = get_peft_model(model, peft_config)
-    except ValueError as e:  # PEFT's message for targets the base lacks
-        raise InvalidArtifact(f"cannot attach LoRA to {base}: {e}") from e
-    gen = torch.Generator().manual_seed(config.seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * config.init_std)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
-    with building_dir(out) as tmp:
-        peft_model.save_pretrained(tmp)
-    return out
+
+    def fill(name: str, param: torch.Tensor, initial: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(param.shape, generator=gen)
+        if "lora_magnitude_vector" in name:  # around PEFT's init, the base's column norms
+            return initial * (1.0 + 0.1 * noise)
+        return noise * config.init_std
+
+    return _save_variants(base, peft_config, outs, fill)
 
 
-def _randomised_peft(base: str | os.PathLike[str], peft_config: object, out_dir: Path, seed: int, std: float) -> Path:
-    """Attach a PEFT prompt-learning method, fill its trainable weights with N(0, std), save PEFT's files."""
-    if out_dir.exists():
-        raise InvalidArtifact(f"{out_dir}: already exists; write the adapter into a new directory")
-    peft_model = get_peft_model(load_model(base), peft_config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    with building_dir(out_dir) as tmp:
-        peft_model.save_pretrained(tmp)
-    return out_dir
+def random_lora(base: PathLike, out_dir: PathLike, config: RandomLoraConfig) -> Path:
+    """One random LoRA/DoRA adapter (seed ``config.seed``)."""
+    return random_loras(base, {out_dir: config.seed}, config)[0]
 
 
-def random_prefix(
-    base: str | os.PathLike[str], out_dir: str | os.PathLike[str], num_virtual_tokens: int = 8, seed: int = 0
-) -> Path:
-    """A PEFT prefix-tuning adapter (no projection) with random key/value prefixes."""
+def _gaussian(std: float) -> Fill:
+    return lambda _name, param, _initial, gen: torch.randn(param.shape, generator=gen) * std
+
+
+def random_prefixes(base: PathLike, outs: Mapping[PathLike, int], num_virtual_tokens: int = 8) -> list[Path]:
+    """PEFT prefix-tuning adapters (no projection) with random key/value prefixes."""
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    return _randomised_peft(base, config, Path(out_dir), seed, std=1.0)
+    return _save_variants(base, config, outs, _gaussian(1.0))
 
 
-def random_prompt(
-    base: str | os.PathLike[str], out_dir: str | os.PathLike[str], num_virtual_tokens: int = 8, seed: int = 0
-) -> Path:
-    """A PEFT prompt-tuning adapter with random virtual-token embeddings."""
+def random_prefix(base: PathLike, out_dir: PathLike, num_virtual_tokens: int = 8, seed: int = 0) -> Path:
+    return random_prefixes(base, {out_dir: seed}, num_virtual_tokens)[0]
+
+
+def random_prompts(base: PathLike, outs: Mapping[PathLike, int], num_virtual_tokens: int = 8) -> list[Path]:
+    """PEFT prompt-tuning adapters with random virtual-token embeddings."""
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    return _randomised_peft(base, config, Path(out_dir), seed, std=0.05)
+    return _save_variants(base, config, outs, _gaussian(0.05))
+
+
+def random_prompt(base: PathLike, out_dir: PathLike, num_virtual_tokens: int = 8, seed: int = 0) -> Path:
+    return random_prompts(base, {out_dir: seed}, num_virtual_tokens)[0]
+
+
+def random_bitfits(
+    base: PathLike, outs: Mapping[PathLike, int], target_modules: tuple[str, ...] = DEFAULT_TARGETS, std: float = 0.02
+) -> list[Path]:
+    """hotswap BitFit artifacts: ``hotswap_config.json`` + ``<module>.bias`` deltas for matching linears."""
+    paths = _check_new(outs)
+    shapes = {
+        name: module.out_features
+        for name, module in load_model(base).named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not shapes:
+        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
+    config = {"method": "bitfit", "target_modules": sorted(target_modules), "format": "bias deltas"}
+    for out, seed in paths.items():
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {f"{name}.bias": torch.randn(n, generator=gen) * std for name, n in shapes.items()}
+        with building_dir(out) as tmp:
+            save_file(tensors, tmp / "adapter_model.safetensors")
+            (tmp / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return list(paths)
 
 
 def random_bitfit(
-    base: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    base: PathLike,
+    out_dir: PathLike,
     target_modules: tuple[str, ...] = DEFAULT_TARGETS,
     seed: int = 0,
     std: float = 0.02,
 ) -> Path:
-    """A hotswap BitFit artifact: ``hotswap_config.json`` + ``<module>.bias`` deltas for matching linears."""
-    out = Path(out_dir)
-    if out.exists():
-        raise InvalidArtifact(f"{out}: already exists; write the adapter into a new directory")
-    model = load_model(base)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        f"{name}.bias": torch.randn(module.out_features, generator=gen) * std
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
-    }
-    if not tensors:
-        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
-    with building_dir(out) as tmp:
-        save_file(tensors, tmp / "adapter_model.safetensors")
-        config = {"method": "bitfit", "target_modules": sorted(target_modules), "format": "bias deltas"}
-        (tmp / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return random_bitfits(base, {out_dir: seed}, target_modules, std)[0]
