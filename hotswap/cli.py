@@ -229,6 +229,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hotswap.bench import run
+    from hotswap.bench.common import Workload
+
+    try:
+        counts = [int(n) for n in args.adapters.split(",")] if args.adapters else None
+    except ValueError:
+        raise InvalidArgument(f"--adapters must be comma-separated integers, got {args.adapters!r}") from None
+    workload = Workload(
+        model=args.model,
+        batch=args.batch,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        rank=args.rank,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    path, table = run(args.scenario, workload, args.out, args.cache, counts)
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -311,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--adapters", required=True, help="comma-separated refs; '-' is the base model alone")
     sp.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 5,17,99")
     sp.add_argument("--max-new-tokens", type=_positive_int, default=8)
+
+    sp = add("bench", cmd_bench, "run a benchmark scenario (shared/BENCHMARK.md): Markdown table + JSON")
+    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods"))
+    sp.add_argument("--out", type=Path, default=Path("bench-results"))
+    sp.add_argument("--cache", type=Path, default=Path("bench-results/.cache"), help="built bases and adapters")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda")
+    sp.add_argument("--model", default="smollm2-135m", help="base preset (smollm2-135m is workload W1)")
+    sp.add_argument("--batch", type=_positive_int, default=16)
+    sp.add_argument("--prompt", type=_positive_int, default=64)
+    sp.add_argument("--new-tokens", type=_positive_int, default=32)
+    sp.add_argument("--rank", type=_positive_int, default=16)
+    sp.add_argument("--repeats", type=_positive_int, default=3)
+    sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
 
     sp = add("alias", cmd_alias, "point an alias at a version (rollback = point it back)")
     sp.add_argument("name")

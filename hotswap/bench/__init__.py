@@ -1,0 +1,22 @@
+"""``hotswap bench SCENARIO``: the benchmarks of shared/BENCHMARK.md (Markdown table + JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hotswap.bench.common import Fixtures, Workload, write_results
+from hotswap.bench.scenarios import SCENARIOS
+
+DEFAULT_ADAPTERS = {"mixed": [1, 4, 16, 32], "swap": [16], "load": [16], "methods": [16]}
+
+
+def run(
+    scenario: str, workload: Workload, out_dir: Path, cache: Path, adapter_counts: list[int] | None = None
+) -> tuple[Path, str]:
+    """Run one scenario; returns the JSON path and the Markdown table."""
+    fixtures = Fixtures(workload, cache)
+    rows = SCENARIOS[scenario](fixtures, adapter_counts or DEFAULT_ADAPTERS[scenario])
+    return write_results(scenario, workload, rows, out_dir)
+
+
+__all__ = ["DEFAULT_ADAPTERS", "SCENARIOS", "Workload", "run"]

@@ -1,0 +1,206 @@
+"""What every benchmark scenario shares: the workload, fixtures (base + adapters, built once and cached),
+timing, the PEFT / transformers baselines, and the output format of shared/BENCHMARK.md."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from hotswap.basemodel import build_model, fingerprint, load_model, save_model
+from hotswap.registry import Registry
+from hotswap.serve import Engine, Request
+from hotswap.train import RandomLoraConfig, random_bitfits, random_loras, random_prefixes, random_prompts
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lora", "dora", "bitfit", "prefix", "prompt")
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str = "smollm2-135m"  # preset of hotswap.basemodel; W1 by default
+    batch: int = 16
+    prompt: int = 64
+    new_tokens: int = 32
+    rank: int = 16
+    alpha: float = 32.0
+    seed: int = 0
+    repeats: int = 3  # timed runs per figure (after one warm-up); the median is reported
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        return "W1" if self.model == "smollm2-135m" else self.model
+
+
+def environment(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu, "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def set_threads() -> None:
+    """torch threads = cores for the baselines (the engine picks its own per phase, in its own thread)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Fixtures:
+    """The base checkpoint, adapters per method and a registry, built once under ``cache`` and reused."""
+
+    def __init__(self, workload: Workload, cache: Path) -> None:
+        self.workload = workload
+        self.root = cache / f"{workload.model}-s{workload.seed}-r{workload.rank}"
+        self.base = self.root / "base"
+        if not self.base.exists():
+            log.info("building base %s at %s", workload.model, self.base)
+            save_model(build_model(workload.model, seed=workload.seed), self.base)
+        self.fingerprint = fingerprint(self.base)
+        self.registry = Registry(self.root / "registry")
+
+    def adapters(self, method: str, n: int) -> list[str]:
+        """Names of ``n`` published adapters of ``method`` ("lora-0", ...), creating missing ones."""
+        names = [f"{method}-{i}" for i in range(n)]
+        missing = [i for i, name in enumerate(names) if name not in self.registry.names()]
+        if missing:
+            outs = {self.root / "artifacts" / names[i]: 1000 * METHODS.index(method) + i for i in missing}
+            w = self.workload
+            if method in ("lora", "dora"):
+                config = RandomLoraConfig(rank=w.rank, alpha=w.alpha, use_dora=method == "dora")
+                random_loras(self.base, outs, config)
+            elif method == "bitfit":
+                random_bitfits(self.base, outs)
+            elif method == "prefix":
+                random_prefixes(self.base, outs, num_virtual_tokens=16)
+            elif method == "prompt":
+                random_prompts(self.base, outs, num_virtual_tokens=16)
+            else:
+                raise ValueError(f"unknown method {method!r}")
+            for out in outs:
+                self.registry.publish(out, out.name, base_fingerprint=self.fingerprint)
+        return names
+
+    def artifact(self, name: str) -> Path:
+        return self.registry.fetch(name)[1]
+
+    def prompts(self, n: int) -> list[list[int]]:
+        """``n`` random prompts of the workload's length, the same for every run with this seed."""
+        g = torch.Generator().manual_seed(self.workload.seed)
+        vocab = json.loads((self.base / "config.json").read_text())["vocab_size"]
+        return [torch.randint(0, vocab, (self.workload.prompt,), generator=g).tolist() for _ in range(n)]
+
+    def engine(self, max_batch: int, max_resident: int = 64) -> Engine:
+        w = self.workload
+        return Engine(
+            self.base,
+            self.registry,
+            max_batch=max_batch,
+            max_resident=max_resident,
+            max_seq_len=w.prompt + w.new_tokens + 32,
+            device=w.device,
+        )
+
+    def peft(self, names: list[str]) -> PeftModel:
+        """A PeftModel on its own copy of the base with ``names`` loaded (adapter name = registry name)."""
+        model = PeftModel.from_pretrained(
+            load_model(self.base, device=self.workload.device), self.artifact(names[0]), adapter_name=names[0]
+        )
+        for name in names[1:]:
+            model.load_adapter(self.artifact(name), adapter_name=name)
+        return model.eval()
+
+
+def requests(prompts: list[list[int]], adapters: list[list[str]], new_tokens: int) -> list[Request]:
+    return [
+        Request(prompt_ids=p, adapters=a, max_new_tokens=new_tokens, ignore_eos=True)
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
+
+
+def hf_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, **kw: Any) -> torch.Tensor:
+    """transformers/PEFT ``generate``: static batch, greedy, KV cache, exactly ``new_tokens`` tokens."""
+    ids = torch.tensor(prompts, device=next(model.parameters()).device)
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            **kw,
+        )
+
+
+def peft_row_logits(model: PeftModel, prompt: list[int], adapter: str | None) -> torch.Tensor:
+    """PEFT's single-adapter forward for one row (the correctness reference)."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(input_ids=ids).logits[0].float().cpu()
+        model.set_adapter(adapter)
+        return model(input_ids=ids).logits[0, -len(prompt) :].float().cpu()
+
+
+def write_results(scenario: str, workload: Workload, rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, str]:
+    """Write ``out_dir/SCENARIO.json`` (shared/BENCHMARK.md's format) and return it with a Markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "scenario": scenario,
+        "env": environment(workload.device),
+        "workload": {"model": workload.label, **{k: v for k, v in asdict(workload).items() if k != "model"}},
+        "rows": rows,
+    }
+    path = out_dir / f"{scenario}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path, markdown(rows)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 0.01 and v else f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The benchmark harness at a tiny workload: output format and same-run ratios (no speed assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hotswap.bench import run
+from hotswap.bench.common import Workload
+from hotswap.cli import main
+
+TINY = Workload(model="tiny", batch=4, prompt=8, new_tokens=3, repeats=1)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert set(data) == {"scenario", "env", "workload", "rows"}
+    assert {"torch", "threads", "cpu", "device"} <= set(data["env"])
+    assert data["workload"]["model"] == "tiny" and data["workload"]["batch"] == 4
+    return data
+
+
+def test_mixed(tmp_path: Path, cache: Path) -> None:
+    path, table = run("mixed", TINY, tmp_path, cache, [1, 2])
+    data = _load(path)
+    base, *rows = data["rows"]
+    assert base["label"] == "base (no adapters)"
+    assert base["vs_hf_generate"] == pytest.approx(base["tok_s"] / base["hf_generate_tok_s"])
+    assert [r["n_adapters"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["vs_base"] == pytest.approx(r["tok_s"] / r["base_tok_s"])
+        assert r["vs_peft"] == pytest.approx(r["tok_s"] / r["peft_tok_s"])
+        assert r["max_abs_logit_diff"] < 1e-4
+    assert table.count("\n") == 1 + len(data["rows"]) and "| 2 adapters |" in table
+
+
+def test_swap_and_load(tmp_path: Path, cache: Path) -> None:
+    (row,) = _load(run("swap", TINY, tmp_path, cache, [2])[0])["rows"]
+    assert row["vs_peft"] == pytest.approx(row["tok_s"] / row["peft_tok_s"]) and row["max_abs_logit_diff"] < 1e-4
+    (row,) = _load(run("load", TINY, tmp_path, cache, [3])[0])["rows"]
+    assert 0 < row["load_ms_p50"] <= row["load_ms_p95"]
+    assert row["vs_peft"] == pytest.approx(row["peft_load_ms_p50"] / row["load_ms_p50"])
+
+
+@pytest.mark.slow
+def test_methods(tmp_path: Path, cache: Path) -> None:
+    rows = _load(run("methods", TINY, tmp_path, cache, [2])[0])["rows"]
+    assert [r["method"] for r in rows] == ["lora", "dora", "bitfit", "prefix", "prompt", "all methods"]
+    for r in rows:
+        assert r["vs_base"] == pytest.approx(r["tok_s"] / r["base_tok_s"])
+        if r["max_abs_logit_diff"] is not None:
+            assert r["max_abs_logit_diff"] < 1e-4
+
+
+def test_cli_prints_table_and_writes_json(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "bench",
+        "load",
+        "--model",
+        "tiny",
+        "--batch",
+        "2",
+        "--prompt",
+        "4",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--adapters",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--cache",
+        str(cache),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| label |") and (tmp_path / "load.json").is_file()
