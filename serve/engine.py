@@ -213,6 +213,8 @@ class Engine:
             adapters.append((manifest.ref, weight))
         if context > 1:
             raise InvalidArgument("a request can use at most one prefix- or prompt-tuning adapter")
+        if len({ref for ref, _ in adapters}) > self.config.max_resident:
+            raise CapacityExceeded(f"a request can use at most max_resident={self.config.max_resident} adapters")
         if (request.stop or request.prompt is not None) and self.tokenizer is None:
             raise InvalidArgument("text prompts and stop strings need a base with a tokenizer; send prompt_ids")
         prompt_ids = request.prompt_ids if request.prompt_ids is not None else self._encode(request.prompt or "")
@@ -302,6 +304,10 @@ class Engine:
         with self._cv:
             for job in [*self._waiting, *(j for j in self._rows if j is not None)]:
                 job.handle._finish(None, EngineClosed("the engine shut down before this request finished"))
+            for futures in self._wants.values():
+                for fut in futures:
+                    fut.set_exception(EngineClosed("the engine shut down before the adapter was loaded"))
+            self._wants.clear()
             self._waiting.clear()
             self._rows = [None] * self.config.max_batch
 
@@ -320,24 +326,30 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     return
-            with self._step_lock, torch.inference_mode():
-                with self._cv:
-                    self._service_wants()
-                    admitted = self._admit()
-                running = [j for j in self._rows if j is not None and j not in admitted]
-                try:
-                    if admitted:
-                        torch.set_num_threads(self._prefill_threads)
-                        self._emit_all(admitted, self._prefill(admitted))
-                    if running or admitted:
-                        torch.set_num_threads(self._decode_threads)
-                        self._decode()
-                except Exception as e:
-                    log.exception("engine step failed")
-                    self._fail_running(HotswapError(f"engine step failed: {type(e).__name__}: {e}"))
-            if not admitted and not running:
+            try:
+                busy = self._step()
+            except Exception as e:  # a bug: fail what is running, keep serving the rest
+                log.exception("engine step failed")
+                self._fail_running(HotswapError(f"engine step failed: {type(e).__name__}: {e}"))
+                busy = False
+            if not busy:
                 with self._cv:
                     self._cv.wait(timeout=0.01)  # waiting for adapters to load
+
+    def _step(self) -> bool:
+        """One scheduler iteration: install, admit, prefill newcomers, decode everyone. False if idle."""
+        with self._step_lock, torch.inference_mode():
+            with self._cv:
+                self._service_wants()
+                admitted = self._admit()
+            running = [j for j in self._rows if j is not None and j not in admitted]
+            if admitted:
+                torch.set_num_threads(self._prefill_threads)
+                self._emit_all(admitted, self._prefill(admitted))
+            if running or admitted:
+                torch.set_num_threads(self._decode_threads)
+                self._decode()
+        return bool(admitted or running)
 
     def _service_wants(self) -> None:
         for ref in list(self._wants):
@@ -377,21 +389,31 @@ class Engine:
         return admitted
 
     def _bind(self, job: _Job, row: int) -> bool:
-        """Give ``job`` cache row ``row`` if all its adapters are resident (installing host-ready ones)."""
-        slots = []
-        for ref, weight in job.adapters:
-            slot = self.pool.install(ref)
-            if slot is None:
-                return False
-            slots.append((slot, weight))
-        extra = sum(self._context_len(s) for s, _ in slots)
-        if extra + len(job.prompt_ids) + job.req.max_new_tokens > self.config.max_seq_len:
-            raise InvalidArgument(
-                f"{extra} adapter context tokens + prompt ({len(job.prompt_ids)}) + max_new_tokens "
-                f"({job.req.max_new_tokens}) exceed max_seq_len {self.config.max_seq_len}"
-            )
-        for slot, _ in slots:
-            self.pool.acquire(slot)
+        """Give ``job`` cache row ``row`` if all its adapters are resident (installing host-ready ones).
+
+        Each slot is acquired as soon as it is installed, so installing a later adapter of the same
+        request can never evict an earlier one; on failure every acquired slot is released.
+        """
+        slots: list[tuple[int, float]] = []
+        bound = False
+        try:
+            for ref, weight in job.adapters:
+                slot = self.pool.install(ref)
+                if slot is None:
+                    return False
+                self.pool.acquire(slot)
+                slots.append((slot, weight))
+            extra = sum(self._context_len(s) for s, _ in slots)
+            if extra + len(job.prompt_ids) + job.req.max_new_tokens > self.config.max_seq_len:
+                raise InvalidArgument(
+                    f"{extra} adapter context tokens + prompt ({len(job.prompt_ids)}) + max_new_tokens "
+                    f"({job.req.max_new_tokens}) exceed max_seq_len {self.config.max_seq_len}"
+                )
+            bound = True
+        finally:
+            if not bound:
+                for slot, _ in slots:
+                    self.pool.release(slot)
         job.slots, job.row = slots, row
         self._rows[row] = job
         return True

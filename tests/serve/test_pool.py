@@ -146,3 +146,20 @@ def test_tampered_adapter_fails_its_request_only(tiny_base: Path, adapters: dict
         assert good.result(timeout=30).finish_reason == "length"
         with pytest.raises(IntegrityError):
             eng.load_adapter("bad")
+
+
+def test_composed_request_never_evicts_its_own_adapter(engine: Engine, tiny_base: Path, registry_path: Path) -> None:
+    """With one free slot, a two-adapter request must wait (not overwrite its first adapter's slot)."""
+    composed = Request(
+        prompt_ids=PROMPT, adapters=[("lora4", 1.0), ("lora8qv", 0.5)], max_new_tokens=6, ignore_eos=True
+    )
+    expected = engine.generate([composed])[0].token_ids
+    with Engine(tiny_base, registry_path, max_batch=4, max_resident=2) as eng:
+        eng.load_adapter("dora", pin=True)
+        handle = eng.submit(composed)
+        time.sleep(0.2)
+        assert not handle.done  # needs two slots, only one is free
+        eng.unload_adapter("dora")
+        assert handle.result(timeout=30).token_ids == expected
+        with pytest.raises(CapacityExceeded, match="max_resident"):
+            eng.submit(Request(prompt_ids=PROMPT, adapters=["lora4", "lora8qv", "dora"]))
