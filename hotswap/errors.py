@@ -61,6 +61,22 @@ class CapacityExceeded(HotswapError):
     """A bounded resource (queue, resident slots, memory) is full."""
 
 
+class Unauthenticated(HotswapError):
+    """No valid credentials were presented (e.g. a missing or unknown bearer token)."""
+
+
+class PermissionDenied(HotswapError):
+    """The caller is known but may not do this (another tenant's adapter, an admin call without the role)."""
+
+
+class DeadlineExceeded(HotswapError):
+    """The caller's deadline passed before the request finished."""
+
+
+class Cancelled(HotswapError):
+    """The request was cancelled (by its caller)."""
+
+
 @dataclass(frozen=True)
 class ErrorMapping:
     """How one error class surfaces: a gRPC status code name (``grpc.StatusCode[name]``) and a CLI exit code."""
@@ -80,6 +96,10 @@ ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
     UnsupportedAdapter: ErrorMapping("FAILED_PRECONDITION", 9),
     CapacityExceeded: ErrorMapping("RESOURCE_EXHAUSTED", 8),
     EngineClosed: ErrorMapping("UNAVAILABLE", 10),
+    Unauthenticated: ErrorMapping("UNAUTHENTICATED", 11),
+    PermissionDenied: ErrorMapping("PERMISSION_DENIED", 12),
+    DeadlineExceeded: ErrorMapping("DEADLINE_EXCEEDED", 13),
+    Cancelled: ErrorMapping("CANCELLED", 14),
     HotswapError: ErrorMapping("INTERNAL", 1),
 }
 
@@ -90,3 +110,14 @@ def mapping_for(err: HotswapError) -> ErrorMapping:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     raise TypeError(f"{type(err).__name__} is not a HotswapError")
+
+
+def error_from_status(status: str, message: str, name: str | None = None) -> HotswapError:
+    """Rebuild a remote error: the class named ``name`` if it is ours, else the first class with ``status``."""
+    by_name = {cls.__name__: cls for cls in ERROR_TABLE}
+    if name in by_name:
+        return by_name[name](message)
+    for cls, mapping in ERROR_TABLE.items():
+        if mapping.grpc_status == status:
+            return cls(message)
+    return HotswapError(f"{status}: {message}")

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from hotswap.serve.engine import Engine, EngineConfig, RequestHandle
-from hotswap.serve.types import Request, Result, Timings
+from hotswap.serve.types import EngineObserver, Request, Result, Timings
 
-__all__ = ["Engine", "EngineConfig", "Request", "RequestHandle", "Result", "Timings"]
+__all__ = ["Engine", "EngineConfig", "EngineObserver", "Request", "RequestHandle", "Result", "Timings"]

@@ -31,7 +31,7 @@ from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
 from hotswap.serve.runner import Runner
 from hotswap.serve.sampling import RowSampler, choose_tokens
-from hotswap.serve.types import Request, Result, Timings
+from hotswap.serve.types import EngineObserver, Request, Result, Timings
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,15 @@ class Engine:
     """``Engine(base="path/to/base", registry="path-or-url", max_batch=32)``; see README for the API."""
 
     def __init__(
-        self, base: str | Path, registry: Registry | str | Path | None = None, config: EngineConfig | None = None, **kw
+        self,
+        base: str | Path,
+        registry: Registry | str | Path | None = None,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+        **kw,
     ) -> None:
         self.config = replace(config or EngineConfig(), **kw)
+        self.observer = observer or EngineObserver()
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.base_path = Path(base)
         self.base_fingerprint = fingerprint(self.base_path)
@@ -156,6 +162,7 @@ class Engine:
             self.config.host_cache_bytes,
             self.config.max_rank,
             self._cv,
+            self.observer,
         )
         self._waiting: list[_Job] = []
         self._rows: list[_Job | None] = [None] * self.config.max_batch
@@ -191,11 +198,7 @@ class Engine:
                 raise CapacityExceeded(f"queue is full ({self.config.max_queue} waiting); retry later")
             self._waiting.append(job)
             for ref, _ in job.adapters:
-                if ref in self.pool.slot_of:
-                    self.pool.stats.hits += 1
-                else:
-                    self.pool.stats.misses += 1
-                    self.pool.ensure_loading(ref)
+                self.pool.note_request(ref)
             self._cv.notify_all()
         return job.handle
 
@@ -210,7 +213,11 @@ class Engine:
                 context += 1
                 if weight != 1.0:
                     raise InvalidArgument(f"{manifest.ref} ({manifest.method}) cannot be weighted; use weight 1")
+            if request.rank is not None and manifest.method != "dylora":
+                raise InvalidArgument(f"rank applies to DyLoRA adapters only; {manifest.ref} is {manifest.method}")
             adapters.append((manifest.ref, weight))
+        if request.rank is not None and not adapters:
+            raise InvalidArgument("rank applies to DyLoRA adapters only; this request uses the base model")
         if context > 1:
             raise InvalidArgument("a request can use at most one prefix- or prompt-tuning adapter")
         if len({ref for ref, _ in adapters}) > self.config.max_resident:
@@ -469,6 +476,7 @@ class Engine:
             active = [j for j in self._rows if j is not None]
         if not active:
             return
+        self.observer.step(len(active))
         n = max(j.row for j in active) + 1  # rows [0, n) decode together; idle rows inside are masked padding
         tokens = torch.zeros(n, 1, dtype=torch.long)
         positions = torch.zeros(n, 1, dtype=torch.long)

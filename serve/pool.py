@@ -21,6 +21,7 @@ from hotswap.errors import CapacityExceeded, HotswapError
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, LoadedAdapter, load_adapter
 from hotswap.serve.layers import MultiAdapterLinear
+from hotswap.serve.types import EngineObserver
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,13 @@ class AdapterPool:
         host_cache_bytes: int,
         max_rank: int,
         lock: threading.Condition,
+        observer: EngineObserver,
     ) -> None:
         self.registry, self.base, self.base_fingerprint = registry, base, base_fingerprint
         self.layers, self.max_resident, self.host_cache_bytes = layers, max_resident, host_cache_bytes
         self.max_rank = max_rank
         self.lock = lock
+        self.observer = observer
         self.slot_of: dict[str, int] = {}  # exact ref ("name@3") -> slot
         self.ref_at: list[str | None] = [None] * (max_resident + 1)
         self.resident: dict[int, LoadedAdapter] = {}
@@ -68,10 +71,21 @@ class AdapterPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- loading (background) --------------------------------------------------------------------
+    def note_request(self, ref: str) -> None:
+        """A request for ``ref`` arrived: count a resident hit or miss, and start loading it if needed."""
+        hit = ref in self.slot_of
+        if hit:
+            self.stats.hits += 1
+        else:
+            self.stats.misses += 1
+            self.ensure_loading(ref)
+        self.observer.cache_event("resident", "hit" if hit else "miss")
+
     def ensure_loading(self, ref: str) -> None:
         if ref in self.slot_of or ref in self.host or ref in self.loading or ref in self.failed:
             return
         self.loading.add(ref)
+        self.observer.cache_event("host", "miss")
         self._executor.submit(self._load, ref)
 
     def _load(self, ref: str) -> None:
@@ -101,6 +115,7 @@ class AdapterPool:
             self.loading.discard(ref)
             self.stats.registry_loads += 1
             self.stats.load_seconds += elapsed
+            self.observer.adapter_loaded("registry", elapsed)
             self._host_put(ref, loaded)
             self.lock.notify_all()
         log.info("loaded %s (%s, %.1f KiB) in %.1f ms", ref, loaded.method, loaded.nbytes / 1024, elapsed * 1e3)
@@ -112,6 +127,7 @@ class AdapterPool:
         while total > self.host_cache_bytes and len(self.host) > 1:
             old, dropped = self.host.popitem(last=False)
             total -= dropped.nbytes
+            self.observer.cache_event("host", "eviction")
             log.debug("host cache dropped %s", old)
 
     def take_failure(self, ref: str) -> HotswapError | None:
@@ -134,11 +150,15 @@ class AdapterPool:
         slot = self._free_slot()
         if slot is None:
             return None
+        start = time.perf_counter()
         for name, layer in self.layers.items():
             layer.set_slot(slot, loaded.linear.get(name))
         self.slot_of[ref], self.ref_at[slot], self.resident[slot] = slot, ref, loaded
         self.lru[ref] = None
         self.host.move_to_end(ref)
+        self.stats.host_hits += 1
+        self.observer.cache_event("host", "hit")
+        self.observer.adapter_loaded("host", time.perf_counter() - start)
         return slot
 
     def _free_slot(self) -> int | None:
@@ -160,6 +180,7 @@ class AdapterPool:
         del self.resident[slot]
         self.lru.pop(ref, None)
         self.stats.evictions += 1
+        self.observer.cache_event("resident", "eviction")
         log.debug("evicted %s from slot %d", ref, slot)
 
     def acquire(self, slot: int) -> None:

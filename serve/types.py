@@ -29,6 +29,7 @@ class Request:
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer); not part of the output
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's eos
     ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens
+    rank: int | None = None  # DyLoRA: serve the adapters truncated to this rank
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_ids is None):
@@ -47,6 +48,8 @@ class Request:
             raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.rank is not None and self.rank < 1:
+            raise InvalidArgument(f"rank must be >= 1, got {self.rank}")
         for ref, weight in self.weighted_adapters():
             AdapterRef.parse(ref)
             if weight != weight or weight in (float("inf"), float("-inf")):
@@ -74,3 +77,19 @@ class Result:
     timings: Timings
     prompt_tokens: int = 0
     adapters: list[tuple[str, float]] = field(default_factory=list)  # as resolved: ("math@2", 1.0)
+
+
+class EngineObserver:
+    """Hooks the engine calls as things happen; these defaults do nothing (the server's metrics override them).
+
+    Called from the engine and loader threads, sometimes with the engine's lock held: keep them quick.
+    """
+
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        """An adapter became ready: source ``registry`` (fetch + verify + parse) or ``host`` (RAM -> slot)."""
+
+    def cache_event(self, tier: str, event: str) -> None:
+        """tier ``resident`` or ``host``; event ``hit``, ``miss`` or ``eviction``."""
+
+    def step(self, batch_size: int) -> None:
+        """One decode step ran over ``batch_size`` rows."""
