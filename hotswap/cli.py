@@ -252,6 +252,169 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Defaults of `hotswap serve`; a --config TOML file may set any of these keys, and flags override it.
+SERVE_DEFAULTS: dict[str, object] = {
+    "base": None,
+    "host": "127.0.0.1",
+    "port": 50051,
+    "metrics_port": 9090,
+    "max_batch": 32,
+    "max_queue": 256,
+    "max_resident": 16,
+    "max_seq_len": 1024,
+    "device": "cpu",
+    "dtype": "float32",
+    "auth": None,
+    "no_auth": False,
+    "tls_cert": None,
+    "tls_key": None,
+    "grace": 30.0,
+    "max_adapter_labels": 100,
+    "log_level": "info",
+}
+_PATH_KEYS = ("base", "auth", "tls_cert", "tls_key")
+
+
+def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Flags over the --config file over SERVE_DEFAULTS."""
+    import tomllib
+
+    from_file: dict[str, object] = {}
+    if args.config:
+        try:
+            from_file = tomllib.loads(Path(args.config).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidArgument(f"config {args.config} is not valid TOML: {e}") from None
+        unknown = sorted(set(from_file) - set(SERVE_DEFAULTS) - {"registry"})
+        if unknown:
+            raise InvalidArgument(f"config {args.config}: unknown keys {unknown}; known: {sorted(SERVE_DEFAULTS)}")
+    settings = {}
+    for key, default in SERVE_DEFAULTS.items():
+        flag = getattr(args, key)
+        settings[key] = flag if flag not in (None, False) else from_file.get(key, default)
+    for key in _PATH_KEYS:
+        settings[key] = Path(str(settings[key])) if settings[key] is not None else None
+    if settings["base"] is None:
+        raise InvalidArgument("serve needs --base PATH (or base = ... in --config)")
+    if "registry" in from_file and not args.registry_given:
+        args.registry = str(from_file["registry"])
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from hotswap.serve import EngineConfig
+    from hotswap.serve.server import Server, ServerConfig
+
+    s = _serve_settings(args)
+    logging.getLogger("hotswap").setLevel(str(s["log_level"]).upper())
+    config = ServerConfig(
+        base=s["base"],  # type: ignore[arg-type]
+        registry=args.registry,
+        host=str(s["host"]),
+        port=int(s["port"]),  # type: ignore[call-overload]
+        metrics_port=int(s["metrics_port"]),  # type: ignore[call-overload]
+        auth=s["auth"],  # type: ignore[arg-type]
+        no_auth=bool(s["no_auth"]),
+        tls_cert=s["tls_cert"],  # type: ignore[arg-type]
+        tls_key=s["tls_key"],  # type: ignore[arg-type]
+        grace_seconds=float(s["grace"]),  # type: ignore[arg-type]
+        max_adapter_labels=int(s["max_adapter_labels"]),  # type: ignore[call-overload]
+        engine=EngineConfig(
+            max_batch=int(s["max_batch"]),  # type: ignore[call-overload]
+            max_queue=int(s["max_queue"]),  # type: ignore[call-overload]
+            max_resident=int(s["max_resident"]),  # type: ignore[call-overload]
+            max_seq_len=int(s["max_seq_len"]),  # type: ignore[call-overload]
+            device=str(s["device"]),
+            dtype=str(s["dtype"]),
+        ),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = Server(config).open()
+    try:
+        server.load()
+    except BaseException:
+        server.stop(grace=0)
+        raise
+    metrics = f", metrics http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"hotswap: serving {config.base} on {config.host}:{server.port}{metrics}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    print(f"hotswap: shutting down (grace {config.grace_seconds:g} s)", flush=True)
+    server.stop()
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from hotswap.client import Client
+
+    return Client(
+        args.server, token=args.token or os.environ.get("HOTSWAP_TOKEN"), tls_ca=args.tls_ca, timeout=args.timeout
+    )
+
+
+def _adapter_arg(text: str) -> str | tuple[str, float]:
+    ref, sep, weight = text.partition("=")
+    if not sep:
+        return ref
+    try:
+        return ref, float(weight)
+    except ValueError:
+        raise InvalidArgument(f"--adapter {text!r}: the weight after '=' must be a number") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise InvalidArgument("give a prompt or --prompt-ids (exactly one)")
+    prompt_ids = None
+    if args.prompt_ids is not None:
+        try:
+            prompt_ids = [int(t) for t in args.prompt_ids.split(",")]
+        except ValueError:
+            raise InvalidArgument(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    params = dict(
+        adapters=[_adapter_arg(a) for a in args.adapter],
+        prompt_ids=prompt_ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    with _client(args) as client:
+        if args.stream:
+            stream = client.stream(args.prompt, **params)
+            for chunk in stream:
+                if not args.json:
+                    print(chunk.text or "".join(f" {t}" for t in chunk.token_ids), end="", flush=True)
+            result = stream.response
+            if not args.json:
+                print()
+        else:
+            result = client.generate(args.prompt, **params)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    elif not args.stream:
+        print(result.text if result.text else " ".join(map(str, result.token_ids)))  # type: ignore[union-attr]
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from hotswap.errors import ServerUnavailable
+
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status)
+    if status != "SERVING":
+        raise ServerUnavailable(f"{args.server} is {status}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -261,6 +424,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _client_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--token", help="bearer token (default $HOTSWAP_TOKEN)")
+    sp.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS")
+    sp.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
+        sp.add_argument("--registry", default=argparse.SUPPRESS, help="as the global --registry")
         return sp
 
     base = sub.add_parser("base", help="build and fingerprint base models")
@@ -348,6 +518,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=_positive_int, default=3)
     sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
 
+    sp = add("serve", cmd_serve, "serve the base and the registry's adapters over gRPC (until SIGTERM/SIGINT)")
+    sp.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
+    sp.add_argument("--base", help="base checkpoint directory")
+    sp.add_argument("--host", help="listen address (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    sp.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090; 0 = any free)")
+    sp.add_argument("--max-batch", type=_positive_int, help="rows decoded together (default 32)")
+    sp.add_argument("--max-queue", type=_positive_int, help="waiting requests before RESOURCE_EXHAUSTED (default 256)")
+    sp.add_argument("--max-resident", type=_positive_int, help="adapters resident in slots (default 16)")
+    sp.add_argument("--max-seq-len", type=_positive_int, help="prompt + generated tokens per request (default 1024)")
+    sp.add_argument("--device", help="cpu (default) or cuda")
+    sp.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
+    sp.add_argument("--auth", help="tokens file (TOML, see README) mapping bearer tokens to tenants and roles")
+    sp.add_argument("--no-auth", action="store_true", default=None, help="serve without authentication")
+    sp.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
+    sp.add_argument("--tls-key", help="PEM private key")
+    sp.add_argument("--grace", type=float, help="seconds in-flight requests get to finish on shutdown (default 30)")
+    sp.add_argument("--max-adapter-labels", type=_positive_int, help="adapter label values in metrics (default 100)")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+
+    sp = add("generate", cmd_generate, "send one generation request to a server")
+    sp.add_argument("prompt", nargs="?", help="prompt text (or --prompt-ids)")
+    sp.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    sp.add_argument("--adapter", action="append", default=[], help="REF or REF=WEIGHT; repeat to compose")
+    sp.add_argument("--prompt-ids", help="comma-separated token ids instead of text, e.g. 5,17,99")
+    sp.add_argument("--max-new-tokens", type=_positive_int)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sp.add_argument("--stream", action="store_true", help="print tokens as they come")
+    sp.add_argument("--json", action="store_true", help="print the full response (token_ids, usage, timings)")
+    _client_options(sp)
+
+    sp = add("health", cmd_health, "check a server's gRPC health (exit 0 when SERVING)")
+    sp.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    sp.add_argument("--service", default="", help="service name (default: the whole server)")
+    _client_options(sp)
+
     sp = add("alias", cmd_alias, "point an alias at a version (rollback = point it back)")
     sp.add_argument("name")
     sp.add_argument("alias")
@@ -371,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         _quiet_libraries()
+    args.registry_given = args.registry is not None
     if args.registry is None:
         args.registry = default_registry_url()
     try:

@@ -53,6 +53,10 @@ class UnsupportedAdapter(HotswapError):
     """A valid artifact uses something this engine cannot serve (the message names it)."""
 
 
+class ServerUnavailable(HotswapError):
+    """The server cannot be reached, is still loading its base model, or is shutting down; retry later."""
+
+
 class EngineClosed(HotswapError):
     """The engine is shut down (or shutting down) and takes no more requests."""
 
@@ -86,12 +90,14 @@ class ErrorMapping:
 
 
 # Lookup walks the exception's MRO, so a subclass uses its nearest listed ancestor's row.
+# error_from_status() takes the first row with a status, so each status's most general class comes first.
 ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
     InvalidArgument: ErrorMapping("INVALID_ARGUMENT", 2),
     AdapterNotFound: ErrorMapping("NOT_FOUND", 3),
     VersionExists: ErrorMapping("ALREADY_EXISTS", 4),
     IntegrityError: ErrorMapping("FAILED_PRECONDITION", 5),
     BaseModelMismatch: ErrorMapping("FAILED_PRECONDITION", 6),
+    ServerUnavailable: ErrorMapping("UNAVAILABLE", 15),
     RegistryUnavailable: ErrorMapping("UNAVAILABLE", 7),
     UnsupportedAdapter: ErrorMapping("FAILED_PRECONDITION", 9),
     CapacityExceeded: ErrorMapping("RESOURCE_EXHAUSTED", 8),
@@ -104,6 +110,10 @@ ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
 }
 
 
+# gRPC trailing-metadata key under which the server names the error class, so clients re-raise that class.
+GRPC_ERROR_KEY = "hotswap-error"
+
+
 def mapping_for(err: HotswapError) -> ErrorMapping:
     """The table row for ``err`` (its own class, else the nearest ancestor's)."""
     for cls in type(err).__mro__:
@@ -112,9 +122,13 @@ def mapping_for(err: HotswapError) -> ErrorMapping:
     raise TypeError(f"{type(err).__name__} is not a HotswapError")
 
 
+def _subclasses(cls: type[HotswapError]) -> list[type[HotswapError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
+
+
 def error_from_status(status: str, message: str, name: str | None = None) -> HotswapError:
     """Rebuild a remote error: the class named ``name`` if it is ours, else the first class with ``status``."""
-    by_name = {cls.__name__: cls for cls in ERROR_TABLE}
+    by_name = {cls.__name__: cls for cls in _subclasses(HotswapError)}
     if name in by_name:
         return by_name[name](message)
     for cls, mapping in ERROR_TABLE.items():

@@ -274,6 +274,11 @@ class Engine:
         with self._cv:
             return sorted(self.pool.slot_of)
 
+    def counts(self) -> tuple[int, int]:
+        """(waiting, running) requests right now."""
+        with self._cv:
+            return len(self._waiting), sum(j is not None for j in self._rows)
+
     def forward_logits(self, requests: list[Request]) -> list[torch.Tensor]:
         """Logits over each request's prompt positions, (L, V) per row, from ONE mixed batch (tests, benchmarks)."""
         if len(requests) > self.config.max_batch:

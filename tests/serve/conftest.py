@@ -1,7 +1,10 @@
-"""Engine fixtures: adapters of every served method for the tiny base, published once per session."""
+"""Serving fixtures: adapters of every served method for the tiny base (published once per session), and a
+base with a real tokenizer, a registry with tenants and a tokens file for the gRPC server tests."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,10 +12,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hotswap.basemodel import fingerprint, load_model
+from hotswap.basemodel import build_with_tokenizer, fingerprint, load_model, save_model
 from hotswap.registry import Registry
 from hotswap.serve import Engine
+from hotswap.serve.server import Server
 from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_prefix, random_prompt
+from tests.serve.serverutil import ACME, ADMIN, GLOBEX, make_server
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -83,3 +88,60 @@ def registry_path(tiny_base: Path, adapters: dict[str, Path], tmp_path_factory: 
 def engine(tiny_base: Path, registry_path: Path) -> Iterator[Engine]:
     with Engine(tiny_base, registry_path, max_batch=16, max_resident=16, max_seq_len=128) as eng:
         yield eng
+
+
+@pytest.fixture(scope="session")
+def text_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with the real MiniLM tokenizer bundled (text prompts, stop strings)."""
+    model, tok = build_with_tokenizer("tiny", "minilm", seed=0)
+    return save_model(model, tmp_path_factory.mktemp("bases") / "tiny-text", tok)
+
+
+@pytest.fixture(scope="session")
+def server_registry(text_base: Path, other_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("server-adapters")
+    root = d / "registry"
+    reg = Registry(root)
+    fp = fingerprint(text_base)
+    cfg = RandomLoraConfig(rank=4, init_std=0.3)
+    reg.publish(
+        random_lora(text_base, d / "math", RandomLoraConfig(rank=4, seed=1, init_std=0.3)), "math", base_fingerprint=fp
+    )
+    reg.publish(
+        random_lora(text_base, d / "tone", RandomLoraConfig(rank=4, seed=2, init_std=0.3, use_dora=True)),
+        "acme/tone",
+        base_fingerprint=fp,
+    )
+    reg.publish(random_bitfit(text_base, d / "shared", seed=3, std=0.3), "acme/shared", base_fingerprint=fp,
+                visibility="public")  # fmt: skip
+    reg.publish(
+        random_prefix(text_base, d / "secret", num_virtual_tokens=4, seed=4), "globex/secret", base_fingerprint=fp
+    )
+    reg.publish(random_lora(text_base, d / "long", cfg), "long", base_fingerprint=fp)
+    reg.publish(random_lora(other_base, d / "elsewhere", cfg), "elsewhere", base_fingerprint=fingerprint(other_base))
+    reg.publish(random_lora(text_base, d / "corrupt", cfg), "corrupt", base_fingerprint=fp)
+    weights = reg.backend.local_path("corrupt", 1) / "adapter_model.safetensors"  # type: ignore[attr-defined]
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: the sha256 check must catch it
+    weights.write_bytes(bytes(data))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens.toml"
+    globex_sha = hashlib.sha256(GLOBEX.encode()).hexdigest()
+    path.write_text(
+        f'[[token]]\ntoken = "{ACME}"\ntenant = "acme"\n\n'
+        f'[[token]]\ntoken_sha256 = "{globex_sha}"\ntenant = "globex"\nrole = "user"\n\n'
+        f'[[token]]\ntoken = "{ADMIN}"\nrole = "admin"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(text_base: Path, server_registry: Path, tokens_file: Path) -> Iterator[Server]:
+    srv = make_server(text_base, server_registry, tokens_file).start()
+    yield srv
+    srv.stop(grace=1)

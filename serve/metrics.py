@@ -1,0 +1,116 @@
+"""Prometheus metrics of a serving process (names and labels per DESIGN.md), via prometheus_client.
+
+One :class:`Metrics` per server, on its own ``CollectorRegistry`` (so tests can run several servers in
+one process). It is the engine's :class:`EngineObserver` (adapter loads, cache events, batch sizes)
+and the server reports each finished request to :meth:`Metrics.request_done`.
+
+The ``adapter`` label is the request's adapters as resolved to exact versions, joined by ``+``
+(``math@2``, ``math@2+tone@1``), or ``base``. Its cardinality is capped: the first ``max_adapter_labels``
+distinct values keep their label, every later one is counted as ``other``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from hotswap.serve.types import EngineObserver, Timings
+
+# Latencies from a millisecond (one decode step of a small model) to five minutes (a long generation).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OTHER = "other"
+BASE = "base"
+
+
+class Metrics(EngineObserver):
+    def __init__(self, max_adapter_labels: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.max_adapter_labels = max_adapter_labels
+        self._labels: set[str] = set()
+        self._labels_lock = threading.Lock()
+        r = self.registry
+        self.requests = Counter(
+            "hotswap_requests",
+            "Finished generation requests by adapter and gRPC status.",
+            ["adapter", "status"],
+            registry=r,
+        )
+        self.queue_wait = self._latency("hotswap_queue_wait_seconds", "Queued until the request joined the batch.")
+        self.ttft = self._latency("hotswap_time_to_first_token_seconds", "Queued until the first generated token.")
+        self.itl = self._latency("hotswap_inter_token_latency_seconds", "Time between consecutive generated tokens.")
+        self.duration = self._latency("hotswap_request_duration_seconds", "Queued until the request finished.")
+        self.tokens = Counter("hotswap_generated_tokens", "Generated tokens.", ["adapter"], registry=r)
+        self.prompt_tokens = Counter(
+            "hotswap_prompt_tokens", "Prompt tokens of finished requests.", ["adapter"], registry=r
+        )
+        self.load_seconds = Histogram(
+            "hotswap_adapter_load_seconds",
+            "Time to make an adapter ready, by source: registry (fetch+verify+parse) or host (RAM to slot).",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_events = Counter(
+            "hotswap_adapter_cache_events",
+            "Adapter cache hits, misses and evictions by tier.",
+            ["tier", "event"],
+            registry=r,
+        )
+        self.batch_size = Histogram("hotswap_batch_size", "Rows per decode step.", buckets=BATCH_BUCKETS, registry=r)
+        self.resident = Gauge("hotswap_resident_adapters", "Adapters resident in slots.", registry=r)
+        self.queued = Gauge("hotswap_queued_requests", "Requests waiting to join the batch.", registry=r)
+        self.running = Gauge("hotswap_running_requests", "Requests in the running batch.", registry=r)
+
+    def _latency(self, name: str, doc: str) -> Histogram:
+        return Histogram(name, doc, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def watch(self, resident: Callable[[], int], queued: Callable[[], int], running: Callable[[], int]) -> None:
+        """Read the gauges from the engine at scrape time."""
+        self.resident.set_function(resident)
+        self.queued.set_function(queued)
+        self.running.set_function(running)
+
+    def adapter_label(self, refs: Sequence[str]) -> str:
+        label = "+".join(refs) or BASE
+        with self._labels_lock:
+            if label in self._labels:
+                return label
+            if len(self._labels) < self.max_adapter_labels:
+                self._labels.add(label)
+                return label
+        return OTHER
+
+    def request_done(
+        self, label: str, status: str, timings: Timings | None, prompt_tokens: int = 0, tokens: int = 0
+    ) -> None:
+        """Count one finished request; ``timings`` is None when it failed before running."""
+        self.requests.labels(label, status).inc()
+        if timings is None:
+            return
+        self.queue_wait.labels(label).observe(timings.queue_s)
+        self.duration.labels(label).observe(timings.total_s)
+        if timings.token_times_s:
+            self.ttft.labels(label).observe(timings.ttft_s)
+            itl = self.itl.labels(label)
+            for before, after in zip(timings.token_times_s, timings.token_times_s[1:], strict=False):
+                itl.observe(after - before)
+        self.tokens.labels(label).inc(tokens)
+        self.prompt_tokens.labels(label).inc(prompt_tokens)
+
+    def serve_http(self, host: str, port: int) -> tuple[object, int]:
+        """Start ``/metrics`` on ``host:port`` (0 = any free port); returns (server, bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_port
+
+    # -- EngineObserver ------------------------------------------------------------------------------
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        self.load_seconds.labels(source).observe(seconds)
+
+    def cache_event(self, tier: str, event: str) -> None:
+        self.cache_events.labels(tier, event).inc()
+
+    def step(self, batch_size: int) -> None:
+        self.batch_size.observe(batch_size)
