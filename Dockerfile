@@ -1,5 +1,9 @@
-# hotswap image. The default command is the CLI until the gRPC server lands; mount a registry at
-# /data/registry (HOTSWAP_REGISTRY) and base checkpoints under /models.
+# hotswap image: `hotswap serve` over a mounted base model and registry.
+#   docker build -t hotswap .
+#   docker run -p 50051:50051 -p 9090:9090 -v $PWD/base:/models/base:ro -v $PWD/registry:/data/registry \
+#     -v $PWD/tokens.toml:/etc/hotswap/tokens.toml:ro hotswap
+# The settings are deploy/serve.toml (copied to /etc/hotswap/serve.toml); mount your own over it, or
+# append flags, which win: `docker run ... hotswap serve --config /etc/hotswap/serve.toml --max-batch 64`.
 FROM python:3.11-slim
 
 # CPU wheels by default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 for CUDA.
@@ -10,14 +14,22 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.4"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
+COPY proto ./proto
 COPY hotswap ./hotswap
 COPY registry ./registry
 COPY train ./train
 COPY serve ./serve
-RUN pip install . && useradd --create-home --uid 1000 hotswap && mkdir -p /data /models && chown hotswap /data
+# The build generates the gRPC stubs from proto/ (setup.py).
+RUN pip install . && useradd --create-home --uid 1000 hotswap \
+    && mkdir -p /data/registry /models /etc/hotswap && chown -R hotswap /data
+COPY deploy/serve.toml /etc/hotswap/serve.toml
 
 USER hotswap
 VOLUME ["/data"]
+# gRPC, Prometheus /metrics
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["hotswap", "health", "--server", "127.0.0.1:50051", "--timeout", "4"]
 ENTRYPOINT ["hotswap"]
-CMD ["--help"]
+CMD ["serve", "--config", "/etc/hotswap/serve.toml"]

@@ -291,7 +291,7 @@ def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
     settings = {}
     for key, default in SERVE_DEFAULTS.items():
         flag = getattr(args, key)
-        settings[key] = flag if flag not in (None, False) else from_file.get(key, default)
+        settings[key] = flag if flag is not None else from_file.get(key, default)
     for key in _PATH_KEYS:
         settings[key] = Path(str(settings[key])) if settings[key] is not None else None
     if settings["base"] is None:

@@ -20,11 +20,26 @@ def test_dockerfile_parses_and_copies_every_package() -> None:
     instructions = [i["instruction"] for i in parser.structure if i["instruction"] != "COMMENT"]
     assert instructions[0] in ("FROM", "ARG")
     assert parser.baseimage.startswith("python:3.11")
-    copied = {i["value"].split()[0] for i in parser.structure if i["instruction"] == "COPY"}
+    copied = {src for i in parser.structure if i["instruction"] == "COPY" for src in i["value"].split()[:-1]}
     for directory in PYPROJECT["tool"]["setuptools"]["package-dir"].values():
         assert directory in copied, f"Dockerfile does not COPY {directory}/"
+    assert {"proto", "setup.py"} <= copied  # the build generates the gRPC stubs
     entry = next(i["value"] for i in parser.structure if i["instruction"] == "ENTRYPOINT")
     assert '"hotswap"' in entry
+    cmd = next(i["value"] for i in parser.structure if i["instruction"] == "CMD")
+    assert '"serve"' in cmd and "/etc/hotswap/serve.toml" in cmd
+    health = next(i["value"] for i in parser.structure if i["instruction"] == "HEALTHCHECK")
+    assert '"health"' in health
+    exposed = next(i["value"] for i in parser.structure if i["instruction"] == "EXPOSE").split()
+    config = tomllib.loads((ROOT / "deploy" / "serve.toml").read_text())
+    assert {str(config["port"]), str(config["metrics_port"])} == set(exposed)
+
+
+def test_shipped_serve_config_is_accepted() -> None:
+    from hotswap.cli import SERVE_DEFAULTS
+
+    config = tomllib.loads((ROOT / "deploy" / "serve.toml").read_text())
+    assert set(config) - {"registry"} <= set(SERVE_DEFAULTS)
 
 
 @pytest.mark.slow
@@ -39,7 +54,14 @@ def test_wheel_installs_only_under_the_hotswap_namespace(tmp_path: Path) -> None
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert top == {"hotswap"}
-    for module in ("hotswap/registry/refs.py", "hotswap/train/synthetic.py", "hotswap/serve/__init__.py"):
+    for module in (
+        "hotswap/registry/refs.py",
+        "hotswap/train/synthetic.py",
+        "hotswap/serve/server.py",
+        "hotswap/client.py",
+        "hotswap/v1/hotswap_pb2.py",  # generated from proto/ by the build
+        "hotswap/v1/hotswap_pb2_grpc.py",
+    ):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hotswap = hotswap.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
