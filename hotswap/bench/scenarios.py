@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -19,6 +26,7 @@ from hotswap.bench.common import (
     requests,
     set_threads,
 )
+from hotswap.client import Client
 
 log = logging.getLogger(__name__)
 CHECK_ROWS = 4  # rows per figure whose logits are compared with PEFT
@@ -226,9 +234,118 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+def server(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
+    """``mixed`` through ``hotswap serve`` (its own process) with one streaming gRPC client per row on
+    127.0.0.1, vs the same batch on an in-process engine; TTFT and inter-token latency seen by clients."""
+    w = fx.workload
+    n = max(adapter_counts)
+    batch = max(w.batch, n)
+    names = fx.adapters("lora", n)
+    prompts = fx.prompts(batch)
+    row_adapters = [names[i % n] for i in range(batch)]
+    latencies: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in names}
+    with _served(fx, batch, n) as target, fx.engine(max_batch=batch) as engine:
+        clients = [Client(target, timeout=600) for _ in range(batch)]
+        for name in names:
+            clients[0].load(name)
+            engine.load_adapter(name)
+        seconds = _interleaved(
+            {
+                "engine": lambda: engine.generate(requests(prompts, [[a] for a in row_adapters], w.new_tokens)),
+                "grpc": lambda: _stream_all(clients, prompts, row_adapters, w.new_tokens, latencies),
+            },
+            w.repeats,
+        )
+        for c in clients:
+            c.close()
+    tok = {k: _tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
+    ttft = [t for runs in latencies.values() for t, _ in runs]
+    itl = [gap for runs in latencies.values() for _, gaps in runs for gap in gaps]
+    rows = [
+        {
+            "label": f"{n} adapters, {batch} streaming clients",
+            "n_adapters": n,
+            "batch": batch,
+            "tok_s": tok["grpc"],
+            "engine_tok_s": tok["engine"],
+            "vs_engine": tok["grpc"] / tok["engine"],
+            "ttft_ms_p50": percentile(ttft, 50) * 1e3,
+            "ttft_ms_p95": percentile(ttft, 95) * 1e3,
+            "itl_ms_p50": percentile(itl, 50) * 1e3,
+            "itl_ms_p95": percentile(itl, 95) * 1e3,
+        }
+    ]
+    for name, runs in latencies.items():
+        gaps = [g for _, gs in runs for g in gs]
+        rows.append(
+            {
+                "label": f"adapter {name}",
+                "ttft_ms_p50": percentile([t for t, _ in runs], 50) * 1e3,
+                "ttft_ms_p95": percentile([t for t, _ in runs], 95) * 1e3,
+                "itl_ms_p50": percentile(gaps, 50) * 1e3,
+                "itl_ms_p95": percentile(gaps, 95) * 1e3,
+            }
+        )
+    return rows
+
+
+@contextmanager
+def _served(fx: Fixtures, max_batch: int, max_resident: int) -> Iterator[str]:
+    """``hotswap serve`` in a subprocess on a free port of 127.0.0.1; yields its address."""
+    w = fx.workload
+    cmd = [
+        sys.executable, "-m", "hotswap.cli", "--registry", str(fx.registry.url), "serve", "--base", str(fx.base),
+        "--port", "0", "--metrics-port", "0", "--no-auth", "--max-batch", str(max_batch), "--max-resident",
+        str(max(max_resident, 1)), "--max-seq-len", str(w.prompt + w.new_tokens + 32), "--device", w.device,
+        "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        match = re.search(r" on (\S+:\d+)", line)
+        if match is None:
+            raise RuntimeError(f"hotswap serve did not start (exit {proc.poll()}): {line!r}")
+        yield match.group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def _stream_all(
+    clients: list[Client],
+    prompts: list[list[int]],
+    adapters: list[str],
+    new_tokens: int,
+    latencies: dict[str, list[tuple[float, list[float]]]],
+) -> None:
+    """All rows at once, one streaming client each; records (TTFT, inter-token gaps) per adapter."""
+    start = threading.Barrier(len(clients) + 1)
+    seen: list[tuple[str, float, list[float]]] = []
+
+    def one(client: Client, prompt: list[int], adapter: str) -> None:
+        start.wait()
+        t0 = time.perf_counter()
+        times = []
+        for _chunk in client.stream(prompt_ids=prompt, adapters=[adapter], max_new_tokens=new_tokens, ignore_eos=True):
+            times.append(time.perf_counter())
+        seen.append((adapter, times[0] - t0, [b - a for a, b in itertools.pairwise(times)]))
+
+    threads = [threading.Thread(target=one, args=a) for a in zip(clients, prompts, adapters, strict=True)]
+    for t in threads:
+        t.start()
+    start.wait()
+    for t in threads:
+        t.join()
+    if len(seen) != len(clients):
+        raise RuntimeError(f"{len(clients) - len(seen)} streams failed; see the errors above")
+    for adapter, ttft, gaps in seen:
+        latencies[adapter].append((ttft, gaps))
+
+
 SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
     "mixed": mixed,
     "swap": swap,
     "load": load,
     "methods": methods,
+    "server": server,
 }

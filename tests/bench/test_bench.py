@@ -83,3 +83,13 @@ def test_cli_prints_table_and_writes_json(tmp_path: Path, cache: Path, capsys: p
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("| label |") and (tmp_path / "load.json").is_file()
+
+
+@pytest.mark.slow
+def test_server(tmp_path: Path, cache: Path) -> None:
+    """`hotswap serve` in a subprocess, one streaming gRPC client per row."""
+    main_row, *per_adapter = _load(run("server", TINY, tmp_path, cache, [2])[0])["rows"]
+    assert main_row["vs_engine"] == pytest.approx(main_row["tok_s"] / main_row["engine_tok_s"])
+    assert 0 < main_row["ttft_ms_p50"] <= main_row["ttft_ms_p95"]
+    assert 0 < main_row["itl_ms_p50"] <= main_row["itl_ms_p95"]
+    assert [r["label"] for r in per_adapter] == ["adapter lora-0", "adapter lora-1"]
