@@ -254,6 +254,12 @@ class Server:
             self._inflight -= 1
             self._lock.notify_all()
 
+    @property
+    def inflight(self) -> int:
+        """RPCs admitted and not yet finished (what a drain waits for)."""
+        with self._lock:
+            return self._inflight
+
     def ready_engine(self) -> Engine:
         assert self.engine is not None  # enter() admitted the call only once loaded
         return self.engine

@@ -46,9 +46,10 @@ def scrape(srv: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def wait_idle(srv: Server, timeout: float = 30) -> None:
-    """Until the engine has no waiting or running request (polls; the bound only guards a hang)."""
+    """Until the engine has no waiting or running request and every RPC has finished (polls; the bound
+    only guards against a hang)."""
     assert srv.engine is not None
     end = time.monotonic() + timeout
-    while srv.engine.counts() != (0, 0):
-        assert time.monotonic() < end, f"engine still busy: {srv.engine.counts()}"
+    while srv.engine.counts() != (0, 0) or srv.inflight:
+        assert time.monotonic() < end, f"busy: {srv.engine.counts()}, {srv.inflight} RPCs"
         time.sleep(0.01)
