@@ -89,6 +89,19 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
         raise InvalidBaseModel(f"{path}: no loadable tokenizer ({e})") from e
 
 
+def bundled_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with a checkpoint, or None when it has none."""
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    return load_tokenizer(path)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, bos_id: int | None) -> list[int]:
+    """Prompt text -> ids the way serving and training both do it: no special tokens but a leading bos."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    return ids if bos_id is None or (ids and ids[0] == bos_id) else [bos_id, *ids]
+
+
 def build_with_tokenizer(
     preset: str, tokenizer: str, *, seed: int = 0, **overrides: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -65,10 +65,11 @@ def _print_manifest(m: Manifest, aliases: dict[str, int]) -> None:
 def cmd_base_build(args: argparse.Namespace) -> int:
     from hotswap.basemodel import build_model, build_with_tokenizer, fingerprint, save_model
 
+    overrides = {"initializer_range": args.initializer_range} if args.initializer_range is not None else {}
     if args.tokenizer:
-        model, tokenizer = build_with_tokenizer(args.preset, args.tokenizer, seed=args.seed)
+        model, tokenizer = build_with_tokenizer(args.preset, args.tokenizer, seed=args.seed, **overrides)
     else:
-        model, tokenizer = build_model(args.preset, seed=args.seed), None
+        model, tokenizer = build_model(args.preset, seed=args.seed, **overrides), None
     out = save_model(model, args.out, tokenizer)
     with_tok = f", tokenizer {args.tokenizer} (vocab {len(tokenizer)})" if tokenizer is not None else ""
     print(f"built base '{args.preset}' (seed {args.seed}{with_tok}) at {out}")
@@ -96,6 +97,56 @@ def cmd_adapter_random(args: argparse.Namespace) -> int:
     )
     out = random_lora(args.base, args.out, config)
     print(f"wrote random {'DoRA' if args.dora else 'LoRA'} adapter r={args.rank} (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hotswap.train import TrainConfig, train
+
+    given = {
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "target_modules": tuple(t for t in args.targets.split(",") if t) if args.targets else None,
+        "num_virtual_tokens": args.virtual_tokens,
+    }
+    config = TrainConfig(
+        method=args.method,
+        options={k: v for k, v in given.items() if v is not None},
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        device=args.device,
+    )
+    if args.alias and not args.push:
+        raise InvalidArgument("--alias needs --push NAME")
+    out = args.out or Path("runs") / f"{(args.push or args.method).replace('/', '-')}-s{args.seed}"
+    result = train(
+        config,
+        args.base,
+        args.data,
+        out,
+        eval_data=args.eval,
+        push=args.push,
+        registry=args.registry,
+        aliases=args.alias,
+        visibility=args.visibility,
+        description=args.description,
+        quiet=args.quiet,
+    )
+    m = result.metrics
+    print(
+        f"trained {args.method}: eval loss {m['eval_loss_untrained']:.4f} -> {m['eval_loss']:.4f}, "
+        f"eval accuracy {m['eval_accuracy_untrained']:.3f} -> {m['eval_accuracy']:.3f}, "
+        f"{m['trainable_params']:,} trainable parameters ({m['trainable_pct']:.3f}%), {m['wall_seconds']:.1f} s"
+    )
+    print(f"artifact {result.artifact}, loss curve {out / 'loss_curve.csv'} and .png")
+    if result.manifest is not None:
+        suffix = f" (aliases: {', '.join(args.alias)})" if args.alias else ""
+        print(f"published {result.manifest.ref}{suffix}")
     return 0
 
 
@@ -455,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", default="tiny", help="tiny (tests) or smollm2-135m (benchmarks)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--tokenizer", help="bundle a tokenizer (name 'minilm' or a directory); sets the vocabulary")
+    sp.add_argument(
+        "--initializer-range", type=float, help="std of the random weights (default: the config's, 0.02)"
+    )
     sp.add_argument("--out", required=True, type=Path, help="new directory for the checkpoint")
     sp.set_defaults(fn=cmd_base_build)
     sp = base_sub.add_parser("fingerprint", help="print a checkpoint's base fingerprint")
@@ -473,6 +527,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--init-std", type=float, default=0.02, help="std of the random A and B entries")
     sp.set_defaults(fn=cmd_adapter_random)
+
+    sp = add("train", cmd_train, "train an adapter on a frozen base, evaluate it, and optionally publish it")
+    sp.add_argument("--method", required=True, help="lora, dora, bitfit, prefix or prompt")
+    sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
+    sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
+    sp.add_argument("--eval", help="evaluation data (default: a fresh draw of a built-in task, else every 10th record)")
+    sp.add_argument("--out", type=Path, help="run directory for adapter/ and the loss curve (default runs/NAME-sSEED)")
+    sp.add_argument("--push", metavar="NAME", help="publish the result as a new version of NAME")
+    sp.add_argument("--alias", action="append", default=[], help="with --push: move this alias to it (repeatable)")
+    sp.add_argument("--visibility", choices=("public", "private"), help="with --push (default: by the name)")
+    sp.add_argument("--description", default="")
+    sp.add_argument("--steps", type=_positive_int, help="optimizer steps (default 200)")
+    sp.add_argument("--epochs", type=float, help="passes over the data, instead of --steps")
+    sp.add_argument("--lr", type=float, help="learning rate (default per method)")
+    sp.add_argument("--batch-size", type=_positive_int, default=16)
+    sp.add_argument("--eval-every", type=_positive_int, default=50)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--rank", type=_positive_int, help="lora/dora: rank r (default 8)")
+    sp.add_argument("--alpha", type=float, help="lora/dora: alpha (default 16)")
+    sp.add_argument("--dropout", type=float, help="lora/dora: dropout (default 0)")
+    sp.add_argument("--targets", help="lora/dora/bitfit: comma-separated module names (default: all linears)")
+    sp.add_argument("--virtual-tokens", dest="virtual_tokens", type=_positive_int, help="prefix/prompt (default 8)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add("push", cmd_push, "publish an adapter directory as a new immutable version")
     sp.add_argument("dir", type=Path)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hotswap.basemodel import fingerprint, load_model, load_tokenizer
+from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, load_model
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    pass
 from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo
@@ -137,7 +137,7 @@ class Engine:
         self.base_path = Path(base)
         self.base_fingerprint = fingerprint(self.base_path)
         self.model = load_model(self.base_path, dtype=_DTYPES[self.config.dtype], device=self.config.device)
-        self.tokenizer = _load_tokenizer(self.base_path)
+        self.tokenizer = bundled_tokenizer(self.base_path)
         cfg = self.model.config
         self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))
         self.plan = BatchPlan()
@@ -554,18 +554,10 @@ class Engine:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidArgument("this base has no tokenizer: send prompt_ids instead of prompt text")
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        bos = self.model.config.bos_token_id
-        return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+        return encode_prompt(self.tokenizer, text, self.model.config.bos_token_id)
 
 
 def _as_list(value: object) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [int(value)]  # type: ignore[arg-type]
-
-
-def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return None
-    return load_tokenizer(path)

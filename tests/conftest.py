@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hotswap.basemodel import build_model, save_model
+from hotswap.basemodel import build_model, build_with_tokenizer, save_model
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,10 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same shape as ``tiny_base``, different weights (seed 1)."""
     return save_model(build_model("tiny", seed=1), tmp_path_factory.mktemp("bases") / "tiny-s1")
+
+
+@pytest.fixture(scope="session")
+def text_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with the real MiniLM tokenizer bundled (text prompts, stop strings)."""
+    model, tok = build_with_tokenizer("tiny", "minilm", seed=0)
+    return save_model(model, tmp_path_factory.mktemp("bases") / "tiny-text", tok)

@@ -133,14 +133,20 @@ def random_bitfits(
     }
     if not shapes:
         raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
-    config = {"method": "bitfit", "target_modules": sorted(target_modules), "format": "bias deltas"}
     for out, seed in paths.items():
         gen = torch.Generator().manual_seed(seed)
         tensors = {f"{name}.bias": torch.randn(n, generator=gen) * std for name, n in shapes.items()}
         with building_dir(out) as tmp:
-            save_file(tensors, tmp / "adapter_model.safetensors")
-            (tmp / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            write_bitfit(tmp, tensors, target_modules)
     return list(paths)
+
+
+def write_bitfit(out: Path, deltas: dict[str, torch.Tensor], target_modules: tuple[str, ...]) -> None:
+    """THE BitFit artifact format: ``hotswap_config.json`` + ``adapter_model.safetensors`` holding one
+    ``<module>.bias`` delta per adapted linear (added to the base's bias; layers without one gain it)."""
+    config = {"method": "bitfit", "target_modules": sorted(target_modules), "format": "bias deltas"}
+    save_file(deltas, out / "adapter_model.safetensors")
+    (out / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def random_bitfit(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hotswap.basemodel import build_with_tokenizer, fingerprint, load_model, save_model
+from hotswap.basemodel import fingerprint, load_model
 from hotswap.registry import Registry
 from hotswap.serve import Engine
 from hotswap.serve.server import Server
@@ -88,13 +88,6 @@ def registry_path(tiny_base: Path, adapters: dict[str, Path], tmp_path_factory: 
 def engine(tiny_base: Path, registry_path: Path) -> Iterator[Engine]:
     with Engine(tiny_base, registry_path, max_batch=16, max_resident=16, max_seq_len=128) as eng:
         yield eng
-
-
-@pytest.fixture(scope="session")
-def text_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama with the real MiniLM tokenizer bundled (text prompts, stop strings)."""
-    model, tok = build_with_tokenizer("tiny", "minilm", seed=0)
-    return save_model(model, tmp_path_factory.mktemp("bases") / "tiny-text", tok)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,172 @@
+"""Training: every method learns a built-in task, its artifact loads back (PEFT) and serves with the
+trained model's logits (engine), runs are recorded in the manifest, and bad input publishes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from hotswap.basemodel import build_model, build_with_tokenizer, load_model, save_model
+from hotswap.cli import main
+from hotswap.errors import InvalidArgument, InvalidBaseModel
+from hotswap.registry import Registry
+from hotswap.serve import Engine, Request
+from hotswap.train import TrainConfig, TrainResult, train
+from hotswap.train.data import builtin
+
+PEFT_METHODS = ("lora", "dora", "prefix", "prompt")
+METHODS = (*PEFT_METHODS, "bitfit")
+PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]  # token-id prompts to compare logits on
+
+
+@pytest.fixture(scope="module")
+def trainable_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shape with a wider init (std 0.1): its logits can get confident, so learning shows."""
+    return save_model(build_model("tiny", seed=0, initializer_range=0.1), tmp_path_factory.mktemp("b") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def runs(trainable_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[TrainResult, Path]]:
+    """One short run per method on builtin:mapping, each published to its own name."""
+    root = tmp_path_factory.mktemp("runs")
+    registry = root / "registry"
+    out = {}
+    for method in METHODS:
+        config = TrainConfig(method=method, steps=150, eval_every=50, seed=0)
+        result = train(config, trainable_base, "builtin:mapping", root / method, push=f"t-{method}",
+                       registry=registry, aliases=["staging"], quiet=True)  # fmt: skip
+        out[method] = (result, registry)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_learns(runs: dict, method: str) -> None:
+    result, _ = runs[method]
+    m = result.metrics
+    assert m["eval_loss"] < m["eval_loss_untrained"] - 0.5, m
+    assert m["eval_accuracy"] > m["eval_accuracy_untrained"] + 0.2, m
+    if method in ("lora", "dora"):
+        assert m["eval_accuracy"] >= 0.9
+    assert 0 < m["trainable_pct"] < 50 and m["trainable_params"] > 0  # r=8 on a 64-wide model is a lot
+    assert m["steps"] == 150 and m["wall_seconds"] > 0 and m["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_published_with_lineage_and_curve(runs: dict, method: str, trainable_base: Path) -> None:
+    result, registry = runs[method]
+    manifest = Registry(registry).resolve(f"t-{method}:staging")
+    assert manifest.method == method and manifest.ref == result.manifest.ref == f"t-{method}@1"
+    lineage = manifest.lineage
+    assert lineage.data_digest == builtin("mapping", 512, 0).digest
+    assert lineage.training_config["method"] == method and lineage.training_config["steps"] == 150
+    assert lineage.code_version.startswith("hotswap ")
+    assert manifest.metrics["eval_loss"] == result.metrics["eval_loss"]
+    run = result.artifact.parent
+    rows = (run / "loss_curve.csv").read_text().splitlines()
+    assert rows[0] == "step,train_loss,eval_loss" and len(rows) == 151
+    assert rows[50].split(",")[2] and not rows[49].split(",")[2]  # eval every 50 steps
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids])).logits[0]
+    return out[-len(ids) :]  # prompt tuning prepends virtual positions
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_peft_artifact_loads_back(runs: dict, method: str, trainable_base: Path) -> None:
+    result, _ = runs[method]
+    loaded = PeftModel.from_pretrained(load_model(trainable_base), result.artifact).eval()
+    for ids in PROBE:
+        torch.testing.assert_close(_logits(loaded, ids), _logits(result.model, ids), rtol=0, atol=1e-5)
+
+
+def test_engine_serves_trained_adapters_with_trained_logits(runs: dict, trainable_base: Path) -> None:
+    registry = next(iter(runs.values()))[1]
+    with Engine(trainable_base, registry, max_batch=16, max_seq_len=64) as engine:
+        requests = [Request(prompt_ids=ids, adapters=[f"t-{m}:staging"]) for m in METHODS for ids in PROBE]
+        served = engine.forward_logits(requests)  # all methods in ONE batch
+    for i, (method, ids) in enumerate((m, ids) for m in METHODS for ids in PROBE):
+        expected = _logits(runs[method][0].model, ids)
+        torch.testing.assert_close(served[i], expected, rtol=0, atol=1e-4, msg=f"{method} {ids}")
+
+
+def test_trains_on_jsonl_text(tmp_path: Path) -> None:
+    model, tok = build_with_tokenizer("tiny", "minilm", seed=0, initializer_range=0.1)
+    base = save_model(model, tmp_path / "base", tok)
+    colours = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "pink"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the colour {c} is", "completion": c}) + "\n" for c in colours * 4))
+    result = train(TrainConfig(method="lora", steps=60, eval_every=30), base, str(data), tmp_path / "run", quiet=True)
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_untrained"] - 1.0
+    assert result.manifest is None and (result.artifact / "adapter_config.json").is_file()
+
+
+BAD_DATA = [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completon": "b"}\n', r"train.jsonl:2: .*unknown keys"),
+    ('{"prompt": "a", "completion": "b"}\nnot json\n', r"train.jsonl:2: not valid JSON"),
+    ('{"text": 3}\n', r"train.jsonl:1: 'text' must be a string"),
+    ("\n\n", r"no records"),
+    ("[1, 2]\n", r"train.jsonl:1: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_DATA)
+def test_bad_data_names_the_line(tmp_path: Path, text_base: Path, content: str, message: str) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(content)
+    registry = tmp_path / "registry"
+    with pytest.raises(InvalidArgument, match=message):
+        train(TrainConfig(method="lora", steps=1), text_base, str(data), tmp_path / "run", push="x", registry=registry)
+    assert not registry.exists() or Registry(registry).names() == []
+
+
+def test_refusals_publish_nothing(tmp_path: Path, trainable_base: Path) -> None:
+    registry = tmp_path / "registry"
+
+    def run(config: TrainConfig, base: Path = trainable_base, data: str = "builtin:mapping") -> None:
+        train(config, base, data, tmp_path / "run", push="x", registry=registry, quiet=True)
+
+    with pytest.raises(InvalidArgument, match="unknown method 'lorax'"):
+        run(TrainConfig(method="lorax"))
+    with pytest.raises(InvalidArgument, match="num_virtual_tokens do not apply to lora"):
+        run(TrainConfig(method="lora", options={"num_virtual_tokens": 3}))
+    with pytest.raises(InvalidArgument, match="rank must be >= 1"):
+        run(TrainConfig(method="lora", options={"rank": 0}))
+    with pytest.raises(InvalidArgument, match="query_proj"):
+        run(TrainConfig(method="lora", steps=1, options={"target_modules": ("query_proj",)}))
+    with pytest.raises(InvalidArgument, match="no linear layer matches"):
+        run(TrainConfig(method="bitfit", steps=1, options={"target_modules": ("query_proj",)}))
+    with pytest.raises(InvalidArgument, match="unknown built-in task"):
+        run(TrainConfig(method="lora", steps=1), data="builtin:nope")
+    with pytest.raises(InvalidArgument, match="needs a base with a tokenizer"):
+        run(TrainConfig(method="lora", steps=1), data=str(tmp_path / "x.jsonl"))
+    with pytest.raises(InvalidBaseModel):
+        run(TrainConfig(method="lora", steps=1), base=tmp_path)
+    with pytest.raises(InvalidArgument, match="steps or epochs"):
+        run(TrainConfig(method="lora", steps=3, epochs=1))
+    assert not registry.exists() or Registry(registry).names() == []
+
+
+def test_cli_train_and_push(tmp_path: Path, trainable_base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(tmp_path / "registry")
+    args = ["--registry", reg, "train", "--method", "bitfit", "--base", str(trainable_base), "--data",
+            "builtin:modadd", "--steps", "20", "--out", str(tmp_path / "run"), "--quiet"]  # fmt: skip
+    assert main([*args, "--push", "acme/adder", "--alias", "prod"]) == 0
+    out = capsys.readouterr().out
+    assert "trained bitfit: eval loss" in out and "published acme/adder@1 (aliases: prod)" in out
+    manifest = Registry(reg).resolve("acme/adder:prod")
+    assert manifest.visibility == "private" and manifest.lineage.training_config["steps"] == 20
+    # the same --out again: refused, nothing new published
+    assert main([*args, "--push", "acme/adder"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args[:-3], "--out", str(tmp_path / "r2"), "--rank", "4", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "hotswap: error: option(s) rank do not apply to bitfit (its options: target_modules)"
+    )
+    assert [m.version for m in Registry(reg).versions("acme/adder")] == [1]

@@ -1,0 +1,147 @@
+"""The trainable methods: an options dataclass per method, ``attach`` (make the model trainable the
+method's way) and ``export`` (write the artifact).
+
+PEFT does the work where it has the method (LoRA, DoRA, prefix, prompt), and the artifact is exactly
+its ``save_pretrained`` output. BitFit is ours (PEFT has no bias-only method): trainable biases on the
+target linears (new zero biases where the base has none), exported as bias deltas in hotswap's
+documented format, the same the engine serves (see ``hotswap.train.synthetic.write_bitfit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+from hotswap.errors import InvalidArgument
+from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise InvalidArgument(f"rank must be >= 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidArgument(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class VirtualTokenOptions:
+    num_virtual_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise InvalidArgument(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+
+
+@dataclass(frozen=True)
+class BitFitOptions:
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+
+
+class Trainable(Protocol):
+    """A model being trained by one method."""
+
+    model: torch.nn.Module
+
+    def export(self, out: Path) -> None: ...
+
+
+@dataclass
+class _Peft:
+    model: PeftModel
+
+    def export(self, out: Path) -> None:
+        self.model.save_pretrained(out)
+
+
+@dataclass
+class _BitFit:
+    model: torch.nn.Module
+    biases: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]  # module name -> (trainable bias, its start)
+    target_modules: tuple[str, ...]
+
+    def export(self, out: Path) -> None:
+        deltas = {f"{name}.bias": (p.detach() - start).float().cpu() for name, (p, start) in self.biases.items()}
+        write_bitfit(out, deltas, self.target_modules)
+
+
+def _peft(model: torch.nn.Module, config: Any) -> _Peft:
+    try:
+        return _Peft(get_peft_model(model, config))
+    except ValueError as e:  # e.g. target modules the base lacks
+        raise InvalidArgument(f"cannot attach {config.peft_type.value}: {e}") from None
+
+
+def _bitfit(model: torch.nn.Module, opts: BitFitOptions) -> _BitFit:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    biases = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in opts.target_modules:
+            if module.bias is None:
+                module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
+            module.bias.requires_grad_(True)
+            biases[name] = (module.bias, module.bias.detach().clone())
+    if not biases:
+        raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
+    return _BitFit(model, biases, opts.target_modules)
+
+
+def _lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> _Peft:
+    config = LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        target_modules=list(opts.target_modules),
+        lora_dropout=opts.dropout,
+        use_dora=dora,
+        task_type="CAUSAL_LM",
+    )
+    return _peft(model, config)
+
+
+@dataclass(frozen=True)
+class Method:
+    options: type
+    attach: Any  # (model, options) -> Trainable
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(LoraOptions, lambda m, o: _lora(m, o, dora=False)),
+    "dora": Method(LoraOptions, lambda m, o: _lora(m, o, dora=True)),
+    "prefix": Method(
+        VirtualTokenOptions,
+        lambda m, o: _peft(m, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
+    ),
+    "prompt": Method(
+        VirtualTokenOptions,
+        lambda m, o: _peft(m, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
+    ),
+    "bitfit": Method(BitFitOptions, _bitfit),
+}
+
+
+def method_options(method: str, options: dict[str, Any]) -> Any:
+    """The options dataclass of ``method`` from ``options``; an option the method lacks is an error."""
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[method].options
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidArgument(
+            f"option(s) {', '.join(unknown)} do not apply to {method} (its options: {', '.join(sorted(known))})"
+        )
+    if "target_modules" in options:
+        options = {**options, "target_modules": tuple(options["target_modules"])}
+    return cls(**options)
