@@ -506,9 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", default="tiny", help="tiny (tests) or smollm2-135m (benchmarks)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--tokenizer", help="bundle a tokenizer (name 'minilm' or a directory); sets the vocabulary")
-    sp.add_argument(
-        "--initializer-range", type=float, help="std of the random weights (default: the config's, 0.02)"
-    )
+    sp.add_argument("--initializer-range", type=float, help="std of the random weights (default: the config's, 0.02)")
     sp.add_argument("--out", required=True, type=Path, help="new directory for the checkpoint")
     sp.set_defaults(fn=cmd_base_build)
     sp = base_sub.add_parser("fingerprint", help="print a checkpoint's base fingerprint")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: build a small base model, create two adapters, publish them to a local registry,
+# `make demo`: build a small base model, train two adapters and publish them to a local registry,
 # list them, show a manifest, move an alias, pull a verified copy, then serve both over gRPC, query
 # them concurrently, show their /metrics lines and stop the server. Re-runnable: starts clean.
 set -euo pipefail
@@ -10,17 +10,16 @@ export HOTSWAP_REGISTRY="$PWD/$D/registry"
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
 
 step "Build a tiny random-init Llama base with a real tokenizer (saved like any checkpoint)" \
-  hotswap base build --preset tiny --seed 0 --tokenizer minilm --out "$D/base"
-step "Create a LoRA adapter (PEFT format, random non-zero weights)" \
-  hotswap adapter random --base "$D/base" --out "$D/math-lora" --rank 8 --seed 1 --init-std 0.3
-step "Publish it as math@1, alias prod" \
-  hotswap push "$D/math-lora" --name math --base "$D/base" --alias prod
-step "Create a DoRA adapter for tenant acme" \
-  hotswap adapter random --base "$D/base" --out "$D/tone-dora" --rank 4 --dora --seed 2 --init-std 0.3
-step "Publish it (tenant adapters are private by default)" \
-  hotswap push "$D/tone-dora" --name acme/tone --base "$D/base" --alias staging
-step "Publish a second version of math" \
-  hotswap push "$D/math-lora" --name math --base "$D/base" --description "same weights, v2"
+  hotswap base build --preset tiny --seed 0 --tokenizer minilm --initializer-range 0.1 --out "$D/base"
+step "Train a LoRA adapter on a built-in task and publish it as math@1, alias prod" \
+  hotswap train --method lora --base "$D/base" --data builtin:mapping --steps 200 --push math --alias prod \
+  --out "$D/runs/math" --quiet
+step "Train a DoRA adapter for tenant acme on a small JSONL file (tenant adapters are private by default)" \
+  hotswap train --method dora --base "$D/base" --data scripts/capitals.jsonl --steps 150 \
+  --push acme/capitals --alias staging --out "$D/runs/capitals" --quiet
+step "Train math again with another seed: version 2" \
+  hotswap train --method lora --base "$D/base" --data builtin:mapping --steps 200 --seed 1 --push math \
+  --out "$D/runs/math-s1" --quiet
 step "List the registry" hotswap list
 step "Versions of math" hotswap versions math
 step "Show the manifest behind math:prod" hotswap show math:prod
@@ -28,8 +27,9 @@ step "Promote v2 to prod" hotswap alias math prod 2
 step "Roll back: point prod at v1 again" hotswap alias math prod 1
 step "Pull a verified copy (sha256 of every file checked)" hotswap pull math:prod --to "$D/pulled"
 ls -l "$D/pulled"
-step "Serve both adapters and the base in ONE batch (unmerged, row by row)" \
-  hotswap compare --base "$D/base" --adapters "math:prod,acme/tone:staging,-" --prompt-ids 5,17,99,3 --max-new-tokens 8
+step "In-process: both adapters and the base in ONE batch (unmerged, row by row); prompt ids = [bos] 'the capital of france is'" \
+  hotswap compare --base "$D/base" --adapters "math:prod,acme/capitals:staging,-" \
+  --prompt-ids 101,1996,3007,1997,2605,2003 --max-new-tokens 4
 step "A bad reference is refused with one line and a non-zero exit" \
   bash -c 'hotswap show "../etc" ; echo "exit code $?"'
 
@@ -42,10 +42,10 @@ cat "$D/server.out"
 ADDR=$(sed -n 's/.* on \([0-9.]*:[0-9]*\).*/\1/p' "$D/server.out")
 METRICS=$(sed -n 's/.*metrics \(http[^ ]*\).*/\1/p' "$D/server.out")
 step "Health check (the gRPC health service)" hotswap health --server "$ADDR"
-step "Query math:prod and acme/tone:staging at the same time (one batch), over gRPC" \
-  python scripts/demo_query.py "$ADDR" "$METRICS" math:prod acme/tone:staging
+step "Ask acme/capitals:staging, math:prod and the base at the same time (one batch), over gRPC" \
+  python scripts/demo_query.py "$ADDR" "$METRICS" "the capital of italy is" acme/capitals:staging math:prod -
 step "Stream from the CLI (text as it is generated)" \
-  hotswap generate --server "$ADDR" --adapter acme/tone:staging --max-new-tokens 12 --stream "hello"
+  hotswap generate --server "$ADDR" --adapter acme/capitals:staging --max-new-tokens 12 --stream "the capital of japan is"
 step "The full response as JSON (token ids, usage, timings)" \
   hotswap generate --server "$ADDR" --adapter math:prod --max-new-tokens 6 --json "hello"
 step "Stop the server with SIGTERM (drains in-flight requests, exits 0)" \

@@ -1,6 +1,6 @@
 """`make demo`, serving part: query two adapters at once over gRPC, then show their /metrics lines.
 
-Usage: python scripts/demo_query.py HOST:PORT METRICS_URL REF [REF ...]
+Usage: python scripts/demo_query.py HOST:PORT METRICS_URL PROMPT REF [REF ...]   (REF "-": the base model)
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import urllib.request
 from hotswap.client import Client, Generation
 
 
-def main(target: str, metrics_url: str, refs: list[str]) -> None:
+def main(target: str, metrics_url: str, prompt: str, refs: list[str]) -> None:
     results: dict[str, Generation] = {}
     start = threading.Barrier(len(refs))
 
     def ask(ref: str) -> None:
         with Client(target, timeout=60) as client:
             start.wait()  # both requests arrive together and share the running batch
-            results[ref] = client.generate("the weather today is", adapters=[ref], max_new_tokens=24, ignore_eos=True)
+            adapters = [] if ref == "-" else [ref]
+            results[ref] = client.generate(prompt, adapters=adapters, max_new_tokens=12)
 
     threads = [threading.Thread(target=ask, args=(ref,)) for ref in refs]
     for t in threads:
@@ -28,9 +29,9 @@ def main(target: str, metrics_url: str, refs: list[str]) -> None:
         t.join()
     for ref in refs:
         r = results[ref]
-        resolved = ", ".join(f"{a}" for a, _ in r.adapters)
-        print(f"{ref:>18} -> {resolved}: {r.text!r}")
-        print(f"{'':>18}    {r.completion_tokens} tokens, ttft {r.ttft_s * 1e3:.1f} ms, total {r.total_s * 1e3:.1f} ms")
+        resolved = ", ".join(f"{a}" for a, _ in r.adapters) or "base"
+        print(f"{ref:>22} -> {resolved}: {prompt!r} -> {r.text!r} ({r.finish_reason})")
+        print(f"{'':>22}    {r.completion_tokens} tokens, ttft {r.ttft_s * 1e3:.1f} ms, total {r.total_s * 1e3:.1f} ms")
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     print(f"\nper-adapter lines from {metrics_url}:")
     wanted = (
@@ -44,8 +45,8 @@ def main(target: str, metrics_url: str, refs: list[str]) -> None:
             print("  " + line)
     buckets = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line.startswith("hotswap_batch_size_bucket")}  # fmt: skip
-    print(f"  decode steps that ran 2 rows in one batch: {buckets['2.0'] - buckets['1.0']:.0f}")
+    print(f"  decode steps that ran 2+ rows in one batch: {buckets['+Inf'] - buckets['1.0']:.0f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
