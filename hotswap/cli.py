@@ -109,6 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "dropout": args.dropout,
         "target_modules": tuple(t for t in args.targets.split(",") if t) if args.targets else None,
         "num_virtual_tokens": args.virtual_tokens,
+        "period": args.period,
+        "momentum": args.momentum,
+        "export": args.plora_export,
+        "svd_rank": args.svd_rank,
     }
     config = TrainConfig(
         method=args.method,
@@ -527,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_adapter_random)
 
     sp = add("train", cmd_train, "train an adapter on a frozen base, evaluate it, and optionally publish it")
-    sp.add_argument("--method", required=True, help="lora, dora, bitfit, prefix or prompt")
+    sp.add_argument("--method", required=True, help="lora, dora, plora, bitfit, prefix or prompt")
     sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
     sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
     sp.add_argument("--eval", help="evaluation data (default: a fresh draw of a built-in task, else every 10th record)")
@@ -543,11 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-every", type=_positive_int, default=50)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
-    sp.add_argument("--rank", type=_positive_int, help="lora/dora: rank r (default 8)")
-    sp.add_argument("--alpha", type=float, help="lora/dora: alpha (default 16)")
+    sp.add_argument("--rank", type=_positive_int, help="lora/dora/plora: rank r (default 8)")
+    sp.add_argument("--alpha", type=float, help="lora/dora/plora: alpha (default 16)")
     sp.add_argument("--dropout", type=float, help="lora/dora: dropout (default 0)")
-    sp.add_argument("--targets", help="lora/dora/bitfit: comma-separated module names (default: all linears)")
+    sp.add_argument("--targets", help="lora/dora/plora/bitfit: comma-separated module names (default: all linears)")
     sp.add_argument("--virtual-tokens", dest="virtual_tokens", type=_positive_int, help="prefix/prompt (default 8)")
+    sp.add_argument("--period", type=_positive_int, help="plora: steps between offloads into the backbone (50)")
+    sp.add_argument("--momentum", type=float, help="plora: share of A, B kept at each offload (default 0)")
+    sp.add_argument("--plora-export", choices=("stacked", "svd"), help="plora: exact stacked factors or SVD")
+    sp.add_argument("--svd-rank", type=_positive_int, help="plora with --plora-export svd: rank kept (default r)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add("push", cmd_push, "publish an adapter directory as a new immutable version")

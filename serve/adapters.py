@@ -179,6 +179,7 @@ def load_prompt(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter
 
 register_method("lora", load_lora)
 register_method("dora", load_lora)
+register_method("plora", load_lora)  # PEFT LoRA files carrying PLoRA's accumulated delta
 register_method("bitfit", load_bitfit)
 register_method("prefix", load_prefix)
 register_method("prompt", load_prompt)

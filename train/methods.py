@@ -2,9 +2,10 @@
 method's way) and ``export`` (write the artifact).
 
 PEFT does the work where it has the method (LoRA, DoRA, prefix, prompt), and the artifact is exactly
-its ``save_pretrained`` output. BitFit is ours (PEFT has no bias-only method): trainable biases on the
-target linears (new zero biases where the base has none), exported as bias deltas in hotswap's
-documented format, the same the engine serves (see ``hotswap.train.synthetic.write_bitfit``).
+its ``save_pretrained`` output. PLoRA (``hotswap.train.plora``) is ours, on PEFT's LoRA layers.
+BitFit is ours (PEFT has no bias-only method): trainable biases on the target linears (new zero
+biases where the base has none), exported as bias deltas in hotswap's documented format, the same
+the engine serves (see ``hotswap.train.synthetic.write_bitfit``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from hotswap.errors import InvalidArgument
+from hotswap.train.plora import PLoraOptions, attach_plora
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
 
 
@@ -54,15 +56,25 @@ class Trainable(Protocol):
 
     model: torch.nn.Module
 
-    def export(self, out: Path) -> None: ...
+    def after_step(self, step: int) -> bool:
+        """Called after each optimizer step; True asks the trainer to restart the optimizer's state."""
+        ...
+
+    def export(self, out: Path) -> dict[str, float]:
+        """Write the artifact into ``out``; returns metrics of the export itself (may be empty)."""
+        ...
 
 
 @dataclass
 class _Peft:
     model: PeftModel
 
-    def export(self, out: Path) -> None:
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def export(self, out: Path) -> dict[str, float]:
         self.model.save_pretrained(out)
+        return {}
 
 
 @dataclass
@@ -71,9 +83,13 @@ class _BitFit:
     biases: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]  # module name -> (trainable bias, its start)
     target_modules: tuple[str, ...]
 
-    def export(self, out: Path) -> None:
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def export(self, out: Path) -> dict[str, float]:
         deltas = {f"{name}.bias": (p.detach() - start).float().cpu() for name, (p, start) in self.biases.items()}
         write_bitfit(out, deltas, self.target_modules)
+        return {}
 
 
 def _peft(model: torch.nn.Module, config: Any) -> _Peft:
@@ -128,6 +144,7 @@ METHODS: dict[str, Method] = {
         lambda m, o: _peft(m, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
     ),
     "bitfit": Method(BitFitOptions, _bitfit),
+    "plora": Method(PLoraOptions, attach_plora),
 }
 
 

@@ -35,7 +35,7 @@ from hotswap.train.methods import METHODS, method_options
 log = logging.getLogger(__name__)
 
 # Learning rates that train each method well on the built-in tasks (AdamW, linear decay).
-DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "bitfit": 5e-2, "prefix": 3e-2, "prompt": 1e-1}
+DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "plora": 5e-3, "bitfit": 5e-2, "prefix": 3e-2, "prompt": 1e-1}
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        if trainable.after_step(step):
+            optimizer.state.clear()  # e.g. PLoRA restarted its factors
         evaluated = step % config.eval_every == 0 or step == steps
         if evaluated:
             eval_loss, eval_acc = evaluate(model, eval_ds, config.batch_size, config.device)
@@ -233,7 +235,7 @@ def train(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with building_dir(out_dir / "adapter") as tmp:
-        trainable.export(tmp)
+        metrics |= trainable.export(tmp)
     write_csv(out_dir / "loss_curve.csv", curve)
     write_png(out_dir / "loss_curve.png", curve)
     manifest = None

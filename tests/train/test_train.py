@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hotswap.basemodel import build_model, build_with_tokenizer, load_model, save_model
+from hotswap.basemodel import build_with_tokenizer, load_model, save_model
 from hotswap.cli import main
 from hotswap.errors import InvalidArgument, InvalidBaseModel
 from hotswap.registry import Registry
@@ -21,12 +21,6 @@ from hotswap.train.data import builtin
 PEFT_METHODS = ("lora", "dora", "prefix", "prompt")
 METHODS = (*PEFT_METHODS, "bitfit")
 PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]  # token-id prompts to compare logits on
-
-
-@pytest.fixture(scope="module")
-def trainable_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny shape with a wider init (std 0.1): its logits can get confident, so learning shows."""
-    return save_model(build_model("tiny", seed=0, initializer_range=0.1), tmp_path_factory.mktemp("b") / "tiny")
 
 
 @pytest.fixture(scope="module")

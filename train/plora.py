@@ -1,0 +1,153 @@
+"""PLoRA (PeriodicLoRA): LoRA whose update is offloaded into the training copy of the backbone every
+``period`` steps, so the accumulated update reaches rank up to T·r at LoRA's trainable-memory cost.
+
+Offload with momentum m, per adapted linear (scale s = alpha / r):
+    W <- W + (1 - m) · s · B A,    A <- m · A,    B <- m · B
+m = 0 is a full offload and restart: B = 0 and A re-initialised (PEFT's LoRA init). The optimizer's
+moments are reset at each offload (the factors restart). PEFT has no PLoRA, so this is ours, on top
+of PEFT's LoRA layers.
+
+The served base stays frozen, so the artifact carries the accumulated delta
+    ΔW = Σ_t (1 - m) · s · B_t A_t + s · B A   (the offloaded parts, then the live factors)
+in PEFT's LoRA format: ``stacked`` factors of rank (T+1)·r (exact), or ``svd``-truncated to
+``svd_rank`` with the retained energy (Σ kept σ² / Σ σ²) recorded in the run's metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+
+from hotswap.errors import InvalidArgument
+from hotswap.train.synthetic import DEFAULT_TARGETS
+
+EXPORTS = ("stacked", "svd")
+
+
+@dataclass(frozen=True)
+class PLoraOptions:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    period: int = 50  # K: optimizer steps between offloads
+    momentum: float = 0.0  # m in [0, 1)
+    export: str = "stacked"  # "stacked" (exact, rank (T+1)·r) or "svd" (rank svd_rank)
+    svd_rank: int | None = None  # with export="svd"; default r
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.period < 1:
+            raise InvalidArgument(f"rank and period must be >= 1, got {self.rank} and {self.period}")
+        if not 0 <= self.momentum < 1:
+            raise InvalidArgument(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.export not in EXPORTS:
+            raise InvalidArgument(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.svd_rank is not None and (self.svd_rank < 1 or self.export != "svd"):
+            raise InvalidArgument("svd_rank must be >= 1 and goes with export='svd'")
+
+
+def offload(layer: LoraLayer, adapter: str, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One offload of ``layer`` (see the module docstring); returns the offloaded (B·(1-m)·s, A) pair."""
+    a = layer.lora_A[adapter].weight
+    b = layer.lora_B[adapter].weight
+    s = layer.scaling[adapter]
+    with torch.no_grad():
+        part_b, part_a = (b * ((1 - momentum) * s)).detach().clone(), a.detach().clone()
+        base = layer.get_base_layer().weight
+        base += ((1 - momentum) * s * (b @ a)).to(base.dtype)
+        if momentum == 0:
+            layer.reset_lora_parameters(adapter, init_lora_weights=True)  # B = 0, A re-initialised
+        else:
+            a.mul_(momentum)
+            b.mul_(momentum)
+    return part_b, part_a
+
+
+@dataclass
+class PLoraTrainable:
+    model: PeftModel
+    options: PLoraOptions
+    offloaded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def _layers(self) -> dict[str, LoraLayer]:
+        """Adapted layers by their name in the base model (as in PEFT's saved keys)."""
+        return {
+            n.removeprefix("base_model.model."): m
+            for n, m in self.model.named_modules()
+            if isinstance(m, LoraLayer) and "default" in m.lora_A
+        }
+
+    def after_step(self, step: int) -> bool:
+        """Offload every ``period`` steps; True means the optimizer's state must restart."""
+        if step % self.options.period:
+            return False
+        for name, layer in self._layers().items():
+            b, a = offload(layer, "default", self.options.momentum)
+            self.offloaded.setdefault(name, []).append((b.cpu(), a.cpu()))
+        return True
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (B, A) whose product is the whole accumulated delta ΔW (scale 1)."""
+        out = {}
+        for name, layer in self._layers().items():
+            live_b = (layer.lora_B["default"].weight * layer.scaling["default"]).detach().cpu()
+            live_a = layer.lora_A["default"].weight.detach().cpu()
+            parts = [*self.offloaded.get(name, []), (live_b, live_a)]
+            b = torch.cat([p[0] for p in parts], dim=1)
+            a = torch.cat([p[1] for p in parts], dim=0)
+            if self.options.export == "svd":
+                b, a = self._truncate(b @ a)
+            out[name] = (b.float(), a.float())
+        return out
+
+    def _truncate(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.options.svd_rank or self.options.rank
+        u, sigma, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+        k = min(k, sigma.numel())
+        energy = sigma.pow(2)
+        kept, total = energy[:k].sum().item(), energy.sum().item()
+        share = kept / total if total else 1.0
+        self.metrics["svd_energy_kept_min"] = min(self.metrics.get("svd_energy_kept_min", 1.0), share)
+        return u[:, :k] * sigma[:k], vh[:k]
+
+    def export(self, out: Path) -> dict[str, float]:
+        """PEFT's LoRA files for ΔW: every layer at the same rank R, alpha = R (scale 1)."""
+        factors = self.factors()
+        rank = max(a.shape[0] for _, a in factors.values())
+        template = get_peft_model_state_dict(self.model)
+        state = {}
+        for key in template:
+            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            b, a = factors[module]
+            pad = rank - a.shape[0]  # a layer short of the rank (e.g. SVD of a small matrix) pads with zeros
+            if ".lora_A." in key:
+                state[key] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+            else:
+                state[key] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
+        config = self.model.peft_config["default"]
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=sorted(config.target_modules),
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=config.base_model_name_or_path,
+        ).save_pretrained(out)
+        save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        return {"plora_offloads": float(max((len(v) for v in self.offloaded.values()), default=0)),
+                "plora_exported_rank": float(rank), **self.metrics}  # fmt: skip
+
+
+def attach_plora(model: torch.nn.Module, opts: PLoraOptions) -> PLoraTrainable:
+    config = LoraConfig(
+        r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.target_modules), task_type="CAUSAL_LM"
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise InvalidArgument(f"cannot attach plora: {e}") from None
+    return PLoraTrainable(peft_model, opts)
