@@ -109,6 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "dropout": args.dropout,
         "target_modules": tuple(t for t in args.targets.split(",") if t) if args.targets else None,
         "num_virtual_tokens": args.virtual_tokens,
+        "init_rank": args.init_rank,
+        "target_rank": args.target_rank,
+        "orth_reg_weight": args.orth_reg_weight,
         "period": args.period,
         "momentum": args.momentum,
         "export": args.plora_export,
@@ -531,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_adapter_random)
 
     sp = add("train", cmd_train, "train an adapter on a frozen base, evaluate it, and optionally publish it")
-    sp.add_argument("--method", required=True, help="lora, dora, plora, bitfit, prefix or prompt")
+    sp.add_argument("--method", required=True, help="lora, dora, adalora, plora, bitfit, prefix or prompt")
     sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
     sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
     sp.add_argument("--eval", help="evaluation data (default: a fresh draw of a built-in task, else every 10th record)")
@@ -548,10 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--rank", type=_positive_int, help="lora/dora/plora: rank r (default 8)")
-    sp.add_argument("--alpha", type=float, help="lora/dora/plora: alpha (default 16)")
+    sp.add_argument("--alpha", type=float, help="lora/dora/adalora/plora: alpha (default 16)")
     sp.add_argument("--dropout", type=float, help="lora/dora: dropout (default 0)")
-    sp.add_argument("--targets", help="lora/dora/plora/bitfit: comma-separated module names (default: all linears)")
+    sp.add_argument("--targets", help="comma-separated module names (default: all seven linears of a block)")
     sp.add_argument("--virtual-tokens", dest="virtual_tokens", type=_positive_int, help="prefix/prompt (default 8)")
+    sp.add_argument("--init-rank", type=_positive_int, help="adalora: starting rank of every layer (12)")
+    sp.add_argument("--target-rank", type=_positive_int, help="adalora: average final rank (8)")
+    sp.add_argument("--orth-reg-weight", type=float, help="adalora: orthogonality penalty (0.5)")
     sp.add_argument("--period", type=_positive_int, help="plora: steps between offloads into the backbone (50)")
     sp.add_argument("--momentum", type=float, help="plora: share of A, B kept at each offload (default 0)")
     sp.add_argument("--plora-export", choices=("stacked", "svd"), help="plora: exact stacked factors or SVD")

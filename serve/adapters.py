@@ -98,7 +98,20 @@ def _peft_json(path: Path) -> dict:
 
 
 # -- LoRA family (LoRA, DoRA, and anything published in PEFT's LoRA format) --------------------------
+def _load_peft_type(path: Path) -> str:
+    try:
+        return str(json.loads((path / "adapter_config.json").read_text()).get("peft_type"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidArtifact(f"{path}: unreadable adapter_config.json ({e})") from e
+
+
 def load_lora(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    peft_type = _load_peft_type(path)
+    if peft_type != "LORA":
+        raise UnsupportedAdapter(
+            f"{manifest.ref}: PEFT type {peft_type} is not served on the LoRA path; publish LoRA-format files "
+            "(hotswap train exports AdaLoRA that way)"
+        )
     config = LoraConfig.from_pretrained(str(path))
     if config.bias != "none" or getattr(config, "lora_bias", False):
         raise UnsupportedAdapter(f"{manifest.ref}: LoRA bias={config.bias!r} is not served; use bias='none'")
@@ -180,6 +193,7 @@ def load_prompt(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter
 register_method("lora", load_lora)
 register_method("dora", load_lora)
 register_method("plora", load_lora)  # PEFT LoRA files carrying PLoRA's accumulated delta
+register_method("adalora", load_lora)  # hotswap train exports AdaLoRA as LoRA at its final ranks
 register_method("bitfit", load_bitfit)
 register_method("prefix", load_prefix)
 register_method("prompt", load_prompt)

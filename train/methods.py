@@ -2,7 +2,8 @@
 method's way) and ``export`` (write the artifact).
 
 PEFT does the work where it has the method (LoRA, DoRA, prefix, prompt), and the artifact is exactly
-its ``save_pretrained`` output. PLoRA (``hotswap.train.plora``) is ours, on PEFT's LoRA layers.
+its ``save_pretrained`` output; AdaLoRA too, exported as LoRA at its final ranks (``hotswap.train.adalora``).
+PLoRA (``hotswap.train.plora``) is ours, on PEFT's LoRA layers.
 BitFit is ours (PEFT has no bias-only method): trainable biases on the target linears (new zero
 biases where the base has none), exported as bias deltas in hotswap's documented format, the same
 the engine serves (see ``hotswap.train.synthetic.write_bitfit``).
@@ -19,6 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from hotswap.errors import InvalidArgument
+from hotswap.train.adalora import AdaLoraOptions, attach_adalora
 from hotswap.train.plora import PLoraOptions, attach_plora
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
 
@@ -56,6 +58,10 @@ class Trainable(Protocol):
 
     model: torch.nn.Module
 
+    def penalty(self) -> torch.Tensor | None:
+        """A regulariser the method adds to the loss (e.g. AdaLoRA's orthogonality), or None."""
+        ...
+
     def after_step(self, step: int) -> bool:
         """Called after each optimizer step; True asks the trainer to restart the optimizer's state."""
         ...
@@ -68,6 +74,9 @@ class Trainable(Protocol):
 @dataclass
 class _Peft:
     model: PeftModel
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
 
     def after_step(self, step: int) -> bool:
         return False
@@ -82,6 +91,9 @@ class _BitFit:
     model: torch.nn.Module
     biases: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]  # module name -> (trainable bias, its start)
     target_modules: tuple[str, ...]
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
 
     def after_step(self, step: int) -> bool:
         return False
@@ -129,22 +141,23 @@ def _lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> _Peft:
 @dataclass(frozen=True)
 class Method:
     options: type
-    attach: Any  # (model, options) -> Trainable
+    attach: Any  # (model, options, total steps) -> Trainable
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(LoraOptions, lambda m, o: _lora(m, o, dora=False)),
-    "dora": Method(LoraOptions, lambda m, o: _lora(m, o, dora=True)),
+    "lora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=False)),
+    "dora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=True)),
+    "adalora": Method(AdaLoraOptions, attach_adalora),
+    "plora": Method(PLoraOptions, lambda m, o, _: attach_plora(m, o)),
     "prefix": Method(
         VirtualTokenOptions,
-        lambda m, o: _peft(m, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
+        lambda m, o, _: _peft(m, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
     ),
     "prompt": Method(
         VirtualTokenOptions,
-        lambda m, o: _peft(m, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
+        lambda m, o, _: _peft(m, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
     ),
-    "bitfit": Method(BitFitOptions, _bitfit),
-    "plora": Method(PLoraOptions, attach_plora),
+    "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o)),
 }
 
 

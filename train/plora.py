@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
 
 from hotswap.errors import InvalidArgument
+from hotswap.train.export import write_lora_factors
 from hotswap.train.synthetic import DEFAULT_TARGETS
 
 EXPORTS = ("stacked", "svd")
@@ -82,6 +82,9 @@ class PLoraTrainable:
             if isinstance(m, LoraLayer) and "default" in m.lora_A
         }
 
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
     def after_step(self, step: int) -> bool:
         """Offload every ``period`` steps; True means the optimizer's state must restart."""
         if step % self.options.period:
@@ -116,30 +119,10 @@ class PLoraTrainable:
         return u[:, :k] * sigma[:k], vh[:k]
 
     def export(self, out: Path) -> dict[str, float]:
-        """PEFT's LoRA files for ΔW: every layer at the same rank R, alpha = R (scale 1)."""
-        factors = self.factors()
-        rank = max(a.shape[0] for _, a in factors.values())
-        template = get_peft_model_state_dict(self.model)
-        state = {}
-        for key in template:
-            module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-            b, a = factors[module]
-            pad = rank - a.shape[0]  # a layer short of the rank (e.g. SVD of a small matrix) pads with zeros
-            if ".lora_A." in key:
-                state[key] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
-            else:
-                state[key] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
-        config = self.model.peft_config["default"]
-        LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            target_modules=sorted(config.target_modules),
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=config.base_model_name_or_path,
-        ).save_pretrained(out)
-        save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
-        return {"plora_offloads": float(max((len(v) for v in self.offloaded.values()), default=0)),
-                "plora_exported_rank": float(rank), **self.metrics}  # fmt: skip
+        """PEFT LoRA files carrying ΔW (see ``hotswap.train.export``)."""
+        ranks = write_lora_factors(out, self.factors())
+        offloads = max((len(v) for v in self.offloaded.values()), default=0)
+        return {"plora_offloads": float(offloads), "plora_exported_rank": float(max(ranks.values())), **self.metrics}
 
 
 def attach_plora(model: torch.nn.Module, opts: PLoraOptions) -> PLoraTrainable:

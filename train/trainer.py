@@ -35,7 +35,15 @@ from hotswap.train.methods import METHODS, method_options
 log = logging.getLogger(__name__)
 
 # Learning rates that train each method well on the built-in tasks (AdamW, linear decay).
-DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "plora": 5e-3, "bitfit": 5e-2, "prefix": 3e-2, "prompt": 1e-1}
+DEFAULT_LR = {
+    "lora": 5e-3,
+    "dora": 5e-3,
+    "adalora": 5e-3,
+    "plora": 5e-3,
+    "bitfit": 5e-2,
+    "prefix": 3e-2,
+    "prompt": 1e-1,
+}
 
 
 @dataclass(frozen=True)
@@ -175,13 +183,13 @@ def train(
         top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
         if top >= vocab:
             raise InvalidArgument(f"{ds.name}: token id {top} is outside the base's vocabulary ({vocab})")
-    trainable = METHODS[config.method].attach(model, options)
+    per_epoch = -(-len(train_ds.examples) // config.batch_size)
+    steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
+    trainable = METHODS[config.method].attach(model, options, steps)
     model = trainable.model.to(config.device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    per_epoch = -(-len(train_ds.examples) // config.batch_size)
-    steps = config.steps or (round(config.epochs * per_epoch) if config.epochs else 200)
     lr = config.lr or DEFAULT_LR[config.method]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))
@@ -204,8 +212,9 @@ def train(
         batch, order = [train_ds.examples[i] for i in order[: config.batch_size]], order[config.batch_size :]
         losses, _ = _scores(model, batch, config.device)
         loss = losses.mean()
+        penalty = trainable.penalty()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if penalty is None else loss + penalty).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

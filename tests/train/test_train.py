@@ -18,8 +18,8 @@ from hotswap.serve import Engine, Request
 from hotswap.train import TrainConfig, TrainResult, train
 from hotswap.train.data import builtin
 
-PEFT_METHODS = ("lora", "dora", "prefix", "prompt")
-METHODS = (*PEFT_METHODS, "bitfit")
+PEFT_LOADABLE = ("lora", "dora", "adalora", "plora", "prefix", "prompt")  # adalora/plora: exported as LoRA
+METHODS = (*PEFT_LOADABLE, "bitfit")
 PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]  # token-id prompts to compare logits on
 
 
@@ -43,7 +43,7 @@ def test_each_method_learns(runs: dict, method: str) -> None:
     m = result.metrics
     assert m["eval_loss"] < m["eval_loss_untrained"] - 0.5, m
     assert m["eval_accuracy"] > m["eval_accuracy_untrained"] + 0.2, m
-    if method in ("lora", "dora"):
+    if method in ("lora", "dora", "adalora", "plora"):
         assert m["eval_accuracy"] >= 0.9
     assert 0 < m["trainable_pct"] < 50 and m["trainable_params"] > 0  # r=8 on a 64-wide model is a lot
     assert m["steps"] == 150 and m["wall_seconds"] > 0 and m["peak_memory_bytes"] > 0
@@ -72,7 +72,15 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return out[-len(ids) :]  # prompt tuning prepends virtual positions
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_adalora_publishes_its_final_ranks(runs: dict) -> None:
+    result, _ = runs["adalora"]
+    ranks = json.loads((result.artifact / "adapter_config.json").read_text())["rank_pattern"]
+    assert sum(ranks.values()) == result.metrics["adalora_final_rank_total"] <= 14 * 8  # budget: target_rank 8
+    assert len(set(ranks.values())) > 1  # reallocated: layers end at different ranks
+    assert all(1 <= r <= 12 for r in ranks.values())
+
+
+@pytest.mark.parametrize("method", PEFT_LOADABLE)
 def test_peft_artifact_loads_back(runs: dict, method: str, trainable_base: Path) -> None:
     result, _ = runs[method]
     loaded = PeftModel.from_pretrained(load_model(trainable_base), result.artifact).eval()
@@ -82,7 +90,7 @@ def test_peft_artifact_loads_back(runs: dict, method: str, trainable_base: Path)
 
 def test_engine_serves_trained_adapters_with_trained_logits(runs: dict, trainable_base: Path) -> None:
     registry = next(iter(runs.values()))[1]
-    with Engine(trainable_base, registry, max_batch=16, max_seq_len=64) as engine:
+    with Engine(trainable_base, registry, max_batch=len(METHODS) * len(PROBE), max_seq_len=64) as engine:
         requests = [Request(prompt_ids=ids, adapters=[f"t-{m}:staging"]) for m in METHODS for ids in PROBE]
         served = engine.forward_logits(requests)  # all methods in ONE batch
     for i, (method, ids) in enumerate((m, ids) for m in METHODS for ids in PROBE):
