@@ -194,6 +194,7 @@ register_method("lora", load_lora)
 register_method("dora", load_lora)
 register_method("plora", load_lora)  # PEFT LoRA files carrying PLoRA's accumulated delta
 register_method("adalora", load_lora)  # hotswap train exports AdaLoRA as LoRA at its final ranks
+register_method("dylora", load_lora)  # LoRA files at the max rank; a request may ask for a lower one
 register_method("bitfit", load_bitfit)
 register_method("prefix", load_prefix)
 register_method("prompt", load_prompt)

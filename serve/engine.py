@@ -465,7 +465,7 @@ class Engine:
         offs = torch.tensor(offsets, device=device)
         positions = offs[:, None] + torch.arange(embeds.shape[1], device=device)[None, :]  # (J, Lmax)
         rows = torch.tensor([j.row for j in jobs], device=device)
-        self.plan.set([j.slots for j in jobs], device)
+        self.plan.set([j.slots for j in jobs], device, [j.req.rank or 0 for j in jobs])
         hidden = self.runner.forward(rows, embeds, positions)  # (J, Lmax, hidden)
         for job, offset, n in zip(jobs, offsets, lengths, strict=True):
             job.position = offset + n
@@ -486,12 +486,14 @@ class Engine:
         tokens = torch.zeros(n, 1, dtype=torch.long)
         positions = torch.zeros(n, 1, dtype=torch.long)
         plan_rows: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+        plan_ranks = [0] * n
         for job in active:
             tokens[job.row, 0] = job.generated[-1]
             positions[job.row, 0] = job.position
             plan_rows[job.row] = job.slots
+            plan_ranks[job.row] = job.req.rank or 0
         device = self.runner.device
-        self.plan.set(plan_rows, device)
+        self.plan.set(plan_rows, device, plan_ranks)
         hidden = self.runner.forward(
             torch.arange(n, device=device), self.runner.embed(tokens.to(device)), positions.to(device), True
         )

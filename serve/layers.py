@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hotswap.serve.ops import gather_rows, gather_unique, lora_apply, lora_apply_unique, weighted_rows
+from hotswap.serve.ops import (
+    gather_rows,
+    gather_unique,
+    lora_apply,
+    lora_apply_unique,
+    rank_truncation,
+    weighted_rows,
+)
 
 
 @dataclass
@@ -24,21 +31,24 @@ class BatchPlan:
 
     slots: torch.Tensor | None = None  # (Bt, K) long; slot 0 = no adapter
     weights: torch.Tensor | None = None  # (Bt, K) float
+    ranks: torch.Tensor | None = None  # (Bt,) long: DyLoRA rank per row, 0 = full; None when no row asks
     used: frozenset[int] = frozenset()  # non-zero slots present in `slots`
     version: int = 0  # bumped whenever slots/weights change, so layers can reuse gathered factors
     _key: tuple = field(default=(), repr=False)
 
-    def set(self, rows: list[list[tuple[int, float]]], device: torch.device) -> None:
-        """rows[b] = [(slot, weight), ...] (empty for the base model)."""
-        key = tuple(tuple(r) for r in rows)
+    def set(self, rows: list[list[tuple[int, float]]], device: torch.device, ranks: list[int] | None = None) -> None:
+        """rows[b] = [(slot, weight), ...] (empty for the base model); ranks[b] = DyLoRA rank (0 = full)."""
+        ranks = ranks if ranks is not None and any(ranks) else None
+        key = (tuple(tuple(r) for r in rows), tuple(ranks or ()))
         if key == self._key:
             return
         self._key = key
         self.version += 1
         self.used = frozenset(s for r in rows for s, _ in r if s)
         if not self.used:
-            self.slots = self.weights = None
+            self.slots = self.weights = self.ranks = None
             return
+        self.ranks = None if ranks is None else torch.tensor(ranks, dtype=torch.long, device=device)
         k = max(len(r) for r in rows)
         slots = torch.zeros(len(rows), k, dtype=torch.long)
         weights = torch.zeros(len(rows), k, dtype=torch.float32)
@@ -136,7 +146,11 @@ class MultiAdapterLinear(nn.Module):
             if with_lora:
                 rank = max(self.slot_rank[s] for s in with_lora)
                 # Few distinct adapters for many rows: read each adapter once (dense path); else per row.
-                if 2 * len(with_lora) <= plan.slots.shape[0]:
+                if plan.ranks is not None:  # DyLoRA rows at a chosen rank: the per-row path truncates
+                    slot_ranks = torch.tensor(self.slot_rank, device=plan.slots.device)
+                    trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
+                    lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank, trunc))
+                elif 2 * len(with_lora) <= plan.slots.shape[0]:
                     lora = ("unique", *gather_unique(self.A, self.B, plan.slots, plan.weights, rank, with_lora))
                 else:
                     lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank))

@@ -3,7 +3,7 @@ method's way) and ``export`` (write the artifact).
 
 PEFT does the work where it has the method (LoRA, DoRA, prefix, prompt), and the artifact is exactly
 its ``save_pretrained`` output; AdaLoRA too, exported as LoRA at its final ranks (``hotswap.train.adalora``).
-PLoRA (``hotswap.train.plora``) is ours, on PEFT's LoRA layers.
+PLoRA and DyLoRA (``hotswap.train.plora``, ``.dylora``) are ours, on PEFT's LoRA layers.
 BitFit is ours (PEFT has no bias-only method): trainable biases on the target linears (new zero
 biases where the base has none), exported as bias deltas in hotswap's documented format, the same
 the engine serves (see ``hotswap.train.synthetic.write_bitfit``).
@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, 
 
 from hotswap.errors import InvalidArgument
 from hotswap.train.adalora import AdaLoraOptions, attach_adalora
+from hotswap.train.dylora import DyLoraOptions, attach_dylora
 from hotswap.train.plora import PLoraOptions, attach_plora
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
 
@@ -142,22 +143,26 @@ def _lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> _Peft:
 class Method:
     options: type
     attach: Any  # (model, options, total steps) -> Trainable
+    lr: float  # default learning rate (AdamW, linear decay): trains the built-in tasks well
+
+
+def _prefix(model: torch.nn.Module, o: VirtualTokenOptions) -> _Peft:
+    return _peft(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens))
+
+
+def _prompt(model: torch.nn.Module, o: VirtualTokenOptions) -> _Peft:
+    return _peft(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens))
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=False)),
-    "dora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=True)),
-    "adalora": Method(AdaLoraOptions, attach_adalora),
-    "plora": Method(PLoraOptions, lambda m, o, _: attach_plora(m, o)),
-    "prefix": Method(
-        VirtualTokenOptions,
-        lambda m, o, _: _peft(m, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
-    ),
-    "prompt": Method(
-        VirtualTokenOptions,
-        lambda m, o, _: _peft(m, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens)),
-    ),
-    "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o)),
+    "lora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=False), 5e-3),
+    "dora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=True), 5e-3),
+    "adalora": Method(AdaLoraOptions, attach_adalora, 5e-3),
+    "dylora": Method(DyLoraOptions, lambda m, o, _: attach_dylora(m, o), 5e-3),
+    "plora": Method(PLoraOptions, lambda m, o, _: attach_plora(m, o), 5e-3),
+    "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2),
+    "prompt": Method(VirtualTokenOptions, lambda m, o, _: _prompt(m, o), 1e-1),
+    "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o), 5e-2),
 }
 
 

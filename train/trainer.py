@@ -34,17 +34,6 @@ from hotswap.train.methods import METHODS, method_options
 
 log = logging.getLogger(__name__)
 
-# Learning rates that train each method well on the built-in tasks (AdamW, linear decay).
-DEFAULT_LR = {
-    "lora": 5e-3,
-    "dora": 5e-3,
-    "adalora": 5e-3,
-    "plora": 5e-3,
-    "bitfit": 5e-2,
-    "prefix": 3e-2,
-    "prompt": 1e-1,
-}
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -52,7 +41,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. rank, alpha)
     steps: int | None = None  # optimizer steps; default 200 unless epochs is given
     epochs: float | None = None  # passes over the training data (instead of steps)
-    lr: float | None = None  # default DEFAULT_LR[method]
+    lr: float | None = None  # default: the method's (METHODS[method].lr)
     batch_size: int = 16
     seed: int = 0
     eval_every: int = 50  # steps between evaluations (and at the end)
@@ -190,7 +179,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    lr = config.lr or DEFAULT_LR[config.method]
+    lr = config.lr or METHODS[config.method].lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))
     eval_loss_start, eval_acc_start = evaluate(model, eval_ds, config.batch_size, config.device)

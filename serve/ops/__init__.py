@@ -9,6 +9,7 @@ from hotswap.serve.ops.lora import (
     lora_apply_unique,
     lora_delta,
     lora_delta_unique,
+    rank_truncation,
     weighted_rows,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "lora_apply_unique",
     "lora_delta",
     "lora_delta_unique",
+    "rank_truncation",
     "weighted_rows",
 ]

@@ -24,16 +24,36 @@ import torch
 
 
 def gather_rows(
-    A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    rank: int,
+    truncation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row stacked factors. A: [S, R, in], B: [S, R, out] (scaling folded in), slots/weights: [Bt, K].
+    """Per-row stacked factors. A: [S, R, in], B: [S, R, out] (scaling folded in), slots/weights: [Bt, K];
+    ``truncation`` [Bt, K, rank] (from :func:`rank_truncation`) scales each rank component per row.
 
     Returns A_rows [Bt, K*rank, in] and B_rows [Bt, K*rank, out] with each adapter's weight folded into B.
     """
     bt, k = slots.shape
     a = A[slots, :rank]  # (Bt, K, r, in)
-    b = B[slots, :rank] * weights[:, :, None, None].to(B.dtype)  # (Bt, K, r, out)
+    coef = weights[:, :, None].to(B.dtype).expand(bt, k, rank)
+    if truncation is not None:
+        coef = coef * truncation.to(B.dtype)
+    b = B[slots, :rank] * coef[..., None]  # (Bt, K, r, out)
     return a.reshape(bt, k * rank, A.shape[-1]), b.reshape(bt, k * rank, B.shape[-1])
+
+
+def rank_truncation(slot_ranks: torch.Tensor, slots: torch.Tensor, row_ranks: torch.Tensor, rank: int) -> torch.Tensor:
+    """DyLoRA serving: row b uses only the first ``row_ranks[b]`` rank components of each adapter (0 = all),
+    rescaled from the stored alpha/r to alpha/b. slot_ranks: [S]; returns [Bt, K, rank] coefficients
+    ``(j < c) * r / c`` with r the slot's rank and c = min(row rank, r)."""
+    r = slot_ranks[slots].to(torch.float32)  # (Bt, K)
+    want = row_ranks[:, None].to(torch.float32).expand_as(r)
+    cap = torch.where((want > 0) & (want < r), want, r).clamp(min=1)
+    j = torch.arange(rank, device=slots.device, dtype=torch.float32)
+    return (j[None, None, :] < cap[..., None]).to(torch.float32) * (r / cap)[..., None]
 
 
 def lora_apply(
@@ -45,10 +65,16 @@ def lora_apply(
 
 
 def lora_delta(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    rank: int,
+    truncation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The module docstring's ``delta`` for x: [Bt, T, in] -> [Bt, T, out]."""
-    return lora_apply(x, *gather_rows(A, B, slots, weights, rank))
+    return lora_apply(x, *gather_rows(A, B, slots, weights, rank, truncation))
 
 
 def weighted_rows(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,28 @@ def lora_delta(
     return out
 
 
+def truncated_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    slot_ranks: list[int],
+    row_ranks: list[int],
+) -> torch.Tensor:
+    """DyLoRA: row b uses each adapter truncated to c = min(row_ranks[b], r) (0 = r) with scale r / c:
+    delta[b] = sum_k weights[b, k] * (r / c) * x[b] @ A[s, :c].T @ B[s, :c]."""
+    out = torch.zeros(x.shape[0], x.shape[1], B.shape[-1], dtype=torch.float32)
+    for b in range(x.shape[0]):
+        for k in range(slots.shape[1]):
+            s, w = int(slots[b, k]), float(weights[b, k])
+            r = slot_ranks[s]
+            c = row_ranks[b] if 0 < row_ranks[b] < r else r
+            if r:
+                out[b] += w * (r / c) * (x[b].float() @ A[s, :c].float().T) @ B[s, :c].float()
+    return out
+
+
 def weighted_rows(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_k weights[b, k] * table[slots[b, k]]."""
     out = torch.zeros(slots.shape[0], table.shape[-1], dtype=torch.float32)

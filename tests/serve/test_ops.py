@@ -94,3 +94,21 @@ def test_rows_without_adapter_get_exactly_zero() -> None:
     x = torch.randn(4, 3, IN)
     assert torch.equal(lora.lora_delta(x, A, B, slots, weights, 16), torch.zeros(4, 3, OUT))
     assert torch.equal(lora.weighted_rows(vectors, slots, weights), torch.zeros(4, OUT))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_rank_truncation_matches_reference(pattern: str, k: int) -> None:
+    """DyLoRA rows at a chosen rank (0 = full, above the adapter's rank = full) next to full rows."""
+    A, B, _ = _tables(torch.float32)
+    rows = 12
+    slots, weights = _slots(pattern, rows, k), _weights(rows, k)
+    row_ranks = [0, 1, 2, 3, 5, 8, 16, 40, 0, 1, 4, 0]
+    x = torch.randn(rows, 3, IN, generator=torch.Generator().manual_seed(2))
+    trunc = lora.rank_truncation(torch.tensor(RANKS), slots, torch.tensor(row_ranks), CAPACITY)
+    fast = lora.lora_delta(x, A, B, slots, weights, CAPACITY, trunc)
+    _check(fast, lora_ref.truncated_delta(x, A, B, slots, weights, RANKS, row_ranks), torch.float32)
+    # rank 0 everywhere is exactly the untruncated op
+    full = lora.rank_truncation(torch.tensor(RANKS), slots, torch.zeros(rows, dtype=torch.long), CAPACITY)
+    torch.testing.assert_close(lora.lora_delta(x, A, B, slots, weights, CAPACITY, full),
+                               lora.lora_delta(x, A, B, slots, weights, CAPACITY))  # fmt: skip

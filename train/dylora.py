@@ -1,0 +1,82 @@
+"""DyLoRA: LoRA trained with nested ranks, so every truncation b <= r works at serving time.
+
+Each step samples b uniformly in [1, r]; every adapted layer uses only the first b rows of A and
+columns of B, with scale alpha / b (the paper's W0 x + (alpha/b) B[:, :b] A[:b] x). All of the first
+b components train (not only the b-th). PEFT has no DyLoRA, so this is ours, on PEFT's LoRA layers:
+a forward hook on each ``lora_A`` masks the components >= b and a pre-hook sets the scaling to
+alpha/b; in eval mode both step aside and the adapter runs at its full rank r.
+
+Published as PEFT LoRA files at the maximum rank r (alpha unchanged); the engine serves a request at
+rank b by truncating the same way (``Request.rank``; ``hotswap.serve.ops.rank_truncation``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from hotswap.errors import InvalidArgument
+from hotswap.train.synthetic import DEFAULT_TARGETS
+
+
+@dataclass(frozen=True)
+class DyLoraOptions:
+    rank: int = 8  # the maximum rank r
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise InvalidArgument(f"rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class DyLoraTrainable:
+    model: PeftModel
+    options: DyLoraOptions
+    rank: int = 0  # b, the rank of the current training step
+
+    def __post_init__(self) -> None:
+        r, alpha = self.options.rank, self.options.alpha
+        positions = torch.arange(r)
+
+        def truncate(module: torch.nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+            return out * (positions < self.rank).to(out.dtype) if module.training else out
+
+        def rescale(layer: torch.nn.Module, _inputs: object) -> None:
+            layer.scaling["default"] = alpha / (self.rank if layer.training else r)  # eval: the full adapter
+
+        for layer in self._layers():
+            layer.lora_A["default"].register_forward_hook(truncate)
+            layer.register_forward_pre_hook(rescale)
+        self.after_step(0)
+
+    def _layers(self) -> list[LoraLayer]:
+        return [m for m in self.model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> bool:
+        """Sample the next step's rank b in [1, r] (torch's generator, seeded by the run)."""
+        self.rank = int(torch.randint(1, self.options.rank + 1, ()).item())
+        return False
+
+    def export(self, out: Path) -> dict[str, float]:
+        self.model.save_pretrained(out)  # all r components; alpha as configured
+        return {}
+
+
+def attach_dylora(model: torch.nn.Module, opts: DyLoraOptions) -> DyLoraTrainable:
+    config = LoraConfig(
+        r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.target_modules), task_type="CAUSAL_LM"
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise InvalidArgument(f"cannot attach dylora: {e}") from None
+    return DyLoraTrainable(peft_model, opts)
