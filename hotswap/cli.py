@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=_positive_int, default=8)
 
     sp = add("bench", cmd_bench, "run a benchmark scenario (shared/BENCHMARK.md): Markdown table + JSON")
-    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server"))
+    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train"))
     sp.add_argument("--out", type=Path, default=Path("bench-results"))
     sp.add_argument("--cache", type=Path, default=Path("bench-results/.cache"), help="built bases and adapters")
     sp.add_argument("--device", default="cpu", help="cpu or cuda")

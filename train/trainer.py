@@ -114,7 +114,7 @@ def _batch(examples: list[Example], device: str) -> tuple[torch.Tensor, torch.Te
     return ids.to(device), attention.to(device), target.to(device)
 
 
-def _scores(model: torch.nn.Module, examples: list[Example], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model: torch.nn.Module, examples: list[Example], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target-token cross-entropy, and per-example exact match of the greedy (teacher-forced) tokens."""
     ids, attention, target = _batch(examples, device)
     logits = model(input_ids=ids, attention_mask=attention).logits[:, -ids.shape[1] :]  # drop virtual tokens
@@ -131,8 +131,8 @@ def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int, device: str) 
     model.eval()
     losses, correct = [], []
     for i in range(0, len(ds.examples), batch_size):
-        token_losses, exact = _scores(model, ds.examples[i : i + batch_size], device)
-        losses.append(token_losses)
+        batch_losses, exact = token_losses(model, ds.examples[i : i + batch_size], device)
+        losses.append(batch_losses)
         correct.append(exact)
     model.train(was_training)
     return torch.cat(losses).mean().item(), torch.cat(correct).float().mean().item()
@@ -199,7 +199,7 @@ def train(
             rng.shuffle(fresh)
             order += fresh
         batch, order = [train_ds.examples[i] for i in order[: config.batch_size]], order[config.batch_size :]
-        losses, _ = _scores(model, batch, config.device)
+        losses, _ = token_losses(model, batch, config.device)
         loss = losses.mean()
         penalty = trainable.penalty()
         optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from hotswap.bench.common import (
     requests,
     set_threads,
 )
+from hotswap.bench.training import train_bench
 from hotswap.client import Client
 
 log = logging.getLogger(__name__)
@@ -342,10 +343,20 @@ def _stream_all(
         latencies[adapter].append((ttft, gaps))
 
 
+def training(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
+    """Peak memory and step time per training method vs full fine-tuning (hotswap.bench.training), at a
+    quarter of the workload's batch (full fine-tuning of W1 on a CPU is slow) and its full length."""
+    w = fx.workload
+    batch = max(1, w.batch // 4)
+    rows = train_bench(str(fx.base), batch, w.prompt + w.new_tokens, steps=3, device=w.device)
+    return [{**row, "batch": batch, "tokens": w.prompt + w.new_tokens} for row in rows]
+
+
 SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
     "mixed": mixed,
     "swap": swap,
     "load": load,
     "methods": methods,
     "server": server,
+    "train": training,
 }

@@ -93,3 +93,15 @@ def test_server(tmp_path: Path, cache: Path) -> None:
     assert 0 < main_row["ttft_ms_p50"] <= main_row["ttft_ms_p95"]
     assert 0 < main_row["itl_ms_p50"] <= main_row["itl_ms_p95"]
     assert [r["label"] for r in per_adapter] == ["adapter lora-0", "adapter lora-1"]
+
+
+@pytest.mark.slow
+def test_train(tmp_path: Path, cache: Path) -> None:
+    """Every method in its own process, ratios against full fine-tuning from the same run."""
+    rows = _load(run("train", TINY, tmp_path, cache, [0])[0])["rows"]
+    assert [r["method"] for r in rows][:2] == ["full", "lora"] and len(rows) == 9
+    full = rows[0]
+    for r in rows:
+        assert r["peak_memory_mb"] > 0 and r["step_s"] > 0
+        assert r["vs_full_memory"] == pytest.approx(r["peak_memory_mb"] / full["peak_memory_mb"])
+        assert 0 < r["trainable_params"] <= full["trainable_params"]

@@ -1,0 +1,124 @@
+"""``hotswap bench train``: peak memory and step time of each training method vs full fine-tuning.
+
+Each method runs in a fresh process (``python -m hotswap.bench.training``), so one method's allocator
+state cannot inflate another's peak. A worker loads the base, attaches the method exactly as
+``hotswap train`` does (or makes every weight trainable, for full fine-tuning), and times AdamW steps
+on a fixed random batch of the workload's shape (batch x (prompt + new_tokens) tokens, loss on every
+token). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak RSS above the RSS after
+imports (the model, gradients, optimizer state and activations, without the Python/torch runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+FULL = "full"
+METHODS = (FULL, "lora", "dora", "adalora", "dylora", "plora", "bitfit", "prefix", "prompt")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(method: str, base: str, batch: int, length: int, steps: int, device: str) -> dict[str, Any]:
+    """One method's figures (run inside the worker process)."""
+    from hotswap.basemodel import load_model
+    from hotswap.train.data import Example
+    from hotswap.train.methods import METHODS as TRAIN_METHODS
+    from hotswap.train.methods import method_options
+    from hotswap.train.trainer import token_losses
+
+    baseline = _rss_bytes()
+    torch.manual_seed(0)
+    model = load_model(base, device=device)
+    if method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable = None
+    else:
+        trainable = TRAIN_METHODS[method].attach(model, method_options(method, {}), steps)
+        model = trainable.model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    examples = [Example([], torch.randint(0, vocab, (length,), generator=g).tolist()) for _ in range(batch)]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        loss = token_losses(model, examples, device)[0].mean()
+        penalty = trainable.penalty() if trainable is not None else None
+        optimizer.zero_grad(set_to_none=True)
+        (loss if penalty is None else loss + penalty).backward()
+        optimizer.step()
+        if trainable is not None and trainable.after_step(step):
+            optimizer.state.clear()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {
+        "method": method,
+        "trainable_params": sum(p.numel() for p in params),
+        "step_s": statistics.median(times[1:] if len(times) > 1 else times),  # the first step warms up
+        "peak_memory_mb": peak / 2**20,
+    }
+
+
+def train_bench(base: str, batch: int, length: int, steps: int, device: str) -> list[dict[str, Any]]:
+    """Every method in its own process; ratios against full fine-tuning from the same run."""
+    rows = []
+    for method in METHODS:
+        cmd = [
+            sys.executable,
+            "-m",
+            "hotswap.bench.training",
+            method,
+            base,
+            str(batch),
+            str(length),
+            str(steps),
+            device,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"train bench worker for {method} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    full, lora = rows[0], rows[1]
+    for row in rows:
+        row["label"] = "full fine-tuning" if row["method"] == FULL else row["method"]
+        row["vs_full_memory"] = row["peak_memory_mb"] / full["peak_memory_mb"]
+        row["vs_full_step"] = row["step_s"] / full["step_s"]
+        row["vs_lora_memory"] = row["peak_memory_mb"] / lora["peak_memory_mb"]
+    return rows
+
+
+def _worker() -> None:
+    p = argparse.ArgumentParser()
+    for name in ("method", "base"):
+        p.add_argument(name)
+    for name in ("batch", "length", "steps"):
+        p.add_argument(name, type=int)
+    p.add_argument("device")
+    a = p.parse_args()
+    print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device)))
+
+
+if __name__ == "__main__":
+    _worker()
