@@ -142,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         aliases=args.alias,
         visibility=args.visibility,
         description=args.description,
+        parent=args.parent,
         quiet=args.quiet,
     )
     m = result.metrics
@@ -543,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alias", action="append", default=[], help="with --push: move this alias to it (repeatable)")
     sp.add_argument("--visibility", choices=("public", "private"), help="with --push (default: by the name)")
     sp.add_argument("--description", default="")
+    sp.add_argument("--parent", help="continue from this published version (same method), e.g. math@2")
     sp.add_argument("--steps", type=_positive_int, help="optimizer steps (default 200)")
     sp.add_argument("--epochs", type=float, help="passes over the data, instead of --steps")
     sp.add_argument("--lr", type=float, help="learning rate (default per method)")

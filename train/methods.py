@@ -12,14 +12,17 @@ the engine serves (see ``hotswap.train.synthetic.write_bitfit``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from safetensors.torch import load_file
 
 from hotswap.errors import InvalidArgument
+from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.train.adalora import AdaLoraOptions, attach_adalora
 from hotswap.train.dylora import DyLoraOptions, attach_dylora
 from hotswap.train.plora import PLoraOptions, attach_plora
@@ -127,6 +130,22 @@ def _bitfit(model: torch.nn.Module, opts: BitFitOptions) -> _BitFit:
     return _BitFit(model, biases, opts.target_modules)
 
 
+def _resume_peft(model: torch.nn.Module, parent: Path) -> _Peft:
+    return _Peft(PeftModel.from_pretrained(model, parent, is_trainable=True))
+
+
+def _resume_bitfit(model: torch.nn.Module, parent: Path) -> _BitFit:
+    """Start from a published BitFit's biases; the export stays a delta against the base's biases."""
+    config = json.loads((parent / HOTSWAP_CONFIG).read_text())
+    trainable = _bitfit(model, BitFitOptions(tuple(config["target_modules"])))
+    deltas = load_file(parent / "adapter_model.safetensors")
+    for name, (bias, _start) in trainable.biases.items():
+        if f"{name}.bias" in deltas:
+            with torch.no_grad():
+                bias += deltas[f"{name}.bias"].to(bias.dtype)
+    return trainable
+
+
 def _lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> _Peft:
     config = LoraConfig(
         r=opts.rank,
@@ -144,6 +163,7 @@ class Method:
     options: type
     attach: Any  # (model, options, total steps) -> Trainable
     lr: float  # default learning rate (AdamW, linear decay): trains the built-in tasks well
+    resume: Any = None  # (model, parent artifact dir) -> Trainable: fine-tune a published version further
 
 
 def _prefix(model: torch.nn.Module, o: VirtualTokenOptions) -> _Peft:
@@ -155,14 +175,14 @@ def _prompt(model: torch.nn.Module, o: VirtualTokenOptions) -> _Peft:
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=False), 5e-3),
-    "dora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=True), 5e-3),
+    "lora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=False), 5e-3, _resume_peft),
+    "dora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=True), 5e-3, _resume_peft),
     "adalora": Method(AdaLoraOptions, attach_adalora, 5e-3),
     "dylora": Method(DyLoraOptions, lambda m, o, _: attach_dylora(m, o), 5e-3),
     "plora": Method(PLoraOptions, lambda m, o, _: attach_plora(m, o), 5e-3),
-    "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2),
-    "prompt": Method(VirtualTokenOptions, lambda m, o, _: _prompt(m, o), 1e-1),
-    "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o), 5e-2),
+    "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2, _resume_peft),
+    "prompt": Method(VirtualTokenOptions, lambda m, o, _: _prompt(m, o), 1e-1, _resume_peft),
+    "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o), 5e-2, _resume_bitfit),
 }
 
 

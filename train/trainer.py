@@ -156,14 +156,29 @@ def train(
     aliases: tuple[str, ...] | list[str] = (),
     visibility: str | None = None,
     description: str = "",
+    parent: str | None = None,
     quiet: bool = False,
 ) -> TrainResult:
-    """Train, evaluate, write ``out/adapter`` and the loss curve, and publish as ``push`` if given."""
+    """Train, evaluate, write ``out/adapter`` and the loss curve, and publish as ``push`` if given.
+
+    ``parent`` (a ref in ``registry``) continues training from that published version; the new version
+    records it as its lineage parent."""
     base_path, out_dir = Path(base), Path(out)
     if (out_dir / "adapter").exists():
         raise InvalidArgument(f"{out_dir / 'adapter'} already exists; train into a new --out directory")
     options = method_options(config.method, config.options)
-    reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push else None
+    reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push or parent else None
+    parent_manifest, parent_dir = None, None
+    if parent is not None and reg is not None:
+        if METHODS[config.method].resume is None:
+            raise InvalidArgument(
+                f"{config.method} cannot continue from a parent version (it restructures the adapter)"
+            )
+        if config.options:
+            raise InvalidArgument("with a parent, the adapter's shape comes from the parent: drop the method options")
+        parent_manifest, parent_dir = reg.fetch(parent, base_fingerprint=fingerprint(base_path))
+        if parent_manifest.method != config.method:
+            raise InvalidArgument(f"parent {parent_manifest.ref} is {parent_manifest.method}, not {config.method}")
     torch.manual_seed(config.seed)
     model = load_model(base_path, device=config.device)
     train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
@@ -174,7 +189,10 @@ def train(
             raise InvalidArgument(f"{ds.name}: token id {top} is outside the base's vocabulary ({vocab})")
     per_epoch = -(-len(train_ds.examples) // config.batch_size)
     steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
-    trainable = METHODS[config.method].attach(model, options, steps)
+    if parent_dir is not None:
+        trainable = METHODS[config.method].resume(model, parent_dir)
+    else:
+        trainable = METHODS[config.method].attach(model, options, steps)
     model = trainable.model.to(config.device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
@@ -238,8 +256,15 @@ def train(
     write_png(out_dir / "loss_curve.png", curve)
     manifest = None
     if push is not None and reg is not None:
-        training_config = {**asdict(config), "options": asdict(options), "lr": lr, "steps": steps,
-                           "data": data, "eval_data": eval_data or eval_source}  # fmt: skip
+        shape = asdict(options) if parent_manifest is None else {"from_parent": parent_manifest.ref}
+        training_config = {
+            **asdict(config),
+            "options": shape,
+            "lr": lr,
+            "steps": steps,
+            "data": data,
+            "eval_data": eval_data or eval_source,
+        }
         manifest = reg.publish(
             out_dir / "adapter",
             push,
@@ -247,7 +272,10 @@ def train(
             base_fingerprint=fingerprint(base_path),
             aliases=list(aliases),
             lineage=Lineage(
-                training_config=training_config, data_digest=train_ds.digest, code_version=f"hotswap {__version__}"
+                parent=parent_manifest.ref if parent_manifest else None,
+                training_config=training_config,
+                data_digest=train_ds.digest,
+                code_version=f"hotswap {__version__}",
             ),
             metrics=metrics,
             visibility=visibility,

@@ -2,7 +2,8 @@
 
 Each method runs in a fresh process (``python -m hotswap.bench.training``), so one method's allocator
 state cannot inflate another's peak. A worker loads the base, attaches the method exactly as
-``hotswap train`` does (or makes every weight trainable, for full fine-tuning), and times AdamW steps
+``hotswap train`` does (or makes every weight trainable, for full fine-tuning; PLoRA offloads every
+2 steps so its offloads are measured), and times AdamW steps
 on a fixed random batch of the workload's shape (batch x (prompt + new_tokens) tokens, loss on every
 token). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak RSS above the RSS after
 imports (the model, gradients, optimizer state and activations, without the Python/torch runtime).
@@ -46,7 +47,8 @@ def measure(method: str, base: str, batch: int, length: int, steps: int, device:
             p.requires_grad_(True)
         trainable = None
     else:
-        trainable = TRAIN_METHODS[method].attach(model, method_options(method, {}), steps)
+        options = {"period": 2} if method == "plora" else {}  # PLoRA: offloads inside the timed steps
+        trainable = TRAIN_METHODS[method].attach(model, method_options(method, options), steps)
         model = trainable.model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -172,3 +172,34 @@ def test_cli_train_and_push(tmp_path: Path, trainable_base: Path, capsys: pytest
         "hotswap: error: option(s) rank do not apply to bitfit (its options: target_modules)"
     )
     assert [m.version for m in Registry(reg).versions("acme/adder")] == [1]
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_fine_tune_further_from_a_parent(runs: dict, method: str, trainable_base: Path, tmp_path: Path) -> None:
+    first, registry = runs[method]
+    config = TrainConfig(method=method, steps=30, eval_every=30, seed=1)
+    child = train(config, trainable_base, "builtin:mapping", tmp_path / "child", push=f"t-{method}",
+                  registry=registry, parent=f"t-{method}:staging", quiet=True)  # fmt: skip
+    assert child.manifest is not None and child.manifest.lineage.parent == f"t-{method}@1"
+    assert child.manifest.version == 2
+    # it starts where the parent ended (same eval set: a fresh draw with seed + 10000 differs by seed)
+    start = child.metrics["eval_loss_untrained"]
+    assert start < first.metrics["eval_loss_untrained"] - 0.5
+    assert child.metrics["eval_loss"] <= start + 0.05
+
+
+def test_parent_refusals(runs: dict, trainable_base: Path, tmp_path: Path) -> None:
+    _, registry = runs["lora"]
+
+    def run(method: str, parent: str, **options: object) -> None:
+        config = TrainConfig(method=method, steps=1, options=options)
+        train(config, trainable_base, "builtin:mapping", tmp_path / "run", push="x", registry=registry,
+              parent=parent, quiet=True)  # fmt: skip
+
+    with pytest.raises(InvalidArgument, match="cannot continue from a parent"):
+        run("dylora", "t-dylora")
+    with pytest.raises(InvalidArgument, match="is dora, not lora"):
+        run("lora", "t-dora")
+    with pytest.raises(InvalidArgument, match="drop the method options"):
+        run("lora", "t-lora", rank=4)
+    assert "x" not in Registry(registry).names()
