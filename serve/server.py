@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -353,69 +354,55 @@ class _Adapters(pb_grpc.AdaptersServicer):
     def __init__(self, server: Server) -> None:
         self.s = server
 
-    def _admin(self, context: grpc.ServicerContext) -> Principal:
+    @contextmanager
+    def _call(self, context: grpc.ServicerContext, admin: bool = False) -> Iterator[Principal]:
+        """Admit the RPC (and check the admin role), turn our errors into its status, always leave."""
         principal = self.s.enter(context)
-        if not principal.is_admin:
+        try:
+            if admin and not principal.is_admin:
+                raise PermissionDenied("this call needs a token with role admin")
+            yield principal
+        except HotswapError as e:
+            _abort(context, e)
+        finally:
             self.s.leave()
-            _abort(context, PermissionDenied("this call needs a token with role admin"))
-        return principal
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadResponse:
-        self._admin(context)
-        try:
+        with self._call(context, admin=True):
             t0 = time.perf_counter()
             try:
-                exact = self.s.ready_engine().load_adapter(
-                    request.ref, pin=request.pin, timeout=context.time_remaining()
-                )
+                engine = self.s.ready_engine()
+                exact = engine.load_adapter(request.ref, pin=request.pin, timeout=context.time_remaining())
             except futures.TimeoutError:
                 raise DeadlineExceeded(f"{request.ref} was still loading when the deadline passed") from None
             return pb.LoadResponse(ref=exact, seconds=time.perf_counter() - t0)
-        except HotswapError as e:
-            _abort(context, e)
-        finally:
-            self.s.leave()
 
     def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext) -> pb.UnloadResponse:
-        self._admin(context)
-        try:
+        with self._call(context, admin=True):
             return pb.UnloadResponse(ref=self.s.ready_engine().unload_adapter(request.ref))
-        except HotswapError as e:
-            _abort(context, e)
-        finally:
-            self.s.leave()
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        principal = self.s.enter(context)
-        try:
+        with self._call(context) as principal:
             resident: dict[str, list[str]] = {}
             for ref in self.s.ready_engine().resident():
                 resident.setdefault(AdapterRef.parse(ref).full_name, []).append(ref)
-            infos = []
-            for item in self.s.registry.list():
-                tenant = AdapterRef.parse(item.name).tenant
-                if not principal.may_see(item.visibility, tenant):
-                    continue
-                infos.append(
-                    pb.AdapterInfo(
-                        name=item.name,
-                        latest=item.latest,
-                        versions=[m.version for m in self.s.registry.versions(item.name)],
-                        aliases=item.aliases,
-                        method=item.method,
-                        visibility=item.visibility,
-                        resident=resident.get(item.name, []),
-                    )
+            infos = [
+                pb.AdapterInfo(
+                    name=item.name,
+                    latest=item.latest,
+                    versions=[m.version for m in self.s.registry.versions(item.name)],
+                    aliases=item.aliases,
+                    method=item.method,
+                    visibility=item.visibility,
+                    resident=resident.get(item.name, []),
                 )
+                for item in self.s.registry.list()
+                if principal.may_see(item.visibility, AdapterRef.parse(item.name).tenant)
+            ]
             return pb.ListResponse(adapters=infos)
-        except HotswapError as e:
-            _abort(context, e)
-        finally:
-            self.s.leave()
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
-        principal = self.s.enter(context)
-        try:
+        with self._call(context) as principal:
             m = authorize(self.s.registry, principal, request.ref)
             return pb.DescribeResponse(
                 ref=m.ref,
@@ -425,10 +412,6 @@ class _Adapters(pb_grpc.AdaptersServicer):
                 resident=m.ref in self.s.ready_engine().resident(),
                 manifest_json=m.to_json(),
             )
-        except HotswapError as e:
-            _abort(context, e)
-        finally:
-            self.s.leave()
 
 
 def _to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:

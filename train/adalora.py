@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import AdaLoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, PeftModel
 from peft.tuners.adalora.layer import AdaLoraLayer
 
 from hotswap.errors import InvalidArgument
 from hotswap.train.export import write_lora_factors
+from hotswap.train.peft_common import attach
 from hotswap.train.synthetic import DEFAULT_TARGETS
 
 
@@ -94,8 +95,4 @@ def attach_adalora(model: torch.nn.Module, opts: AdaLoraOptions, steps: int) -> 
         orth_reg_weight=opts.orth_reg_weight,
         task_type="CAUSAL_LM",
     )
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as e:
-        raise InvalidArgument(f"cannot attach adalora: {e}") from None
-    return AdaLoraTrainable(peft_model, opts.orth_reg_weight)
+    return AdaLoraTrainable(attach(model, config), opts.orth_reg_weight)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from hotswap.errors import InvalidArgument
+from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.synthetic import DEFAULT_TARGETS
 
 
@@ -72,11 +73,4 @@ class DyLoraTrainable:
 
 
 def attach_dylora(model: torch.nn.Module, opts: DyLoraOptions) -> DyLoraTrainable:
-    config = LoraConfig(
-        r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.target_modules), task_type="CAUSAL_LM"
-    )
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as e:
-        raise InvalidArgument(f"cannot attach dylora: {e}") from None
-    return DyLoraTrainable(peft_model, opts)
+    return DyLoraTrainable(attach(model, lora_config(opts.rank, opts.alpha, opts.target_modules)), opts)

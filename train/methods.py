@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig
 from safetensors.torch import load_file
 
 from hotswap.errors import InvalidArgument
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.train.adalora import AdaLoraOptions, attach_adalora
 from hotswap.train.dylora import DyLoraOptions, attach_dylora
+from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.plora import PLoraOptions, attach_plora
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
 
@@ -109,10 +110,7 @@ class _BitFit:
 
 
 def _peft(model: torch.nn.Module, config: Any) -> _Peft:
-    try:
-        return _Peft(get_peft_model(model, config))
-    except ValueError as e:  # e.g. target modules the base lacks
-        raise InvalidArgument(f"cannot attach {config.peft_type.value}: {e}") from None
+    return _Peft(attach(model, config))
 
 
 def _bitfit(model: torch.nn.Module, opts: BitFitOptions) -> _BitFit:
@@ -147,15 +145,9 @@ def _resume_bitfit(model: torch.nn.Module, parent: Path) -> _BitFit:
 
 
 def _lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> _Peft:
-    config = LoraConfig(
-        r=opts.rank,
-        lora_alpha=opts.alpha,
-        target_modules=list(opts.target_modules),
-        lora_dropout=opts.dropout,
-        use_dora=dora,
-        task_type="CAUSAL_LM",
+    return _peft(
+        model, lora_config(opts.rank, opts.alpha, opts.target_modules, lora_dropout=opts.dropout, use_dora=dora)
     )
-    return _peft(model, config)
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from hotswap.errors import InvalidArgument
 from hotswap.train.export import write_lora_factors
+from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.synthetic import DEFAULT_TARGETS
 
 EXPORTS = ("stacked", "svd")
@@ -126,11 +127,4 @@ class PLoraTrainable:
 
 
 def attach_plora(model: torch.nn.Module, opts: PLoraOptions) -> PLoraTrainable:
-    config = LoraConfig(
-        r=opts.rank, lora_alpha=opts.alpha, target_modules=list(opts.target_modules), task_type="CAUSAL_LM"
-    )
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as e:
-        raise InvalidArgument(f"cannot attach plora: {e}") from None
-    return PLoraTrainable(peft_model, opts)
+    return PLoraTrainable(attach(model, lora_config(opts.rank, opts.alpha, opts.target_modules)), opts)
