@@ -38,13 +38,17 @@ def default_registry_url() -> str:
 
 
 def open_backend(url: str | os.PathLike[str]) -> Backend:
-    """Pick the backend for a registry URL: ``file:///path`` or a plain path (local)."""
+    """Pick the backend for a registry URL: ``hf://ORG`` (the Hub), ``file:///path`` or a plain path (local)."""
     text = os.fspath(url)
+    if text.startswith("hf://"):
+        from hotswap.registry.hub import HubBackend  # huggingface_hub is imported only when used
+
+        return HubBackend(text)
     if text.startswith("file://"):
         return LocalBackend(text.removeprefix("file://"))
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise InvalidArgument(f"unsupported registry URL scheme {scheme!r} in {text!r}; use file:// or a path")
+        raise InvalidArgument(f"unsupported registry URL scheme {scheme!r} in {text!r}; use hf://, file:// or a path")
     return LocalBackend(text)
 
 

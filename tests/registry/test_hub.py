@@ -1,0 +1,158 @@
+"""The Hub backend against a Hub-compatible HTTP server (tests/hubserver.py) through the real
+``huggingface_hub`` client: no mocks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from hotswap.basemodel import fingerprint, load_model
+from hotswap.errors import AdapterNotFound, IntegrityError, PermissionDenied, RegistryUnavailable, VersionExists
+from hotswap.registry import Registry
+from hotswap.serve import Engine, Request
+from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_prefix, random_prompt
+from tests.hubserver import HubServer
+
+TOKEN, OTHER = "hub-writer", "other-org-token"
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
+    with HubServer(tokens={TOKEN: {"team"}, OTHER: {"elsewhere"}}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("HOTSWAP_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hub-artifacts")
+    return {
+        "lora": random_lora(tiny_base, d / "lora", RandomLoraConfig(rank=4, seed=1, init_std=0.2)),
+        "dora": random_lora(tiny_base, d / "dora", RandomLoraConfig(rank=4, seed=2, init_std=0.2, use_dora=True)),
+        "bitfit": random_bitfit(tiny_base, d / "bitfit", seed=3, std=0.2),
+        "prefix": random_prefix(tiny_base, d / "prefix", num_virtual_tokens=3, seed=4),
+        "prompt": random_prompt(tiny_base, d / "prompt", num_virtual_tokens=3, seed=5),
+        "lora2": random_lora(tiny_base, d / "lora2", RandomLoraConfig(rank=2, seed=6, init_std=0.2)),
+    }
+
+
+def test_round_trip_every_method(hub: HubServer, artifacts: dict[str, Path], tiny_base: Path, tmp_path: Path) -> None:
+    reg = Registry("hf://team")
+    fp = fingerprint(tiny_base)
+    for method in ("lora", "dora", "bitfit", "prefix", "prompt"):
+        m = reg.publish(artifacts[method], f"m-{method}", base_fingerprint=fp)
+        assert m.ref == f"m-{method}@1" and m.method == method
+    assert reg.names() == sorted(f"m-{x}" for x in ("lora", "dora", "bitfit", "prefix", "prompt"))
+    # a fresh client (empty cache) pulls and verifies; PEFT loads the pulled LoRA
+    fresh = Registry("hf://team")
+    pulled = tmp_path / "pulled"
+    fresh.pull("m-lora@1", pulled)
+    original = PeftModel.from_pretrained(load_model(tiny_base), artifacts["lora"]).eval()
+    loaded = PeftModel.from_pretrained(load_model(tiny_base), pulled).eval()
+    ids = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
+    # the engine serves straight from the Hub registry, every method in one batch
+    with Engine(tiny_base, fresh, max_batch=8, max_seq_len=32) as engine:
+        reqs = [Request(prompt_ids=[5, 17, 99], adapters=[f"m-{x}"], max_new_tokens=2) for x in
+                ("lora", "dora", "bitfit", "prefix", "prompt")]  # fmt: skip
+        assert all(len(r.token_ids) == 2 for r in engine.generate(reqs))
+
+
+def test_versions_aliases_and_files_per_version(hub: HubServer, artifacts: dict[str, Path]) -> None:
+    reg = Registry("hf://team")
+    reg.publish(artifacts["lora"], "math", aliases=["prod"])
+    reg.publish(artifacts["bitfit"], "math")  # a different method: v1's files must not leak into v2
+    assert [m.version for m in reg.versions("math")] == [1, 2]
+    assert reg.resolve("math").version == 2 and reg.resolve("math:prod").version == 1
+    reg.set_alias("math", "prod", 2)
+    assert reg.aliases("math") == {"prod": 2}
+    reg.set_alias("math", "prod", 1)  # rollback
+    assert Registry("hf://team").resolve("math:prod").version == 1
+    v1 = set(reg.resolve("math@1").files)
+    v2_dir = reg.fetch("math@2")[1]
+    assert {p.name for p in v2_dir.iterdir()} == {"hotswap_config.json", "adapter_model.safetensors", "manifest.json"}
+    assert "adapter_config.json" in v1
+    refs = {t for t in hub.repos["team/math"].tags}
+    assert refs == {"v1", "v2"}
+    with pytest.raises(AdapterNotFound):
+        reg.resolve("math@3")
+    with pytest.raises(VersionExists):
+        reg.publish(artifacts["lora"], "math", version=2)
+
+
+def test_concurrent_publishers_get_distinct_versions(hub: HubServer, artifacts: dict[str, Path]) -> None:
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def publish(key: str) -> None:
+        try:
+            results.append(Registry("hf://team").publish(artifacts[key], "race").version)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=publish, args=(k,)) for k in ("lora", "lora2", "bitfit", "dora")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(results) == [1, 2, 3, 4]
+    reg = Registry("hf://team")
+    for v in results:
+        reg.fetch(f"race@{v}")  # every version verifies: its files are its own
+
+
+def test_private_tenant_repos_need_a_token(
+    hub: HubServer, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Registry("hf://team").publish(artifacts["lora"], "acme/tone")  # tenant name: private repo
+    assert hub.repos["team/T4_acme_tone"].private
+    assert Registry("hf://team").resolve("acme/tone").ref == "acme/tone@1"
+    monkeypatch.delenv("HF_TOKEN")
+    anonymous = Registry("hf://team")
+    assert anonymous.names() == []
+    with pytest.raises(AdapterNotFound):
+        anonymous.resolve("acme/tone")
+    monkeypatch.setenv("HF_TOKEN", OTHER)
+    with pytest.raises(PermissionDenied, match="refused the token"):
+        Registry("hf://team").publish(artifacts["lora"], "intruder")
+
+
+def test_transient_failures_are_retried(hub: HubServer, artifacts: dict[str, Path]) -> None:
+    reg = Registry("hf://team")
+    hub.fail("POST", r"/commit/", "500", times=2)
+    assert reg.publish(artifacts["lora"], "flaky").version == 1
+    hub.fail("GET", r"/resolve/v1/adapter_model", "drop", times=1)
+    assert reg.fetch("flaky@1")[0].version == 1  # a dropped connection mid-download is retried
+
+
+def test_corrupt_download_is_refused_and_not_cached(hub: HubServer, artifacts: dict[str, Path]) -> None:
+    Registry("hf://team").publish(artifacts["lora"], "bad")
+    hub.fail("GET", r"/resolve/v1/adapter_model", "corrupt", times=1)
+    reg = Registry("hf://team")
+    with pytest.raises(IntegrityError):
+        reg.fetch("bad@1")
+    assert reg.fetch("bad@1")[0].version == 1  # nothing bad was cached: the next fetch downloads again
+
+
+def test_outage_is_a_clean_error_and_the_cache_still_serves(
+    hub: HubServer, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry("hf://team")
+    reg.publish(artifacts["lora"], "cached")
+    reg.fetch("cached@1")
+    hub.fail("GET", r".", "500", times=1000)
+    hub.fail("HEAD", r".", "500", times=1000)
+    with pytest.raises(RegistryUnavailable, match="500"):
+        reg.resolve("never-cached")
+    manifest, path = Registry("hf://team").fetch("cached@1")  # versions pinned by number: from the cache
+    assert manifest.version == 1 and (path / "adapter_model.safetensors").is_file()
