@@ -180,12 +180,34 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_url_ref(args: argparse.Namespace) -> str:
+    """``hf://ORG/NAME@3`` names its registry itself: use it, and return the plain ref ``NAME@3``."""
+    text = args.ref
+    if text.startswith("hf://"):
+        org, sep, ref = text.removeprefix("hf://").partition("/")
+        if not sep or not org:
+            raise InvalidArgument(f"{text!r}: expected hf://ORG/NAME[@VERSION|:ALIAS]")
+        args.registry = f"hf://{org}"
+        return ref
+    return text
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
+    text = _split_url_ref(args)
     reg = _registry(args)
-    ref = AdapterRef.parse(args.ref)
+    ref = AdapterRef.parse(text)
     dest = args.to or Path(f"{ref.name}-v{reg.resolve(ref).version}")
     m = reg.pull(ref, dest)
     print(f"pulled {m.ref} to {dest} (verified {len(m.files)} files)")
+    return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    src, dst = Registry(args.source), Registry(args.dest)
+    copied = dst.mirror(src, args.name or None)
+    for m in copied:
+        print(f"copied {m.ref} [{m.method}] {src.url} -> {dst.url}")
+    print(f"{len(copied)} version(s) copied; aliases in sync")
     return 0
 
 
@@ -497,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--registry",
         default=None,
-        help="registry URL or path (default: $HOTSWAP_REGISTRY or ~/.cache/hotswap/registry)",
+        help="registry: hf://ORG (Hugging Face Hub; $HF_ENDPOINT, $HF_TOKEN), a path or file:///path "
+        "(default: $HOTSWAP_REGISTRY or ~/.cache/hotswap/registry)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -506,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
         sp.add_argument("--registry", default=argparse.SUPPRESS, help="as the global --registry")
+        if name not in ("generate", "health"):  # there --token is the server's bearer token
+            sp.add_argument("--token", dest="hub_token", help="Hugging Face token for hf:// registries ($HF_TOKEN)")
         return sp
 
     base = sub.add_parser("base", help="build and fingerprint base models")
@@ -579,6 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("pull", cmd_pull, "copy a verified version to a local directory")
     sp.add_argument("ref", help="name, name@N or name:alias")
     sp.add_argument("--to", type=Path, help="new directory (default: ./NAME-vN)")
+
+    sp = add("mirror", cmd_mirror, "copy versions (numbers, manifests, aliases) between registries")
+    sp.add_argument("source", help="registry URL or path to copy from (e.g. ./registry)")
+    sp.add_argument("dest", help="registry URL or path to copy to (e.g. hf://my-org)")
+    sp.add_argument("name", nargs="*", help="adapters to mirror (default: all)")
 
     sp = add("list", cmd_list, "list adapters")
     sp.add_argument("--json", action="store_true")
@@ -673,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         _quiet_libraries()
+    if getattr(args, "hub_token", None):
+        os.environ["HF_TOKEN"] = args.hub_token  # read by the Hub backend (hotswap.registry.hub)
     args.registry_given = args.registry is not None
     if args.registry is None:
         args.registry = default_registry_url()

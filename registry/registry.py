@@ -15,6 +15,7 @@ from pathlib import Path
 from hotswap.errors import (
     AdapterNotFound,
     BaseModelMismatch,
+    IntegrityError,
     InvalidAdapterRef,
     InvalidArgument,
     InvalidArtifact,
@@ -188,6 +189,38 @@ class Registry:
             {rel: path / rel for rel in manifest.files}, dest_path, {MANIFEST_FILE: manifest.to_json().encode()}
         )
         return manifest
+
+    def mirror(self, src: Registry, names: list[str] | None = None) -> list[Manifest]:
+        """Copy into this registry every version of ``names`` (default: all of ``src``) that it lacks,
+        keeping version numbers, manifests (created_at, lineage, metrics, visibility) and aliases.
+        A version present on both sides must have the same files, else :class:`IntegrityError`."""
+        copied = []
+        for name in names or src.names():
+            have = set(self.backend.list_versions(_as_name(name).full_name))
+            for m in src.versions(name):
+                if m.version in have:
+                    if self.backend.read_manifest(m.name, m.version).files != m.files:
+                        raise IntegrityError(f"{m.ref} differs between {src.url} and {self.url}; not mirrored")
+                    continue
+                _, path = src.fetch(m.ref)
+                copy = self.publish(
+                    path,
+                    m.name,
+                    method=m.method,
+                    base_fingerprint=m.base_fingerprint,
+                    lineage=m.lineage,
+                    metrics=m.metrics,
+                    visibility=m.visibility,
+                    description=m.description,
+                    version=m.version,
+                    created_at=m.created_at,
+                )
+                copied.append(copy)
+            mine = self.backend.read_aliases(_as_name(name).full_name)
+            for alias, version in src.aliases(name).items():
+                if mine.get(alias) != version:
+                    self.backend.write_alias(_as_name(name).full_name, alias, version)
+        return copied
 
     # -- listing -------------------------------------------------------------------------------
     def names(self) -> list[str]:

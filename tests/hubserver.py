@@ -20,8 +20,9 @@ with such a token (others get RepoNotFound, as on the Hub); every write needs on
 
 Not covered, so untested against the real Hub: LFS and Xet uploads/downloads (every file travels as a
 "regular" base64 commit entry), pull requests, repo types other than model, rate-limit headers,
-redirects to a CDN, gated repos. Fault injection (:meth:`HubServer.fail`) returns 500s, drops the
-connection in the middle of a body, or serves corrupted bytes, for the next N matching requests.
+redirects to a CDN, gated repos. Fault injection (:meth:`HubServer.fail`) answers a chosen status
+(500, 429 ...), drops the connection in the middle of a body, or serves corrupted bytes, for the next
+N matching requests.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Repo:
 class Fault:
     method: str
     pattern: re.Pattern[str]
-    action: str  # "500", "drop" (cut the body short), "corrupt" (flip a byte of a download)
+    action: str  # an HTTP status ("500", "429"), "drop" (cut the body short), "corrupt" (flip a downloaded byte)
     times: int
 
 
@@ -158,9 +159,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlparse(self.path).path
         self.hub.requests.append((self.command, path))
         fault = self.hub.take_fault(self.command, path)
-        if fault == "500":
+        if fault is not None and fault.isdigit():  # an injected status: "500", "503", "429" (rate limited) ...
             self._body()
-            self._error(500, "Internal Error (injected)")
+            self._error(int(fault), f"injected {fault}")
             return
         self._fault = fault
         routes = [

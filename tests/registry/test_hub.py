@@ -133,6 +133,20 @@ def test_transient_failures_are_retried(hub: HubServer, artifacts: dict[str, Pat
     assert reg.publish(artifacts["lora"], "flaky").version == 1
     hub.fail("GET", r"/resolve/v1/adapter_model", "drop", times=1)
     assert reg.fetch("flaky@1")[0].version == 1  # a dropped connection mid-download is retried
+    hub.fail("GET", r"/refs$", "429", times=2)  # rate limited: backoff and retry
+    assert reg.resolve("flaky").version == 1
+
+
+def test_unreachable_hub_is_a_clean_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HOTSWAP_HUB_CACHE", str(tmp_path))
+    with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{port}"):
+        Registry("hf://team").resolve("anything")
 
 
 def test_corrupt_download_is_refused_and_not_cached(hub: HubServer, artifacts: dict[str, Path]) -> None:
@@ -156,3 +170,61 @@ def test_outage_is_a_clean_error_and_the_cache_still_serves(
         reg.resolve("never-cached")
     manifest, path = Registry("hf://team").fetch("cached@1")  # versions pinned by number: from the cache
     assert manifest.version == 1 and (path / "adapter_model.safetensors").is_file()
+
+
+def test_failed_commit_publishes_nothing(hub: HubServer, artifacts: dict[str, Path]) -> None:
+    reg = Registry("hf://team")
+    reg.publish(artifacts["lora"], "steady")
+    hub.fail("POST", r"/commit/", "500", times=100)
+    with pytest.raises(RegistryUnavailable, match="commit steady@2"):
+        reg.publish(artifacts["bitfit"], "steady")
+    hub.faults.clear()
+    assert [m.version for m in reg.versions("steady")] == [1]
+    assert reg.publish(artifacts["bitfit"], "steady").version == 2
+
+
+def test_offline_serves_cached_versions(
+    hub: HubServer, artifacts: dict[str, Path], tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry("hf://team")
+    reg.publish(artifacts["lora"], "local-first", base_fingerprint=fingerprint(tiny_base))
+    reg.fetch("local-first")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline = Registry("hf://team")
+    assert offline.resolve("local-first").version == 1  # latest from the cache
+    with Engine(tiny_base, offline, max_batch=1, max_seq_len=32) as engine:
+        assert len(engine.generate([Request(prompt_ids=[5, 17], adapters=["local-first"])])[0].token_ids) > 0
+    with pytest.raises(RegistryUnavailable, match="offline"):
+        offline.resolve("math")
+
+
+def test_cli_push_pull_and_mirror(
+    hub: HubServer, artifacts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hotswap.cli import main
+
+    local = str(tmp_path / "local")
+    assert main(["--registry", local, "push", str(artifacts["lora"]), "--name", "tone", "--alias", "prod"]) == 0
+    assert main(["--registry", local, "push", str(artifacts["dora"]), "--name", "tone"]) == 0
+    assert main(["--registry", local, "push", str(artifacts["bitfit"]), "--name", "acme/secret"]) == 0
+    capsys.readouterr()
+    assert main(["mirror", local, "hf://team"]) == 0
+    assert "3 version(s) copied" in capsys.readouterr().out
+    hub_reg, local_reg = Registry("hf://team"), Registry(local)
+    for ref in ("tone@1", "tone@2", "acme/secret@1"):
+        a, b = hub_reg.resolve(ref), local_reg.resolve(ref)
+        assert (a.files, a.created_at, a.method, a.visibility) == (b.files, b.created_at, b.method, b.visibility)
+    assert hub_reg.aliases("tone") == {"prod": 1}
+    assert main(["mirror", local, "hf://team"]) == 0  # idempotent
+    assert "0 version(s) copied" in capsys.readouterr().out
+    assert main(["pull", "hf://team/tone@2", "--to", str(tmp_path / "pulled")]) == 0
+    assert "pulled tone@2" in capsys.readouterr().out
+    assert (tmp_path / "pulled" / "adapter_model.safetensors").is_file()
+    back = str(tmp_path / "back")
+    assert main(["mirror", "hf://team", back, "tone"]) == 0  # Hub -> local, one name
+    assert [m.version for m in Registry(back).versions("tone")] == [1, 2]
+    assert main(["--registry", "hf://team", "push", str(artifacts["lora"]), "--name", "x", "--token", OTHER]) == 12
+    assert "refused the token" in capsys.readouterr().err
