@@ -423,7 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     metrics = f", metrics http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"hotswap: serving {config.base} on {config.host}:{server.port}{metrics}", flush=True)
-    while not stop.wait(0.5):
+    while not stop.wait(0.2):  # the signal handler runs between waits
         pass
     print(f"hotswap: shutting down (grace {config.grace_seconds:g} s)", flush=True)
     server.stop()

@@ -168,6 +168,32 @@ def load_bitfit(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter
     return out
 
 
+# -- Sparse deltas (hotswap format: Child-tuning, FishMask) ------------------------------------------
+def load_sparse(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    """``hotswap_config.json`` {"method": "fishmask" | "child-tuning"} + ``adapter_model.safetensors`` with
+    ``<module>.weight.indices`` (int64, flat row-major into (out, in)) and ``<module>.weight.values``."""
+    tensors = load_file(path / _WEIGHTS)
+    out = LoadedAdapter(ref=manifest.ref, method=manifest.method)
+    for key in tensors:
+        if not key.endswith(".weight.indices"):
+            if not key.endswith(".weight.values"):
+                raise UnsupportedAdapter(f"{manifest.ref}: unexpected tensor {key!r} in a sparse artifact")
+            continue
+        module = key.removesuffix(".weight.indices")
+        if module not in base.linears:
+            raise UnsupportedAdapter(f"{manifest.ref}: {module!r} is not a linear layer of the base's blocks")
+        idx, val = tensors[key], tensors.get(f"{module}.weight.values")
+        linear = base.linears[module]
+        if val is None or idx.dtype != torch.int64 or idx.ndim != 1 or idx.shape != val.shape:
+            raise InvalidArtifact(f"{manifest.ref}: {module} needs int64 indices and values of the same length")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= linear.out_features * linear.in_features):
+            raise InvalidArtifact(f"{manifest.ref}: {module} has indices outside its weight")
+        out.linear[module] = LinearDelta(sparse=(idx, val.to(base.dtype)))
+    if not out.linear:
+        raise InvalidArtifact(f"{manifest.ref}: no sparse deltas in {_WEIGHTS}")
+    return out
+
+
 # -- Prefix tuning (PEFT format) --------------------------------------------------------------------
 def load_prefix(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
     config = _peft_json(path)
@@ -196,5 +222,7 @@ register_method("plora", load_lora)  # PEFT LoRA files carrying PLoRA's accumula
 register_method("adalora", load_lora)  # hotswap train exports AdaLoRA as LoRA at its final ranks
 register_method("dylora", load_lora)  # LoRA files at the max rank; a request may ask for a lower one
 register_method("bitfit", load_bitfit)
+register_method("fishmask", load_sparse)
+register_method("child-tuning", load_sparse)
 register_method("prefix", load_prefix)
 register_method("prompt", load_prompt)

@@ -17,10 +17,12 @@ from torch import nn
 
 from hotswap.serve.ops import (
     gather_rows,
+    gather_sparse,
     gather_unique,
     lora_apply,
     lora_apply_unique,
     rank_truncation,
+    sparse_apply,
     weighted_rows,
 )
 
@@ -66,6 +68,7 @@ class LinearDelta:
     B: torch.Tensor | None = None  # (r, out): scaling (and DoRA's magnitude scale) folded in
     dora_scale: torch.Tensor | None = None  # (out,) m / ||W + s B A|| - 1: scales the base output
     bias: torch.Tensor | None = None  # (out,) added to the output (BitFit)
+    sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (flat indices into (out, in), values): ΔW
 
     @property
     def rank(self) -> int:
@@ -73,7 +76,8 @@ class LinearDelta:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.dora_scale, self.bias) if t is not None)
+        parts = (self.A, self.B, self.dora_scale, self.bias, *(self.sparse or ()))
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 class MultiAdapterLinear(nn.Module):
@@ -92,8 +96,9 @@ class MultiAdapterLinear(nn.Module):
         self.slot_rank = [0] * (num_slots + 1)
         self.slot_dora = [False] * (num_slots + 1)
         self.slot_bias = [False] * (num_slots + 1)
+        self.sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> sparse ΔW (Child-tuning, FishMask)
         self._cached_version = -1
-        self._rows: tuple = (None, None, None)  # (lora path + factors, dora scale rows, bias rows)
+        self._rows: tuple = (None, None, None, None)  # (lora path + factors, dora rows, bias rows, sparse)
 
     # -- slot management (engine thread, between steps) ------------------------------------------
     def _grow_rank(self, rank: int) -> None:
@@ -120,7 +125,12 @@ class MultiAdapterLinear(nn.Module):
             if getattr(self, attr) is not None:
                 getattr(self, attr)[slot].zero_()
         self.slot_rank[slot], self.slot_dora[slot], self.slot_bias[slot] = 0, False, False
+        self.sparse.pop(slot, None)
         if delta is not None:
+            if delta.sparse is not None:
+                idx, val = delta.sparse
+                w = self.base.weight
+                self.sparse[slot] = (idx.to(w.device), val.to(device=w.device, dtype=w.dtype))
             if delta.A is not None:
                 r = delta.rank
                 if r > self.A.shape[1]:
@@ -158,7 +168,14 @@ class MultiAdapterLinear(nn.Module):
                 dora_rows = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
             if any(self.slot_bias[s] for s in plan.used):
                 bias_rows = weighted_rows(self.bias, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
-            self._rows = (lora, dora_rows, bias_rows)
+            with_sparse = sorted(s for s in plan.used if s in self.sparse)
+            sparse = None
+            if with_sparse:
+                b = self.base
+                sparse = gather_sparse(
+                    self.sparse, with_sparse, b.out_features, b.in_features, plan.slots, plan.weights
+                )
+            self._rows = (lora, dora_rows, bias_rows, sparse)
             self._cached_version = plan.version
         return self._rows
 
@@ -166,7 +183,7 @@ class MultiAdapterLinear(nn.Module):
         y = self.base(x)  # (Bt, T, out)
         if not self.plan.used:
             return y
-        lora, dora_rows, bias_rows = self._batch_rows()
+        lora, dora_rows, bias_rows, sparse = self._batch_rows()
         if dora_rows is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
             base_no_bias = y if self.base.bias is None else y - self.base.bias
             y = y + dora_rows * base_no_bias
@@ -175,6 +192,8 @@ class MultiAdapterLinear(nn.Module):
                 lora_apply_unique(x, *lora[1:], out=y)
             else:
                 lora_apply(x, *lora[1:], out=y)
+        if sparse is not None:
+            sparse_apply(x, *sparse, out=y)
         if bias_rows is not None:
             y = y + bias_rows
         return y

@@ -16,6 +16,8 @@ from hotswap.train.synthetic import (
     random_prefixes,
     random_prompt,
     random_prompts,
+    random_sparse,
+    random_sparses,
 )
 from hotswap.train.trainer import TrainConfig, TrainResult, evaluate, train
 
@@ -41,5 +43,7 @@ __all__ = [
     "random_prefixes",
     "random_prompt",
     "random_prompts",
+    "random_sparse",
+    "random_sparses",
     "train",
 ]

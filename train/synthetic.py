@@ -141,6 +141,56 @@ def random_bitfits(
     return list(paths)
 
 
+def write_sparse(
+    out: Path, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], method: str, target_modules: tuple[str, ...]
+) -> None:
+    """THE sparse-delta artifact format (Child-tuning, FishMask): ``hotswap_config.json`` + one
+    ``<module>.weight.indices`` (int64, flat row-major into the (out, in) weight) and
+    ``<module>.weight.values`` (the deltas, float32) per touched linear."""
+    tensors = {}
+    for module, (idx, val) in deltas.items():
+        tensors[f"{module}.weight.indices"] = idx.to(torch.int64).contiguous()
+        tensors[f"{module}.weight.values"] = val.float().contiguous()
+    nnz = sum(int(idx.numel()) for idx, _ in deltas.values())
+    config = {"method": method, "target_modules": sorted(target_modules), "format": "sparse deltas", "nnz": nnz}
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def random_sparses(
+    base: PathLike,
+    outs: Mapping[PathLike, int],
+    method: str = "fishmask",
+    density: float = 0.005,
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS,
+    std: float = 0.05,
+) -> list[Path]:
+    """Sparse-delta adapters (``method`` fishmask or child-tuning) with random positions and values."""
+    paths = _check_new(outs)
+    shapes = {
+        name: module.weight.shape
+        for name, module in load_model(base).named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not shapes:
+        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
+    for out, seed in paths.items():
+        gen = torch.Generator().manual_seed(seed)
+        deltas = {}
+        for name, (rows, cols) in shapes.items():
+            nnz = max(1, int(density * rows * cols))
+            idx = torch.randperm(rows * cols, generator=gen)[:nnz].sort().values
+            deltas[name] = (idx, torch.randn(nnz, generator=gen) * std)
+        with building_dir(out) as tmp:
+            write_sparse(tmp, deltas, method, target_modules)
+    return list(paths)
+
+
+def random_sparse(base: PathLike, out_dir: PathLike, method: str = "fishmask", density: float = 0.005,
+                  seed: int = 0, std: float = 0.05) -> Path:  # fmt: skip
+    return random_sparses(base, {out_dir: seed}, method, density, std=std)[0]
+
+
 def write_bitfit(out: Path, deltas: dict[str, torch.Tensor], target_modules: tuple[str, ...]) -> None:
     """THE BitFit artifact format: ``hotswap_config.json`` + ``adapter_model.safetensors`` holding one
     ``<module>.bias`` delta per adapted linear (added to the base's bias; layers without one gain it)."""

@@ -12,14 +12,18 @@ from hotswap.serve.ops.lora import (
     rank_truncation,
     weighted_rows,
 )
+from hotswap.serve.ops.sparse import gather_sparse, sparse_apply, sparse_delta
 
 __all__ = [
     "gather_rows",
+    "gather_sparse",
     "gather_unique",
     "lora_apply",
     "lora_apply_unique",
     "lora_delta",
     "lora_delta_unique",
     "rank_truncation",
+    "sparse_apply",
+    "sparse_delta",
     "weighted_rows",
 ]

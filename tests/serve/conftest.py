@@ -16,7 +16,14 @@ from hotswap.basemodel import fingerprint, load_model
 from hotswap.registry import Registry
 from hotswap.serve import Engine
 from hotswap.serve.server import Server
-from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_prefix, random_prompt
+from hotswap.train import (
+    RandomLoraConfig,
+    random_bitfit,
+    random_lora,
+    random_prefix,
+    random_prompt,
+    random_sparse,
+)
 from tests.serve.serverutil import ACME, ADMIN, GLOBEX, make_server
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,6 +78,8 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "prompt": random_prompt(tiny_base, d / "prompt", num_virtual_tokens=3, seed=8),
         "bitfit": random_bitfit(tiny_base, d / "bitfit", seed=9, std=0.2),
         "lora4b": random_lora(tiny_base, d / "lora4b", RandomLoraConfig(rank=4, seed=10, init_std=0.2)),
+        "fishmask": random_sparse(tiny_base, d / "fishmask", "fishmask", density=0.05, seed=11, std=0.3),
+        "child": random_sparse(tiny_base, d / "child", "child-tuning", density=0.2, seed=12, std=0.1),
     }
 
 

@@ -86,3 +86,35 @@ def test_unsupported_method_fails_the_request_and_engine_keeps_serving(tiny_base
         with pytest.raises(UnsupportedAdapter, match="nonesuch"):
             eng.generate([Request(prompt_ids=IDS, adapters=["weird"], max_new_tokens=2)])
         assert len(eng.generate([Request(prompt_ids=IDS, max_new_tokens=2)])[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("name", ["fishmask", "child"])
+def test_sparse_delta_matches_a_base_with_those_weights(
+    engine: Engine, adapters: dict[str, Path], tiny_base: Path, name: str
+) -> None:
+    """Child-tuning / FishMask rows equal a model whose W had the delta added (the engine never does)."""
+    model = load_model(tiny_base)
+    tensors = load_file(adapters[name] / "adapter_model.safetensors")
+    touched = 0
+    for key in [k for k in tensors if k.endswith(".weight.indices")]:
+        module = key.removesuffix(".weight.indices")
+        weight = model.get_submodule(module).weight
+        with torch.no_grad():
+            weight.view(-1)[tensors[key]] += tensors[f"{module}.weight.values"]
+        touched += 1
+    assert touched == 14  # every linear of both blocks
+    ref = reference_logits(model, IDS)
+    ours, base_row = engine.forward_logits(
+        [Request(prompt_ids=IDS, adapters=[name]), Request(prompt_ids=IDS, adapters=[])]
+    )
+    assert (ref - reference_logits(load_model(tiny_base), IDS)).abs().max() > 1e-2
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (base_row - reference_logits(load_model(tiny_base), IDS)).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_every_method_in_one_batch_equals_each_alone(engine: Engine, adapters: dict[str, Path]) -> None:
+    names = sorted(adapters)
+    together = engine.forward_logits([Request(prompt_ids=IDS, adapters=[n]) for n in names])
+    for name, got in zip(names, together, strict=True):
+        (alone,) = engine.forward_logits([Request(prompt_ids=IDS, adapters=[name])])
+        assert (got - alone).abs().max() <= 1e-5 * alone.abs().max(), name

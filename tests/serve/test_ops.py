@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap.serve.ops import lora, lora_ref
+from hotswap.serve.ops import lora, lora_ref, sparse, sparse_ref
 
 # One tolerance table: max |fast - ref| / (max |ref| + 1) per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -112,3 +112,22 @@ def test_rank_truncation_matches_reference(pattern: str, k: int) -> None:
     full = lora.rank_truncation(torch.tensor(RANKS), slots, torch.zeros(rows, dtype=torch.long), CAPACITY)
     torch.testing.assert_close(lora.lora_delta(x, A, B, slots, weights, CAPACITY, full),
                                lora.lora_delta(x, A, B, slots, weights, CAPACITY))  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_sparse_deltas_match_reference(pattern: str, k: int) -> None:
+    """Child-tuning / FishMask deltas: per-slot sparse (out, in) matrices at mixed densities."""
+    g = torch.Generator().manual_seed(3)
+    entries = {}
+    for slot, density in zip(range(1, SLOTS), [0.005, 0.05, 0.2, 0.01, 0.5, 0.02, 0.1], strict=True):
+        if slot == 4:
+            continue  # a resident slot without a sparse delta (e.g. a LoRA adapter)
+        nnz = max(1, int(density * OUT * IN))
+        idx = torch.randperm(OUT * IN, generator=g)[:nnz]
+        entries[slot] = (idx, torch.randn(nnz, generator=g))
+    rows = 10
+    slots, weights = _slots(pattern, rows, k), _weights(rows, k)
+    x = torch.randn(rows, 4, IN, generator=g)
+    fast = sparse.sparse_delta(x, entries, OUT, slots, weights)
+    _check(fast, sparse_ref.sparse_delta(x, entries, OUT, slots, weights), torch.float32)

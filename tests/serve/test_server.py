@@ -258,9 +258,9 @@ def test_health_and_unavailable_until_loaded(text_base: Path, server_registry: P
 
 
 def test_stop_drains_in_flight_and_refuses_new(text_base: Path, server_registry: Path) -> None:
-    srv = make_server(text_base, server_registry, max_seq_len=512).start()
+    srv = make_server(text_base, server_registry, max_seq_len=2048).start()
     c = client(srv, None)
-    stream = c.stream(PROMPT, adapters=["math"], max_new_tokens=300, ignore_eos=True)
+    stream = c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True)  # still running below
     it = iter(stream)
     first = next(it)
     stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60})
@@ -274,7 +274,7 @@ def test_stop_drains_in_flight_and_refuses_new(text_base: Path, server_registry:
     rest = list(it)  # the in-flight request runs to the end
     stopper.join(timeout=60)
     assert stream.response is not None and stream.response.finish_reason == "length"
-    assert len(first.token_ids) + sum(len(ch.token_ids) for ch in rest) == 300
+    assert len(first.token_ids) + sum(len(ch.token_ids) for ch in rest) == 1500
     c.close()
 
 

@@ -26,7 +26,7 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
     config = tmp_path / "serve.toml"
     config.write_text(
         f'base = "{text_base}"\nregistry = "{server_registry}"\nno_auth = true\nport = 0\nmetrics_port = 0\n'
-        "grace = 60\nmax_batch = 4\nmax_seq_len = 512\n"
+        "grace = 60\nmax_batch = 4\nmax_seq_len = 2048\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "hotswap.cli", "serve", "--config", str(config)],
@@ -40,7 +40,8 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
         assert match, line + proc.stderr.read()  # type: ignore[union-attr]
         c = Client(f"127.0.0.1:{match.group(1)}", timeout=60)
         assert c.health() == "SERVING"
-        stream = c.stream(PROMPT, adapters=["math"], max_new_tokens=300, ignore_eos=True)
+        # long enough to still be running when the signal is handled (the CLI polls it every 0.2 s)
+        stream = c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True)
         it = iter(stream)
         first = next(it)
         proc.send_signal(signal.SIGTERM)
@@ -52,11 +53,11 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
             c.generate(PROMPT)
         rest = list(it)
         assert stream.response is not None and stream.response.finish_reason == "length"
-        assert len(first.token_ids) + sum(len(ch.token_ids) for ch in rest) == 300
+        assert len(first.token_ids) + sum(len(ch.token_ids) for ch in rest) == 1500
         assert proc.wait(timeout=60) == 0
         out, err = proc.communicate()
         assert "shutting down" in out
-        assert re.search(r"GenerateStream adapter=math@1 status=ok prompt_tokens=\d+ tokens=300 finish=length", err)
+        assert re.search(r"GenerateStream adapter=math@1 status=ok prompt_tokens=\d+ tokens=1500 finish=length", err)
         c.close()
     finally:
         if proc.poll() is None:
