@@ -112,6 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "init_rank": args.init_rank,
         "target_rank": args.target_rank,
         "orth_reg_weight": args.orth_reg_weight,
+        "density": args.density,
+        "fisher_batches": args.fisher_batches,
+        "variant": args.variant,
         "period": args.period,
         "momentum": args.momentum,
         "export": args.plora_export,
@@ -560,7 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_adapter_random)
 
     sp = add("train", cmd_train, "train an adapter on a frozen base, evaluate it, and optionally publish it")
-    sp.add_argument("--method", required=True, help="lora, dora, adalora, dylora, plora, bitfit, prefix or prompt")
+    sp.add_argument(
+        "--method",
+        required=True,
+        help="lora, dora, adalora, dylora, plora, bitfit, prefix, prompt, fishmask or child-tuning",
+    )
     sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
     sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
     sp.add_argument("--eval", help="evaluation data (default: a fresh draw of a built-in task, else every 10th record)")
@@ -585,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--init-rank", type=_positive_int, help="adalora: starting rank of every layer (12)")
     sp.add_argument("--target-rank", type=_positive_int, help="adalora: average final rank (8)")
     sp.add_argument("--orth-reg-weight", type=float, help="adalora: orthogonality penalty (0.5)")
+    sp.add_argument("--density", type=float, help="fishmask/child-tuning: share of weights trained (0.005/0.2)")
+    sp.add_argument("--fisher-batches", type=_positive_int, help="fishmask/child-tuning: batches for Fisher (8)")
+    sp.add_argument("--variant", choices=("d", "f"), help="child-tuning: d = Fisher-selected (default), f = random")
     sp.add_argument("--period", type=_positive_int, help="plora: steps between offloads into the backbone (50)")
     sp.add_argument("--momentum", type=float, help="plora: share of A, B kept at each offload (default 0)")
     sp.add_argument("--plora-export", choices=("stacked", "svd"), help="plora: exact stacked factors or SVD")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from hotswap.train.adalora import AdaLoraOptions, attach_adalora
 from hotswap.train.dylora import DyLoraOptions, attach_dylora
 from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.plora import PLoraOptions, attach_plora
+from hotswap.train.sparse import ChildTuningOptions, SparseOptions, attach_sparse
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
 
 
@@ -151,9 +153,17 @@ def _lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> _Peft:
 
 
 @dataclass(frozen=True)
+class AttachContext:
+    """What some methods need from the run when attaching."""
+
+    steps: int  # total optimizer steps (AdaLoRA's budget schedule)
+    loss_batches: Callable[[torch.nn.Module, int], Iterator[torch.Tensor]]  # losses of the first n batches (Fisher)
+
+
+@dataclass(frozen=True)
 class Method:
     options: type
-    attach: Any  # (model, options, total steps) -> Trainable
+    attach: Any  # (model, options, AttachContext) -> Trainable
     lr: float  # default learning rate (AdamW, linear decay): trains the built-in tasks well
     resume: Any = None  # (model, parent artifact dir) -> Trainable: fine-tune a published version further
 
@@ -169,12 +179,16 @@ def _prompt(model: torch.nn.Module, o: VirtualTokenOptions) -> _Peft:
 METHODS: dict[str, Method] = {
     "lora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=False), 5e-3, _resume_peft),
     "dora": Method(LoraOptions, lambda m, o, _: _lora(m, o, dora=True), 5e-3, _resume_peft),
-    "adalora": Method(AdaLoraOptions, attach_adalora, 5e-3),
+    "adalora": Method(AdaLoraOptions, lambda m, o, ctx: attach_adalora(m, o, ctx.steps), 5e-3),
     "dylora": Method(DyLoraOptions, lambda m, o, _: attach_dylora(m, o), 5e-3),
     "plora": Method(PLoraOptions, lambda m, o, _: attach_plora(m, o), 5e-3),
     "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2, _resume_peft),
     "prompt": Method(VirtualTokenOptions, lambda m, o, _: _prompt(m, o), 1e-1, _resume_peft),
     "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o), 5e-2, _resume_bitfit),
+    "fishmask": Method(SparseOptions, lambda m, o, ctx: attach_sparse(m, o, "fishmask", ctx.loss_batches), 3e-2),
+    "child-tuning": Method(
+        ChildTuningOptions, lambda m, o, ctx: attach_sparse(m, o, "child-tuning", ctx.loss_batches), 1e-3
+    ),
 }
 
 

@@ -16,6 +16,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from hotswap.registry import Lineage, Manifest, Registry
 from hotswap.registry.fsutil import building_dir
 from hotswap.train.curve import Point, write_csv, write_png
 from hotswap.train.data import BUILTIN_PREFIX, Dataset, Example, TextCodec, load_data
-from hotswap.train.methods import METHODS, method_options
+from hotswap.train.methods import METHODS, AttachContext, method_options
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,19 @@ def train(
         top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
         if top >= vocab:
             raise InvalidArgument(f"{ds.name}: token id {top} is outside the base's vocabulary ({vocab})")
+
+    def first_losses(m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:
+        for i in range(n):
+            batch = train_ds.examples[i * config.batch_size : (i + 1) * config.batch_size]
+            if batch:
+                yield token_losses(m, batch, config.device)[0].mean()
+
     per_epoch = -(-len(train_ds.examples) // config.batch_size)
     steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
     if parent_dir is not None:
         trainable = METHODS[config.method].resume(model, parent_dir)
     else:
-        trainable = METHODS[config.method].attach(model, options, steps)
+        trainable = METHODS[config.method].attach(model, options, AttachContext(steps, first_losses))
     model = trainable.model.to(config.device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

@@ -20,11 +20,18 @@ from peft import PeftModel
 from hotswap.basemodel import build_model, fingerprint, load_model, save_model
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.train import RandomLoraConfig, random_bitfits, random_loras, random_prefixes, random_prompts
+from hotswap.train import (
+    RandomLoraConfig,
+    random_bitfits,
+    random_loras,
+    random_prefixes,
+    random_prompts,
+    random_sparses,
+)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "dora", "bitfit", "prefix", "prompt")
+METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "fishmask", "child-tuning")
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class Fixtures:
                 random_prefixes(self.base, outs, num_virtual_tokens=16)
             elif method == "prompt":
                 random_prompts(self.base, outs, num_virtual_tokens=16)
+            elif method in ("fishmask", "child-tuning"):  # each at its method's default density
+                random_sparses(self.base, outs, method, density=0.005 if method == "fishmask" else 0.2)
             else:
                 raise ValueError(f"unknown method {method!r}")
             for out in outs:

@@ -18,12 +18,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 FULL = "full"
-METHODS = (FULL, "lora", "dora", "adalora", "dylora", "plora", "bitfit", "prefix", "prompt")
+METHODS = (FULL, "lora", "dora", "adalora", "dylora", "plora", "bitfit", "prefix", "prompt", "fishmask", "child-tuning")
 
 
 def _rss_bytes() -> int:
@@ -36,26 +37,31 @@ def measure(method: str, base: str, batch: int, length: int, steps: int, device:
     from hotswap.basemodel import load_model
     from hotswap.train.data import Example
     from hotswap.train.methods import METHODS as TRAIN_METHODS
-    from hotswap.train.methods import method_options
+    from hotswap.train.methods import AttachContext, method_options
     from hotswap.train.trainer import token_losses
 
     baseline = _rss_bytes()
     torch.manual_seed(0)
     model = load_model(base, device=device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    examples = [Example([], torch.randint(0, vocab, (length,), generator=g).tolist()) for _ in range(batch)]
     if method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
         trainable = None
     else:
         options = {"period": 2} if method == "plora" else {}  # PLoRA: offloads inside the timed steps
-        trainable = TRAIN_METHODS[method].attach(model, method_options(method, options), steps)
+
+        def losses(m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:  # Fisher batches (sparse methods)
+            return (token_losses(m, examples, device)[0].mean() for _ in range(n))
+
+        context = AttachContext(steps, losses)
+        trainable = TRAIN_METHODS[method].attach(model, method_options(method, options), context)
         model = trainable.model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    examples = [Example([], torch.randint(0, vocab, (length,), generator=g).tolist()) for _ in range(batch)]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
