@@ -112,6 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "init_rank": args.init_rank,
         "target_rank": args.target_rank,
         "orth_reg_weight": args.orth_reg_weight,
+        "bottleneck_dim": args.bottleneck_dim,
+        "activation": args.activation,
+        "placement": args.placement,
         "density": args.density,
         "fisher_batches": args.fisher_batches,
         "variant": args.variant,
@@ -566,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--method",
         required=True,
-        help="lora, dora, adalora, dylora, plora, bitfit, prefix, prompt, fishmask or child-tuning",
+        help="lora, dora, adalora, dylora, plora, bitfit, prefix, prompt, bottleneck, fishmask or child-tuning",
     )
     sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
     sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
@@ -592,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--init-rank", type=_positive_int, help="adalora: starting rank of every layer (12)")
     sp.add_argument("--target-rank", type=_positive_int, help="adalora: average final rank (8)")
     sp.add_argument("--orth-reg-weight", type=float, help="adalora: orthogonality penalty (0.5)")
+    sp.add_argument("--bottleneck-dim", type=_positive_int, help="bottleneck: hidden size m (default 16)")
+    sp.add_argument("--activation", choices=("relu", "gelu", "silu"), help="bottleneck: nonlinearity (relu)")
+    sp.add_argument("--placement", choices=("serial", "parallel"), help="bottleneck: after or beside the sublayer")
     sp.add_argument("--density", type=float, help="fishmask/child-tuning: share of weights trained (0.005/0.2)")
     sp.add_argument("--fisher-batches", type=_positive_int, help="fishmask/child-tuning: batches for Fisher (8)")
     sp.add_argument("--variant", choices=("d", "f"), help="child-tuning: d = Fisher-selected (default), f = random")

@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hotswap.errors import InvalidArtifact, UnsupportedAdapter
-from hotswap.registry import PEFT_CONFIG, Manifest
+from hotswap.registry import HOTSWAP_CONFIG, PEFT_CONFIG, Manifest
 from hotswap.serve.layers import LinearDelta
+from hotswap.serve.ops.bottleneck import ACTIVATIONS, Bottleneck
 
 _PEFT_PREFIX = "base_model.model."
 _WEIGHTS = "adapter_model.safetensors"
@@ -194,6 +195,42 @@ def load_sparse(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter
     return out
 
 
+# -- Bottleneck adapters (hotswap format) -------------------------------------------------------------
+def load_bottleneck(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    """``hotswap_config.json`` {"method": "bottleneck", "activation", "placement"} + per adapted linear
+    ``<module>.adapter_down.{weight,bias}`` and ``<module>.adapter_up.{weight,bias}``."""
+    config = json.loads((path / HOTSWAP_CONFIG).read_text())
+    activation, placement = config.get("activation", "relu"), config.get("placement", "serial")
+    if activation not in ACTIVATIONS or placement not in ("serial", "parallel"):
+        raise UnsupportedAdapter(f"{manifest.ref}: activation {activation!r} / placement {placement!r} not served")
+    tensors = load_file(path / _WEIGHTS)
+    out = LoadedAdapter(ref=manifest.ref, method=manifest.method)
+    for module in sorted({k.rsplit(".adapter_", 1)[0] for k in tensors}):
+        if module not in base.linears:
+            raise UnsupportedAdapter(f"{manifest.ref}: {module!r} is not a linear layer of the base's blocks")
+        try:
+            down, down_b, up, up_b = (
+                tensors[f"{module}.adapter_{p}"] for p in ("down.weight", "down.bias", "up.weight", "up.bias")
+            )
+        except KeyError as e:
+            raise InvalidArtifact(f"{manifest.ref}: {module} lacks {e.args[0]}") from None
+        linear = base.linears[module]
+        d = linear.out_features if placement == "serial" else linear.in_features
+        m = down.shape[0]
+        if (
+            down.shape != (m, d)
+            or down_b.shape != (m,)
+            or up.shape != (linear.out_features, m)
+            or up_b.shape != (linear.out_features,)
+        ):
+            raise InvalidArtifact(f"{manifest.ref}: {module} bottleneck shapes do not fit the layer")
+        bn = Bottleneck(down, down_b, up, up_b, activation=activation, serial=placement == "serial")
+        out.linear[module] = LinearDelta(bottleneck=bn)
+    if not out.linear:
+        raise InvalidArtifact(f"{manifest.ref}: no bottleneck modules in {_WEIGHTS}")
+    return out
+
+
 # -- Prefix tuning (PEFT format) --------------------------------------------------------------------
 def load_prefix(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
     config = _peft_json(path)
@@ -224,5 +261,6 @@ register_method("dylora", load_lora)  # LoRA files at the max rank; a request ma
 register_method("bitfit", load_bitfit)
 register_method("fishmask", load_sparse)
 register_method("child-tuning", load_sparse)
+register_method("bottleneck", load_bottleneck)
 register_method("prefix", load_prefix)
 register_method("prompt", load_prompt)

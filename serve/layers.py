@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 from hotswap.serve.ops import (
+    Bottleneck,
+    bottleneck_apply,
+    gather_bottleneck,
     gather_rows,
     gather_sparse,
     gather_unique,
@@ -69,6 +72,7 @@ class LinearDelta:
     dora_scale: torch.Tensor | None = None  # (out,) m / ||W + s B A|| - 1: scales the base output
     bias: torch.Tensor | None = None  # (out,) added to the output (BitFit)
     sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (flat indices into (out, in), values): ΔW
+    bottleneck: Bottleneck | None = None  # an adapter module after (serial) or beside (parallel) the layer
 
     @property
     def rank(self) -> int:
@@ -77,7 +81,8 @@ class LinearDelta:
     @property
     def nbytes(self) -> int:
         parts = (self.A, self.B, self.dora_scale, self.bias, *(self.sparse or ()))
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        extra = self.bottleneck.nbytes if self.bottleneck is not None else 0
+        return extra + sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 class MultiAdapterLinear(nn.Module):
@@ -97,8 +102,9 @@ class MultiAdapterLinear(nn.Module):
         self.slot_dora = [False] * (num_slots + 1)
         self.slot_bias = [False] * (num_slots + 1)
         self.sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> sparse ΔW (Child-tuning, FishMask)
+        self.bottlenecks: dict[int, Bottleneck] = {}  # slot -> bottleneck adapter module
         self._cached_version = -1
-        self._rows: tuple = (None, None, None, None)  # (lora path + factors, dora rows, bias rows, sparse)
+        self._rows: tuple = (None,) * 5  # (lora path + factors, dora rows, bias rows, sparse, bottleneck groups)
 
     # -- slot management (engine thread, between steps) ------------------------------------------
     def _grow_rank(self, rank: int) -> None:
@@ -126,7 +132,12 @@ class MultiAdapterLinear(nn.Module):
                 getattr(self, attr)[slot].zero_()
         self.slot_rank[slot], self.slot_dora[slot], self.slot_bias[slot] = 0, False, False
         self.sparse.pop(slot, None)
+        self.bottlenecks.pop(slot, None)
         if delta is not None:
+            if delta.bottleneck is not None:
+                w, bn = self.base.weight, delta.bottleneck
+                moved = [t.to(device=w.device, dtype=w.dtype) for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
+                self.bottlenecks[slot] = Bottleneck(*moved, activation=bn.activation, serial=bn.serial)
             if delta.sparse is not None:
                 idx, val = delta.sparse
                 w = self.base.weight
@@ -175,7 +186,9 @@ class MultiAdapterLinear(nn.Module):
                 sparse = gather_sparse(
                     self.sparse, with_sparse, b.out_features, b.in_features, plan.slots, plan.weights
                 )
-            self._rows = (lora, dora_rows, bias_rows, sparse)
+            with_bottleneck = sorted(s for s in plan.used if s in self.bottlenecks)
+            groups = gather_bottleneck(self.bottlenecks, with_bottleneck, plan.slots, plan.weights) or None
+            self._rows = (lora, dora_rows, bias_rows, sparse, groups)
             self._cached_version = plan.version
         return self._rows
 
@@ -183,7 +196,7 @@ class MultiAdapterLinear(nn.Module):
         y = self.base(x)  # (Bt, T, out)
         if not self.plan.used:
             return y
-        lora, dora_rows, bias_rows, sparse = self._batch_rows()
+        lora, dora_rows, bias_rows, sparse, groups = self._batch_rows()
         if dora_rows is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
             base_no_bias = y if self.base.bias is None else y - self.base.bias
             y = y + dora_rows * base_no_bias
@@ -193,7 +206,9 @@ class MultiAdapterLinear(nn.Module):
             else:
                 lora_apply(x, *lora[1:], out=y)
         if sparse is not None:
-            sparse_apply(x, *sparse, out=y)
+            sparse_apply(x, sparse, out=y)
         if bias_rows is not None:
             y = y + bias_rows
+        if groups is not None:  # last: a serial bottleneck reads the row's whole output
+            bottleneck_apply(x, y, groups)
         return y

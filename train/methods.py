@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from hotswap.errors import InvalidArgument
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.train.adalora import AdaLoraOptions, attach_adalora
+from hotswap.train.bottleneck import BottleneckOptions, attach_bottleneck
 from hotswap.train.dylora import DyLoraOptions, attach_dylora
 from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.plora import PLoraOptions, attach_plora
@@ -185,6 +186,7 @@ METHODS: dict[str, Method] = {
     "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2, _resume_peft),
     "prompt": Method(VirtualTokenOptions, lambda m, o, _: _prompt(m, o), 1e-1, _resume_peft),
     "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o), 5e-2, _resume_bitfit),
+    "bottleneck": Method(BottleneckOptions, lambda m, o, _: attach_bottleneck(m, o), 1e-2),
     "fishmask": Method(SparseOptions, lambda m, o, ctx: attach_sparse(m, o, "fishmask", ctx.loss_batches), 3e-2),
     "child-tuning": Method(
         ChildTuningOptions, lambda m, o, ctx: attach_sparse(m, o, "child-tuning", ctx.loss_batches), 1e-3

@@ -191,6 +191,55 @@ def random_sparse(base: PathLike, out_dir: PathLike, method: str = "fishmask", d
     return random_sparses(base, {out_dir: seed}, method, density, std=std)[0]
 
 
+BOTTLENECK_TARGETS = ("o_proj", "down_proj")  # the attention and feed-forward sublayers' outputs
+
+
+def write_bottleneck(
+    out: Path, modules: dict[str, dict[str, torch.Tensor]], bottleneck_dim: int, activation: str, placement: str
+) -> None:
+    """THE bottleneck artifact format: ``hotswap_config.json`` + per adapted linear
+    ``<module>.adapter_down.weight`` (m, d), ``.adapter_down.bias`` (m), ``<module>.adapter_up.weight``
+    (out, m), ``.adapter_up.bias`` (out); d is the layer's output size (serial) or input size (parallel)."""
+    tensors = {
+        f"{module}.adapter_{k}": v.float().contiguous() for module, parts in modules.items() for k, v in parts.items()
+    }
+    config = {"method": "bottleneck", "bottleneck_dim": bottleneck_dim, "activation": activation,
+              "placement": placement, "modules": sorted(modules)}  # fmt: skip
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def random_bottlenecks(
+    base: PathLike,
+    outs: Mapping[PathLike, int],
+    bottleneck_dim: int = 16,
+    activation: str = "relu",
+    placement: str = "serial",
+    std: float = 0.05,
+) -> list[Path]:
+    """Bottleneck adapters on every block's o_proj and down_proj with random non-zero weights."""
+    paths = _check_new(outs)
+    layers = {
+        name: module
+        for name, module in load_model(base).named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in BOTTLENECK_TARGETS
+    }
+    for out, seed in paths.items():
+        gen = torch.Generator().manual_seed(seed)
+        modules = {}
+        for name, layer in layers.items():
+            d = layer.out_features if placement == "serial" else layer.in_features
+            modules[name] = {
+                "down.weight": torch.randn(bottleneck_dim, d, generator=gen) * std,
+                "down.bias": torch.randn(bottleneck_dim, generator=gen) * std,
+                "up.weight": torch.randn(layer.out_features, bottleneck_dim, generator=gen) * std,
+                "up.bias": torch.randn(layer.out_features, generator=gen) * std,
+            }
+        with building_dir(out) as tmp:
+            write_bottleneck(tmp, modules, bottleneck_dim, activation, placement)
+    return list(paths)
+
+
 def write_bitfit(out: Path, deltas: dict[str, torch.Tensor], target_modules: tuple[str, ...]) -> None:
     """THE BitFit artifact format: ``hotswap_config.json`` + ``adapter_model.safetensors`` holding one
     ``<module>.bias`` delta per adapted linear (added to the base's bias; layers without one gain it)."""

@@ -23,6 +23,7 @@ from hotswap.serve import Engine, Request
 from hotswap.train import (
     RandomLoraConfig,
     random_bitfits,
+    random_bottlenecks,
     random_loras,
     random_prefixes,
     random_prompts,
@@ -31,7 +32,7 @@ from hotswap.train import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "fishmask", "child-tuning")
+METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "child-tuning")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class Fixtures:
                 random_prefixes(self.base, outs, num_virtual_tokens=16)
             elif method == "prompt":
                 random_prompts(self.base, outs, num_virtual_tokens=16)
+            elif method == "bottleneck":
+                random_bottlenecks(self.base, outs, bottleneck_dim=16)
             elif method in ("fishmask", "child-tuning"):  # each at its method's default density
                 random_sparses(self.base, outs, method, density=0.005 if method == "fishmask" else 0.2)
             else:

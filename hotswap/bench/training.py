@@ -24,7 +24,20 @@ from typing import Any
 import torch
 
 FULL = "full"
-METHODS = (FULL, "lora", "dora", "adalora", "dylora", "plora", "bitfit", "prefix", "prompt", "fishmask", "child-tuning")
+METHODS = (
+    FULL,
+    "lora",
+    "dora",
+    "adalora",
+    "dylora",
+    "plora",
+    "bitfit",
+    "prefix",
+    "prompt",
+    "bottleneck",
+    "fishmask",
+    "child-tuning",
+)
 
 
 def _rss_bytes() -> int:

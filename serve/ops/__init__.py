@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hotswap.serve.ops.bottleneck import Bottleneck, bottleneck_apply, bottleneck_delta, gather_bottleneck
 from hotswap.serve.ops.lora import (
     gather_rows,
     gather_unique,
@@ -15,6 +16,10 @@ from hotswap.serve.ops.lora import (
 from hotswap.serve.ops.sparse import gather_sparse, sparse_apply, sparse_delta
 
 __all__ = [
+    "Bottleneck",
+    "bottleneck_apply",
+    "bottleneck_delta",
+    "gather_bottleneck",
     "gather_rows",
     "gather_sparse",
     "gather_unique",

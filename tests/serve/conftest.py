@@ -19,6 +19,7 @@ from hotswap.serve.server import Server
 from hotswap.train import (
     RandomLoraConfig,
     random_bitfit,
+    random_bottlenecks,
     random_lora,
     random_prefix,
     random_prompt,
@@ -80,6 +81,10 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "lora4b": random_lora(tiny_base, d / "lora4b", RandomLoraConfig(rank=4, seed=10, init_std=0.2)),
         "fishmask": random_sparse(tiny_base, d / "fishmask", "fishmask", density=0.05, seed=11, std=0.3),
         "child": random_sparse(tiny_base, d / "child", "child-tuning", density=0.2, seed=12, std=0.1),
+        "bottleneck": random_bottlenecks(tiny_base, {d / "bottleneck": 13}, bottleneck_dim=8, std=0.3)[0],
+        "bottleneck-par": random_bottlenecks(
+            tiny_base, {d / "bottleneck-par": 14}, bottleneck_dim=4, activation="gelu", placement="parallel", std=0.3
+        )[0],
     }
 
 

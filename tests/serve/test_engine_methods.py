@@ -118,3 +118,26 @@ def test_every_method_in_one_batch_equals_each_alone(engine: Engine, adapters: d
     for name, got in zip(names, together, strict=True):
         (alone,) = engine.forward_logits([Request(prompt_ids=IDS, adapters=[name])])
         assert (got - alone).abs().max() <= 1e-5 * alone.abs().max(), name
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "bottleneck-par"])
+def test_bottleneck_matches_a_model_with_the_modules(
+    engine: Engine, adapters: dict[str, Path], tiny_base: Path, name: str
+) -> None:
+    """Rows with a bottleneck adapter equal a model whose o_proj/down_proj carry the trained modules."""
+    from hotswap.train.bottleneck import BottleneckOptions, attach_bottleneck
+
+    config = json.loads((adapters[name] / "hotswap_config.json").read_text())
+    model = load_model(tiny_base)
+    opts = BottleneckOptions(config["bottleneck_dim"], config["activation"], config["placement"])
+    modules = attach_bottleneck(model, opts).modules
+    tensors = load_file(adapters[name] / "adapter_model.safetensors")
+    with torch.no_grad():
+        for module, wrapped in modules.items():
+            for part, layer in (("down", wrapped.down), ("up", wrapped.up)):
+                layer.weight.copy_(tensors[f"{module}.adapter_{part}.weight"])
+                layer.bias.copy_(tensors[f"{module}.adapter_{part}.bias"])
+    ref = reference_logits(model, IDS)
+    (ours,) = engine.forward_logits([Request(prompt_ids=IDS, adapters=[name])])
+    assert (ref - reference_logits(load_model(tiny_base), IDS)).abs().max() > 1e-2
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap.serve.ops import lora, lora_ref, sparse, sparse_ref
+from hotswap.serve.ops import bottleneck, bottleneck_ref, lora, lora_ref, sparse, sparse_ref
 
 # One tolerance table: max |fast - ref| / (max |ref| + 1) per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -116,7 +116,8 @@ def test_rank_truncation_matches_reference(pattern: str, k: int) -> None:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("k", [1, 3])
-def test_sparse_deltas_match_reference(pattern: str, k: int) -> None:
+@pytest.mark.parametrize("cap", [1 << 21, 0])  # block-diagonal form, and the stacked-unique fallback
+def test_sparse_deltas_match_reference(pattern: str, k: int, cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Child-tuning / FishMask deltas: per-slot sparse (out, in) matrices at mixed densities."""
     g = torch.Generator().manual_seed(3)
     entries = {}
@@ -126,8 +127,35 @@ def test_sparse_deltas_match_reference(pattern: str, k: int) -> None:
         nnz = max(1, int(density * OUT * IN))
         idx = torch.randperm(OUT * IN, generator=g)[:nnz]
         entries[slot] = (idx, torch.randn(nnz, generator=g))
+    monkeypatch.setattr(sparse, "BLOCK_DIAGONAL_MAX_ENTRIES", cap)
     rows = 10
     slots, weights = _slots(pattern, rows, k), _weights(rows, k)
     x = torch.randn(rows, 4, IN, generator=g)
     fast = sparse.sparse_delta(x, entries, OUT, slots, weights)
     _check(fast, sparse_ref.sparse_delta(x, entries, OUT, slots, weights), torch.float32)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_bottleneck_adapters_match_reference(pattern: str, k: int) -> None:
+    """Bottlenecks of mixed sizes, activations and placements (serial reads the output, parallel the input)."""
+    g = torch.Generator().manual_seed(4)
+    kinds = [
+        (8, "relu", True),
+        (4, "gelu", True),
+        (16, "silu", False),
+        (2, "relu", False),
+        (8, "relu", True),
+        (6, "gelu", False),
+    ]
+    entries = {}
+    for slot, (m, act, serial) in zip(range(2, SLOTS), kinds, strict=True):  # slot 1: no bottleneck
+        d = OUT if serial else IN
+        entries[slot] = bottleneck.Bottleneck(torch.randn(m, d, generator=g) * 0.2, torch.randn(m, generator=g),
+                                              torch.randn(OUT, m, generator=g) * 0.2, torch.randn(OUT, generator=g),
+                                              act, serial)  # fmt: skip
+    rows = 10
+    slots, weights = _slots(pattern, rows, k), _weights(rows, k)
+    x, y = torch.randn(rows, 3, IN, generator=g), torch.randn(rows, 3, OUT, generator=g)
+    fast = bottleneck.bottleneck_delta(x, y, entries, slots, weights)
+    _check(fast, bottleneck_ref.bottleneck_delta(x, y, entries, slots, weights), torch.float32)

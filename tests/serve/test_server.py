@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hotswap.client import Client
 from hotswap.errors import (
@@ -258,23 +259,23 @@ def test_health_and_unavailable_until_loaded(text_base: Path, server_registry: P
 
 
 def test_stop_drains_in_flight_and_refuses_new(text_base: Path, server_registry: Path) -> None:
-    srv = make_server(text_base, server_registry, max_seq_len=2048).start()
+    srv = make_server(text_base, server_registry, max_batch=1, max_seq_len=2048).start()
     c = client(srv, None)
-    stream = c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True)  # still running below
-    it = iter(stream)
-    first = next(it)
+    watch = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    # two requests in flight (the second queued behind the first: max_batch 1) keep the drain busy
+    streams = [c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True) for _ in range(2)]
+    first = next(iter(streams[0]))
     stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60})
     stopper.start()
-    end = time.monotonic() + 10
-    while c.health() != "NOT_SERVING":
-        assert time.monotonic() < end
-        time.sleep(0.01)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # pushed as the drain starts
     with pytest.raises(ServerUnavailable, match="shutting down"):
         c.generate(PROMPT, max_new_tokens=2)
-    rest = list(it)  # the in-flight request runs to the end
-    stopper.join(timeout=60)
-    assert stream.response is not None and stream.response.finish_reason == "length"
+    rest = list(streams[0])  # the in-flight requests run to the end
     assert len(first.token_ids) + sum(len(ch.token_ids) for ch in rest) == 1500
+    assert sum(len(ch.token_ids) for ch in streams[1]) == 1500
+    stopper.join(timeout=60)
+    assert all(s.response is not None and s.response.finish_reason == "length" for s in streams)
     c.close()
 
 

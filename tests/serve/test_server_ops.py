@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hotswap import cli
 from hotswap.client import Client
@@ -26,7 +27,7 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
     config = tmp_path / "serve.toml"
     config.write_text(
         f'base = "{text_base}"\nregistry = "{server_registry}"\nno_auth = true\nport = 0\nmetrics_port = 0\n'
-        "grace = 60\nmax_batch = 4\nmax_seq_len = 2048\n"
+        "grace = 60\nmax_batch = 1\nmax_seq_len = 2048\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "hotswap.cli", "serve", "--config", str(config)],
@@ -39,21 +40,19 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
         match = re.search(r"on 127\.0\.0\.1:(\d+)", line)
         assert match, line + proc.stderr.read()  # type: ignore[union-attr]
         c = Client(f"127.0.0.1:{match.group(1)}", timeout=60)
-        assert c.health() == "SERVING"
-        # long enough to still be running when the signal is handled (the CLI polls it every 0.2 s)
-        stream = c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True)
-        it = iter(stream)
-        first = next(it)
+        watch = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        # two requests in flight (the second queued behind the first: max_batch 1) keep the drain busy
+        streams = [c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True) for _ in range(2)]
+        first = next(iter(streams[0]))
         proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + 20
-        while c.health() != "NOT_SERVING":
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # pushed as the drain starts
         with pytest.raises(ServerUnavailable, match="shutting down"):
             c.generate(PROMPT)
-        rest = list(it)
-        assert stream.response is not None and stream.response.finish_reason == "length"
+        rest = list(streams[0])
         assert len(first.token_ids) + sum(len(ch.token_ids) for ch in rest) == 1500
+        assert sum(len(ch.token_ids) for ch in streams[1]) == 1500
+        assert all(s.response is not None and s.response.finish_reason == "length" for s in streams)
         assert proc.wait(timeout=60) == 0
         out, err = proc.communicate()
         assert "shutting down" in out

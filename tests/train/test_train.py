@@ -20,7 +20,7 @@ from hotswap.train import TrainConfig, TrainResult, train
 from hotswap.train.data import builtin
 
 PEFT_LOADABLE = ("lora", "dora", "adalora", "plora", "prefix", "prompt")  # adalora/plora: exported as LoRA
-METHODS = (*PEFT_LOADABLE, "bitfit", "fishmask", "child-tuning")
+METHODS = (*PEFT_LOADABLE, "bitfit", "bottleneck", "fishmask", "child-tuning")
 PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]  # token-id prompts to compare logits on
 
 

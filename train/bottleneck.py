@@ -1,0 +1,101 @@
+"""Adapter-tuning with bottleneck modules (Houlsby et al.): a small down-projection, a nonlinearity
+and an up-projection after the attention and feed-forward sublayers of every block (their output
+linears, o_proj and down_proj), added to the sublayer's output before the residual. Serial placement
+reads the sublayer's output; parallel placement reads its input. The up-projection starts at zero, so
+training starts from the base model exactly. PEFT has no bottleneck adapters, so this is ours.
+
+Artifact: ``hotswap.train.synthetic.write_bottleneck``; the engine serves it per row
+(``hotswap.serve.ops.bottleneck``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hotswap.errors import InvalidArgument
+from hotswap.serve.ops.bottleneck import ACTIVATIONS
+from hotswap.train.synthetic import BOTTLENECK_TARGETS, write_bottleneck
+
+PLACEMENTS = ("serial", "parallel")
+
+
+@dataclass(frozen=True)
+class BottleneckOptions:
+    bottleneck_dim: int = 16
+    activation: str = "relu"
+    placement: str = "serial"
+    target_modules: tuple[str, ...] = field(default=BOTTLENECK_TARGETS)
+
+    def __post_init__(self) -> None:
+        if self.bottleneck_dim < 1:
+            raise InvalidArgument(f"bottleneck_dim must be >= 1, got {self.bottleneck_dim}")
+        if self.activation not in ACTIVATIONS:
+            raise InvalidArgument(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.placement not in PLACEMENTS:
+            raise InvalidArgument(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+
+
+class BottleneckLinear(nn.Module):
+    """``base`` (frozen) followed by (serial) or beside (parallel) a trainable bottleneck."""
+
+    def __init__(self, base: nn.Linear, dim: int, activation: str, serial: bool) -> None:
+        super().__init__()
+        self.base, self.activation, self.serial = base, activation, serial
+        w = base.weight
+        self.down = nn.Linear(base.out_features if serial else base.in_features, dim, device=w.device, dtype=w.dtype)
+        self.up = nn.Linear(dim, base.out_features, device=w.device, dtype=w.dtype)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)  # the adapter starts as the identity
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.up(ACTIVATIONS[self.activation](self.down(y if self.serial else x)))
+
+
+@dataclass
+class BottleneckTrainable:
+    model: nn.Module
+    options: BottleneckOptions
+    modules: dict[str, BottleneckLinear]
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def export(self, out: Path) -> dict[str, float]:
+        parts = {
+            name: {
+                "down.weight": m.down.weight.detach().cpu(),
+                "down.bias": m.down.bias.detach().cpu(),
+                "up.weight": m.up.weight.detach().cpu(),
+                "up.bias": m.up.bias.detach().cpu(),
+            }
+            for name, m in self.modules.items()
+        }
+        o = self.options
+        write_bottleneck(out, parts, o.bottleneck_dim, o.activation, o.placement)
+        return {}
+
+
+def attach_bottleneck(model: nn.Module, opts: BottleneckOptions) -> BottleneckTrainable:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = {}
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and ".layers." in full and child_name in opts.target_modules:
+                wrapped = BottleneckLinear(child, opts.bottleneck_dim, opts.activation, opts.placement == "serial")
+                setattr(parent, child_name, wrapped)
+                modules[full] = wrapped
+    if not modules:
+        raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
+    return BottleneckTrainable(model, opts, modules)
