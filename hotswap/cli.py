@@ -122,6 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "momentum": args.momentum,
         "export": args.plora_export,
         "svd_rank": args.svd_rank,
+        "small_model": str(args.small_model) if args.small_model else None,
     }
     config = TrainConfig(
         method=args.method,
@@ -569,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--method",
         required=True,
-        help="lora, dora, adalora, dylora, plora, bitfit, prefix, prompt, bottleneck, fishmask or child-tuning",
+        help="lora, dora, adalora, dylora, plora, bitfit, prefix, prompt, bottleneck, fishmask, child-tuning or proxy",
     )
     sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
     sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
@@ -588,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--rank", type=_positive_int, help="lora/dora/dylora/plora: rank r (default 8)")
-    sp.add_argument("--alpha", type=float, help="lora-family: alpha (default 16)")
+    sp.add_argument("--alpha", type=float, help="lora-family: alpha (default 16); proxy: offset strength (1)")
     sp.add_argument("--dropout", type=float, help="lora/dora: dropout (default 0)")
     sp.add_argument("--targets", help="comma-separated module names (default: all seven linears of a block)")
     sp.add_argument("--virtual-tokens", dest="virtual_tokens", type=_positive_int, help="prefix/prompt (default 8)")
@@ -605,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--momentum", type=float, help="plora: share of A, B kept at each offload (default 0)")
     sp.add_argument("--plora-export", choices=("stacked", "svd"), help="plora: exact stacked factors or SVD")
     sp.add_argument("--svd-rank", type=_positive_int, help="plora with --plora-export svd: rank kept (default r)")
+    sp.add_argument("--small-model", type=Path, help="proxy: small checkpoint sharing the base's vocabulary")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = add("push", cmd_push, "publish an adapter directory as a new immutable version")

@@ -20,10 +20,13 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
-from hotswap.errors import InvalidArtifact, UnsupportedAdapter
+from hotswap.basemodel import fingerprint, load_model
+from hotswap.errors import HotswapError, InvalidArtifact, UnsupportedAdapter
 from hotswap.registry import HOTSWAP_CONFIG, PEFT_CONFIG, Manifest
 from hotswap.serve.layers import LinearDelta
 from hotswap.serve.ops.bottleneck import ACTIVATIONS, Bottleneck
+from hotswap.serve.proxy import ProxyModels
+from hotswap.serve.runner import SUPPORTED_MODEL_TYPES
 
 _PEFT_PREFIX = "base_model.model."
 _WEIGHTS = "adapter_model.safetensors"
@@ -36,10 +39,11 @@ class LoadedAdapter:
     linear: dict[str, LinearDelta] = field(default_factory=dict)  # module path -> delta
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (kv_heads, P, head_dim) x2
     prompt_embeds: torch.Tensor | None = None  # (T, hidden) virtual tokens prepended to the prompt
+    proxy: ProxyModels | None = None  # proxy-tuning's expert and anti-expert
 
     @property
     def nbytes(self) -> int:
-        n = sum(d.nbytes for d in self.linear.values())
+        n = sum(d.nbytes for d in self.linear.values()) + (self.proxy.nbytes if self.proxy else 0)
         for t in [*((self.prefix_kv and [t for kv in self.prefix_kv for t in kv]) or []), self.prompt_embeds]:
             if t is not None:
                 n += t.numel() * t.element_size()
@@ -63,6 +67,7 @@ class BaseInfo:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    vocab_size: int
     dtype: torch.dtype
 
 
@@ -253,6 +258,37 @@ def load_prompt(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter
     return LoadedAdapter(ref=manifest.ref, method=manifest.method, prompt_embeds=emb.to(base.dtype))
 
 
+# -- Proxy-tuning (hotswap format) -------------------------------------------------------------------
+def load_proxy(path: Path, manifest: Manifest, base: BaseInfo) -> LoadedAdapter:
+    """``hotswap_config.json`` {"method": "proxy", "alpha", "expert", "anti_expert"}: the two small models are
+    ``from_pretrained`` checkpoints (safetensors) in the named subdirectories (``write_proxy``)."""
+    config = json.loads((path / HOTSWAP_CONFIG).read_text())
+    alpha = config.get("alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InvalidArtifact(f"{manifest.ref}: proxy alpha must be a finite number, got {alpha!r}")
+    models, anti_key = [], ""
+    for role in ("expert", "anti_expert"):
+        sub = config.get(role)
+        if not isinstance(sub, str) or not (path / sub).is_dir() or Path(sub).is_absolute() or ".." in Path(sub).parts:
+            raise InvalidArtifact(f"{manifest.ref}: proxy {role} must name a subdirectory of the artifact, got {sub!r}")
+        try:
+            model = load_model(path / sub, dtype=base.dtype)
+        except HotswapError as e:
+            raise InvalidArtifact(f"{manifest.ref}: proxy {role}: {e}") from e
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedAdapter(f"{manifest.ref}: proxy {role} is a {cfg.model_type!r} model; served: llama")
+        if cfg.vocab_size != base.vocab_size:
+            raise UnsupportedAdapter(
+                f"{manifest.ref}: proxy {role} has vocabulary size {cfg.vocab_size}, the base {base.vocab_size}; "
+                "proxy-tuning needs a shared vocabulary"
+            )
+        models.append(model)
+        anti_key = fingerprint(path / sub)  # computed, not read from the config: sharing must be exact
+    proxy = ProxyModels(models[0], models[1], float(alpha), anti_key)
+    return LoadedAdapter(ref=manifest.ref, method=manifest.method, proxy=proxy)
+
+
 register_method("lora", load_lora)
 register_method("dora", load_lora)
 register_method("plora", load_lora)  # PEFT LoRA files carrying PLoRA's accumulated delta
@@ -264,3 +300,4 @@ register_method("child-tuning", load_sparse)
 register_method("bottleneck", load_bottleneck)
 register_method("prefix", load_prefix)
 register_method("prompt", load_prompt)
+register_method("proxy", load_proxy)

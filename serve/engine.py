@@ -16,19 +16,16 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, load_model
-
-if TYPE_CHECKING:
-    pass
 from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo
 from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
+from hotswap.serve.proxy import ProxyBank, ProxyRow
 from hotswap.serve.runner import Runner
 from hotswap.serve.sampling import RowSampler, choose_tokens
 from hotswap.serve.types import EngineObserver, Request, Result, Timings
@@ -149,8 +146,10 @@ class Engine:
             num_kv_heads=self.runner.num_kv_heads,
             head_dim=self.runner.head_dim,
             hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
             dtype=self.model.dtype,
         )
+        self.proxies = ProxyBank(self.config.max_batch, self.config.max_seq_len, self.runner.device)
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
         self.pool = AdapterPool(
@@ -158,6 +157,7 @@ class Engine:
             base_info,
             self.base_fingerprint,
             self.layers,
+            self.proxies,
             self.config.max_resident,
             self.config.host_cache_bytes,
             self.config.max_rank,
@@ -470,9 +470,14 @@ class Engine:
         for job, offset, n in zip(jobs, offsets, lengths, strict=True):
             job.position = offset + n
         if all_positions:
-            return [self.runner.logits(hidden[i, s:n]) for i, (s, n) in enumerate(zip(skips, lengths, strict=True))]
-        last = hidden[torch.arange(len(jobs)), torch.tensor(lengths) - 1]  # (J, hidden)
-        return list(self.runner.logits(last))
+            logits = [self.runner.logits(hidden[i, s:n]) for i, (s, n) in enumerate(zip(skips, lengths, strict=True))]
+        else:
+            logits = list(self.runner.logits(hidden[torch.arange(len(jobs)), torch.tensor(lengths) - 1]))  # (V,) each
+        if self.proxies:
+            rows = [ProxyRow(j.row, j.slots, j.prompt_ids, 0) for j in jobs]
+            extra = self.proxies.offsets(rows, last_only=not all_positions)
+            logits = [x if o is None else x + o for x, o in zip(logits, extra, strict=True)]
+        return logits
 
     def _decode(self) -> None:
         with self._cv:
@@ -500,7 +505,13 @@ class Engine:
         logits = self.runner.logits(hidden[:, 0])  # (n, V)
         for job in active:
             job.position += 1
-        self._emit_all(active, [logits[j.row] for j in active])
+        chosen = [logits[j.row] for j in active]
+        if self.proxies:  # the small models see text only: the fed token's index in prompt + generated
+            rows = [
+                ProxyRow(j.row, j.slots, j.generated[-1:], len(j.prompt_ids) + len(j.generated) - 1) for j in active
+            ]
+            chosen = [x if o is None else x + o for x, o in zip(chosen, self.proxies.offsets(rows, True), strict=True)]
+        self._emit_all(active, chosen)
 
     def _emit_all(self, jobs: list[_Job], logits: list[torch.Tensor]) -> None:
         chosen = choose_tokens(torch.stack(logits), [j.sampler for j in jobs])

@@ -21,6 +21,7 @@ from hotswap.errors import CapacityExceeded, HotswapError
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, LoadedAdapter, load_adapter
 from hotswap.serve.layers import MultiAdapterLinear
+from hotswap.serve.proxy import ProxyBank
 from hotswap.serve.types import EngineObserver
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class AdapterPool:
         base: BaseInfo,
         base_fingerprint: str,
         layers: dict[str, MultiAdapterLinear],
+        proxies: ProxyBank,
         max_resident: int,
         host_cache_bytes: int,
         max_rank: int,
@@ -50,7 +52,8 @@ class AdapterPool:
         observer: EngineObserver,
     ) -> None:
         self.registry, self.base, self.base_fingerprint = registry, base, base_fingerprint
-        self.layers, self.max_resident, self.host_cache_bytes = layers, max_resident, host_cache_bytes
+        self.layers, self.proxies = layers, proxies
+        self.max_resident, self.host_cache_bytes = max_resident, host_cache_bytes
         self.max_rank = max_rank
         self.lock = lock
         self.observer = observer
@@ -153,6 +156,7 @@ class AdapterPool:
         start = time.perf_counter()
         for name, layer in self.layers.items():
             layer.set_slot(slot, loaded.linear.get(name))
+        self.proxies.set_slot(slot, loaded.proxy)
         self.slot_of[ref], self.ref_at[slot], self.resident[slot] = slot, ref, loaded
         self.lru[ref] = None
         self.host.move_to_end(ref)
@@ -176,6 +180,7 @@ class AdapterPool:
         slot = self.slot_of.pop(ref)
         for layer in self.layers.values():
             layer.set_slot(slot, None)
+        self.proxies.set_slot(slot, None)
         self.ref_at[slot] = None
         del self.resident[slot]
         self.lru.pop(ref, None)

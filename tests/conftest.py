@@ -8,6 +8,9 @@ import pytest
 
 from hotswap.basemodel import build_model, build_with_tokenizer, save_model
 
+# The tiny shape shrunk (same vocabulary): the small model of proxy-tuning tests.
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -26,3 +29,9 @@ def text_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with the real MiniLM tokenizer bundled (text prompts, stop strings)."""
     model, tok = build_with_tokenizer("tiny", "minilm", seed=0)
     return save_model(model, tmp_path_factory.mktemp("bases") / "tiny-text", tok)
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller Llama sharing ``tiny_base``'s vocabulary: proxy-tuning's expert and anti-expert."""
+    return save_model(build_model("tiny", seed=3, **SMALL), tmp_path_factory.mktemp("bases") / "small-s3")

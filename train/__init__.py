@@ -17,6 +17,7 @@ from hotswap.train.synthetic import (
     random_prefixes,
     random_prompt,
     random_prompts,
+    random_proxies,
     random_sparse,
     random_sparses,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "random_prefixes",
     "random_prompt",
     "random_prompts",
+    "random_proxies",
     "random_sparse",
     "random_sparses",
     "train",

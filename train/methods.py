@@ -29,6 +29,7 @@ from hotswap.train.bottleneck import BottleneckOptions, attach_bottleneck
 from hotswap.train.dylora import DyLoraOptions, attach_dylora
 from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.plora import PLoraOptions, attach_plora
+from hotswap.train.proxy import ProxyOptions, attach_proxy
 from hotswap.train.sparse import ChildTuningOptions, SparseOptions, attach_sparse
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
 
@@ -191,6 +192,7 @@ METHODS: dict[str, Method] = {
     "child-tuning": Method(
         ChildTuningOptions, lambda m, o, ctx: attach_sparse(m, o, "child-tuning", ctx.loss_batches), 1e-3
     ),
+    "proxy": Method(ProxyOptions, lambda m, o, _: attach_proxy(m, o), 3e-3),
 }
 
 

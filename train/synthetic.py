@@ -8,6 +8,7 @@ many adapters of one config from a single loaded base (one per seed).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
-from hotswap.basemodel import load_model
+from hotswap.basemodel import fingerprint, load_model
 from hotswap.errors import InvalidArtifact
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.registry.fsutil import building_dir
@@ -237,6 +239,42 @@ def random_bottlenecks(
             }
         with building_dir(out) as tmp:
             write_bottleneck(tmp, modules, bottleneck_dim, activation, placement)
+    return list(paths)
+
+
+PROXY_EXPERT, PROXY_ANTI_EXPERT = "expert", "anti_expert"
+
+
+def write_proxy(out: Path, expert: PreTrainedModel, anti_expert: PreTrainedModel, alpha: float) -> None:
+    """THE proxy-tuning artifact format: ``hotswap_config.json`` {"method": "proxy", "alpha", "expert",
+    "anti_expert", ...} and the two small models as ``save_pretrained`` checkpoints (config.json +
+    model.safetensors) in ``expert/`` and ``anti_expert/``. Served logits: base + alpha * (expert - anti_expert)."""
+    for sub, model in ((PROXY_EXPERT, expert), (PROXY_ANTI_EXPERT, anti_expert)):
+        model.save_pretrained(out / sub, safe_serialization=True)
+    config = {
+        "method": "proxy",
+        "alpha": alpha,
+        "expert": PROXY_EXPERT,
+        "anti_expert": PROXY_ANTI_EXPERT,
+        "anti_expert_fingerprint": fingerprint(out / PROXY_ANTI_EXPERT),
+        "vocab_size": expert.config.vocab_size,
+    }
+    (out / HOTSWAP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def random_proxies(small: PathLike, outs: Mapping[PathLike, int], alpha: float = 1.0, std: float = 0.02) -> list[Path]:
+    """Proxy adapters whose anti-expert is the ``small`` checkpoint and whose expert is it plus random
+    noise of ``std`` on every weight (one expert per seed)."""
+    paths = _check_new(outs)
+    anti_expert = load_model(small)
+    for out, seed in paths.items():
+        expert = copy.deepcopy(anti_expert)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p += torch.randn(p.shape, generator=gen) * std
+        with building_dir(out) as tmp:
+            write_proxy(tmp, expert, anti_expert, alpha)
     return list(paths)
 
 

@@ -27,12 +27,13 @@ from hotswap.train import (
     random_loras,
     random_prefixes,
     random_prompts,
+    random_proxies,
     random_sparses,
 )
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "child-tuning")
+METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "child-tuning", "proxy")
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,24 @@ class Fixtures:
                 random_bottlenecks(self.base, outs, bottleneck_dim=16)
             elif method in ("fishmask", "child-tuning"):  # each at its method's default density
                 random_sparses(self.base, outs, method, density=0.005 if method == "fishmask" else 0.2)
+            elif method == "proxy":  # experts tuned from one small model (their shared anti-expert)
+                random_proxies(self.proxy_small(), outs)
             else:
                 raise ValueError(f"unknown method {method!r}")
             for out in outs:
                 self.registry.publish(out, out.name, base_fingerprint=self.fingerprint)
         return names
+
+    def proxy_small(self) -> Path:
+        """Proxy-tuning's small model: the base's vocabulary, a quarter of its width, an eighth of its depth."""
+        path = self.root / "proxy-small"
+        if not path.exists():
+            cfg = json.loads((self.base / "config.json").read_text())
+            hidden = max(32, cfg["hidden_size"] // 4)
+            shape = {"hidden_size": hidden, "intermediate_size": 3 * hidden, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "num_hidden_layers": max(1, cfg["num_hidden_layers"] // 8)}  # fmt: skip
+            save_model(build_model(self.workload.model, seed=self.workload.seed + 1, **shape), path)
+        return path
 
     def artifact(self, name: str) -> Path:
         return self.registry.fetch(name)[1]

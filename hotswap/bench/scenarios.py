@@ -348,7 +348,7 @@ def training(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     quarter of the workload's batch (full fine-tuning of W1 on a CPU is slow) and its full length."""
     w = fx.workload
     batch = max(1, w.batch // 4)
-    rows = train_bench(str(fx.base), batch, w.prompt + w.new_tokens, steps=3, device=w.device)
+    rows = train_bench(str(fx.base), batch, w.prompt + w.new_tokens, 3, w.device, str(fx.proxy_small()))
     return [{**row, "batch": batch, "tokens": w.prompt + w.new_tokens} for row in rows]
 
 

@@ -3,7 +3,8 @@
 Each method runs in a fresh process (``python -m hotswap.bench.training``), so one method's allocator
 state cannot inflate another's peak. A worker loads the base, attaches the method exactly as
 ``hotswap train`` does (or makes every weight trainable, for full fine-tuning; PLoRA offloads every
-2 steps so its offloads are measured), and times AdamW steps
+2 steps so its offloads are measured; proxy-tuning fine-tunes the small model given, beside the
+loaded base and anti-expert), and times AdamW steps
 on a fixed random batch of the workload's shape (batch x (prompt + new_tokens) tokens, loss on every
 token). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak RSS above the RSS after
 imports (the model, gradients, optimizer state and activations, without the Python/torch runtime).
@@ -37,6 +38,7 @@ METHODS = (
     "bottleneck",
     "fishmask",
     "child-tuning",
+    "proxy",
 )
 
 
@@ -45,7 +47,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(method: str, base: str, batch: int, length: int, steps: int, device: str) -> dict[str, Any]:
+def measure(
+    method: str, base: str, batch: int, length: int, steps: int, device: str, small_model: str
+) -> dict[str, Any]:
     """One method's figures (run inside the worker process)."""
     from hotswap.basemodel import load_model
     from hotswap.train.data import Example
@@ -64,7 +68,7 @@ def measure(method: str, base: str, batch: int, length: int, steps: int, device:
             p.requires_grad_(True)
         trainable = None
     else:
-        options = {"period": 2} if method == "plora" else {}  # PLoRA: offloads inside the timed steps
+        options = {"plora": {"period": 2}, "proxy": {"small_model": small_model}}.get(method, {})
 
         def losses(m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:  # Fisher batches (sparse methods)
             return (token_losses(m, examples, device)[0].mean() for _ in range(n))
@@ -102,8 +106,9 @@ def measure(method: str, base: str, batch: int, length: int, steps: int, device:
     }
 
 
-def train_bench(base: str, batch: int, length: int, steps: int, device: str) -> list[dict[str, Any]]:
-    """Every method in its own process; ratios against full fine-tuning from the same run."""
+def train_bench(base: str, batch: int, length: int, steps: int, device: str, small_model: str) -> list[dict[str, Any]]:
+    """Every method in its own process; ratios against full fine-tuning from the same run.
+    ``small_model``: the checkpoint proxy-tuning fine-tunes (the base's vocabulary)."""
     rows = []
     for method in METHODS:
         cmd = [
@@ -116,6 +121,7 @@ def train_bench(base: str, batch: int, length: int, steps: int, device: str) -> 
             str(length),
             str(steps),
             device,
+            small_model,
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -137,8 +143,9 @@ def _worker() -> None:
     for name in ("batch", "length", "steps"):
         p.add_argument(name, type=int)
     p.add_argument("device")
+    p.add_argument("small_model")
     a = p.parse_args()
-    print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device)))
+    print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device, a.small_model)))
 
 
 if __name__ == "__main__":

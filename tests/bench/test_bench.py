@@ -53,7 +53,7 @@ def test_swap_and_load(tmp_path: Path, cache: Path) -> None:
 def test_methods(tmp_path: Path, cache: Path) -> None:
     rows = _load(run("methods", TINY, tmp_path, cache, [2])[0])["rows"]
     assert [r["method"] for r in rows] == [
-        "lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "child-tuning", "all methods"
+        "lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "child-tuning", "proxy", "all methods"
     ]  # fmt: skip
     for r in rows:
         assert r["vs_base"] == pytest.approx(r["tok_s"] / r["base_tok_s"])
@@ -101,7 +101,7 @@ def test_server(tmp_path: Path, cache: Path) -> None:
 def test_train(tmp_path: Path, cache: Path) -> None:
     """Every method in its own process, ratios against full fine-tuning from the same run."""
     rows = _load(run("train", TINY, tmp_path, cache, [0])[0])["rows"]
-    assert [r["method"] for r in rows][:2] == ["full", "lora"] and len(rows) == 12
+    assert [r["method"] for r in rows][:2] == ["full", "lora"] and len(rows) == 13
     full = rows[0]
     for r in rows:
         assert r["peak_memory_mb"] > 0 and r["step_s"] > 0

@@ -15,7 +15,16 @@ from hotswap.basemodel import fingerprint, load_model
 from hotswap.errors import AdapterNotFound, IntegrityError, PermissionDenied, RegistryUnavailable, VersionExists
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_prefix, random_prompt
+from hotswap.train import (
+    RandomLoraConfig,
+    random_bitfit,
+    random_bottlenecks,
+    random_lora,
+    random_prefix,
+    random_prompt,
+    random_proxies,
+    random_sparse,
+)
 from tests.hubserver import HubServer
 
 TOKEN, OTHER = "hub-writer", "other-org-token"
@@ -32,7 +41,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def artifacts(tiny_base: Path, small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("hub-artifacts")
     return {
         "lora": random_lora(tiny_base, d / "lora", RandomLoraConfig(rank=4, seed=1, init_std=0.2)),
@@ -41,16 +50,22 @@ def artifacts(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         "prefix": random_prefix(tiny_base, d / "prefix", num_virtual_tokens=3, seed=4),
         "prompt": random_prompt(tiny_base, d / "prompt", num_virtual_tokens=3, seed=5),
         "lora2": random_lora(tiny_base, d / "lora2", RandomLoraConfig(rank=2, seed=6, init_std=0.2)),
+        "bottleneck": random_bottlenecks(tiny_base, {d / "bottleneck": 7}, bottleneck_dim=4)[0],
+        "fishmask": random_sparse(tiny_base, d / "fishmask", "fishmask", seed=8),
+        "proxy": random_proxies(small_base, {d / "proxy": 9})[0],  # files in subdirectories
     }
+
+
+HUB_METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "proxy")
 
 
 def test_round_trip_every_method(hub: HubServer, artifacts: dict[str, Path], tiny_base: Path, tmp_path: Path) -> None:
     reg = Registry("hf://team")
     fp = fingerprint(tiny_base)
-    for method in ("lora", "dora", "bitfit", "prefix", "prompt"):
+    for method in HUB_METHODS:
         m = reg.publish(artifacts[method], f"m-{method}", base_fingerprint=fp)
         assert m.ref == f"m-{method}@1" and m.method == method
-    assert reg.names() == sorted(f"m-{x}" for x in ("lora", "dora", "bitfit", "prefix", "prompt"))
+    assert reg.names() == sorted(f"m-{x}" for x in HUB_METHODS)
     # a fresh client (empty cache) pulls and verifies; PEFT loads the pulled LoRA
     fresh = Registry("hf://team")
     pulled = tmp_path / "pulled"
@@ -62,8 +77,7 @@ def test_round_trip_every_method(hub: HubServer, artifacts: dict[str, Path], tin
         torch.testing.assert_close(loaded(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
     # the engine serves straight from the Hub registry, every method in one batch
     with Engine(tiny_base, fresh, max_batch=8, max_seq_len=32) as engine:
-        reqs = [Request(prompt_ids=[5, 17, 99], adapters=[f"m-{x}"], max_new_tokens=2) for x in
-                ("lora", "dora", "bitfit", "prefix", "prompt")]  # fmt: skip
+        reqs = [Request(prompt_ids=[5, 17, 99], adapters=[f"m-{x}"], max_new_tokens=2) for x in HUB_METHODS]
         assert all(len(r.token_ids) == 2 for r in engine.generate(reqs))
 
 

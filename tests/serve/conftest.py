@@ -23,6 +23,7 @@ from hotswap.train import (
     random_lora,
     random_prefix,
     random_prompt,
+    random_proxies,
     random_sparse,
 )
 from tests.serve.serverutil import ACME, ADMIN, GLOBEX, make_server
@@ -43,7 +44,7 @@ def _peft_lora(base: Path, out: Path, config: LoraConfig, seed: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def adapters(tiny_base: Path, small_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name -> artifact directory, for every method the engine serves."""
     d = tmp_path_factory.mktemp("adapters")
     return {
@@ -85,6 +86,8 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "bottleneck-par": random_bottlenecks(
             tiny_base, {d / "bottleneck-par": 14}, bottleneck_dim=4, activation="gelu", placement="parallel", std=0.3
         )[0],
+        "proxy": random_proxies(small_base, {d / "proxy": 15}, alpha=1.5, std=0.3)[0],
+        "proxy2": random_proxies(small_base, {d / "proxy2": 16}, alpha=1.5, std=0.3)[0],
     }
 
 

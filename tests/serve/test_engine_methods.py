@@ -1,4 +1,5 @@
-"""Methods checked against closed forms: BitFit, weighted composition; unsupported artifacts refused."""
+"""Methods checked against closed forms and references: BitFit, weighted composition, sparse deltas,
+bottleneck modules, proxy-tuning; unsupported artifacts refused."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-from hotswap.basemodel import fingerprint, load_model
+from hotswap.basemodel import build_model, fingerprint, load_model
 from hotswap.errors import UnsupportedAdapter
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from tests.serve.reference import reference_logits
+from hotswap.serve.ops.proxy_ref import ProxyTuned
+from hotswap.train.synthetic import write_proxy
+from tests.conftest import SMALL
+from tests.serve.reference import peft_model, reference_greedy, reference_logits
 
 IDS = [11, 42, 7, 99, 3, 250, 18]
 
@@ -141,3 +145,61 @@ def test_bottleneck_matches_a_model_with_the_modules(
     (ours,) = engine.forward_logits([Request(prompt_ids=IDS, adapters=[name])])
     assert (ref - reference_logits(load_model(tiny_base), IDS)).abs().max() > 1e-2
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def _proxy_reference(adapter: Path, base: torch.nn.Module, weight: float = 1.0) -> ProxyTuned:
+    """The proxy-tuned ensemble of an artifact's two small models over ``base``, by plain full forwards."""
+    alpha = json.loads((adapter / "hotswap_config.json").read_text())["alpha"]
+    return ProxyTuned(base, load_model(adapter / "expert"), load_model(adapter / "anti_expert"), weight * alpha)
+
+
+def test_proxy_rows_match_the_reference(engine: Engine, adapters: dict[str, Path], tiny_base: Path) -> None:
+    """A proxy row = base + alpha (expert - anti-expert); weighted and beside LoRA / prompt tuning in one row."""
+    proxy = adapters["proxy"]
+    cases = [
+        (["proxy"], _proxy_reference(proxy, load_model(tiny_base))),
+        ([("proxy", 0.5), "lora4"], _proxy_reference(proxy, peft_model(tiny_base, adapters["lora4"]), 0.5)),
+        (["prompt", "proxy"], _proxy_reference(proxy, peft_model(tiny_base, adapters["prompt"]))),
+        (  # two proxy adapters tuned from one small model: their shared anti-expert runs once
+            [("proxy", 0.5), "proxy2"],
+            _proxy_reference(adapters["proxy2"], _proxy_reference(proxy, load_model(tiny_base), 0.5)),
+        ),
+    ]
+    served = engine.forward_logits([Request(prompt_ids=IDS, adapters=a) for a, _ in [*cases, ([], None)]])
+    base = reference_logits(load_model(tiny_base), IDS)
+    assert (served[-1] - base).abs().max() <= 1e-5 * base.abs().max()  # a base row beside them is untouched
+    for (names, ref_model), got in zip(cases, served, strict=False):
+        ref = reference_logits(ref_model, IDS)
+        assert (ref - base).abs().max() > 1e-1, names
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), names
+    assert engine.proxies.model_counts() == (2, 1)
+
+
+def test_proxy_decoding_matches_the_reference(engine: Engine, adapters: dict[str, Path], tiny_base: Path) -> None:
+    """Greedy tokens of proxy rows (their small models' caches per row) in a batch with other methods."""
+    n = 8
+    mixed = [["proxy"], ["prefix"], ["prompt", "proxy"], ["lora4"], [("proxy", 0.5), "lora4"]]
+    results = engine.generate(
+        [Request(prompt_ids=IDS[: 3 + i], adapters=a, max_new_tokens=n, ignore_eos=True) for i, a in enumerate(mixed)]
+    )
+    proxy = adapters["proxy"]
+    expected = {
+        0: _proxy_reference(proxy, load_model(tiny_base)),
+        2: _proxy_reference(proxy, peft_model(tiny_base, adapters["prompt"])),
+        4: _proxy_reference(proxy, peft_model(tiny_base, adapters["lora4"]), 0.5),
+    }
+    for i, model in expected.items():
+        assert results[i].token_ids == reference_greedy(model, IDS[: 3 + i], n), mixed[i]
+
+
+def test_proxy_with_a_foreign_vocabulary_is_refused(tiny_base: Path, tmp_path: Path) -> None:
+    small = build_model("tiny", seed=5, vocab_size=128, **SMALL)
+    out = tmp_path / "proxy"
+    out.mkdir()
+    write_proxy(out, small, small, 1.0)
+    reg = Registry(tmp_path / "registry")
+    reg.publish(out, "foreign", base_fingerprint=fingerprint(tiny_base))
+    with Engine(tiny_base, reg, max_batch=2, max_resident=2) as eng:
+        with pytest.raises(UnsupportedAdapter, match="vocabulary size 128, the base 256"):
+            eng.generate([Request(prompt_ids=IDS, adapters=["foreign"], max_new_tokens=2)])
+        assert eng.generate([Request(prompt_ids=IDS, max_new_tokens=2)])[0].token_ids  # still serving

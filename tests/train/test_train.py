@@ -11,27 +11,31 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from hotswap.basemodel import build_with_tokenizer, load_model, save_model
+from hotswap.basemodel import build_model, build_with_tokenizer, fingerprint, load_model, save_model
 from hotswap.cli import main
 from hotswap.errors import InvalidArgument, InvalidBaseModel
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.train import TrainConfig, TrainResult, train
 from hotswap.train.data import builtin
+from tests.conftest import SMALL
 
 PEFT_LOADABLE = ("lora", "dora", "adalora", "plora", "prefix", "prompt")  # adalora/plora: exported as LoRA
-METHODS = (*PEFT_LOADABLE, "bitfit", "bottleneck", "fishmask", "child-tuning")
+METHODS = (*PEFT_LOADABLE, "bitfit", "bottleneck", "fishmask", "child-tuning", "proxy")
 PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]  # token-id prompts to compare logits on
 
 
 @pytest.fixture(scope="module")
-def runs(trainable_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[TrainResult, Path]]:
+def runs(
+    trainable_base: Path, trainable_small: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[TrainResult, Path]]:
     """One short run per method on builtin:mapping, each published to its own name."""
     root = tmp_path_factory.mktemp("runs")
     registry = root / "registry"
     out = {}
     for method in METHODS:
-        config = TrainConfig(method=method, steps=150, eval_every=50, seed=0)
+        options = {"small_model": str(trainable_small)} if method == "proxy" else {}
+        config = TrainConfig(method=method, options=options, steps=150, eval_every=50, seed=0)
         result = train(config, trainable_base, "builtin:mapping", root / method, push=f"t-{method}",
                        registry=registry, aliases=["staging"], quiet=True)  # fmt: skip
         out[method] = (result, registry)
@@ -238,3 +242,41 @@ def test_child_tuning_task_free_variant(trainable_base: Path, tmp_path: Path) ->
     short = TrainConfig(method="child-tuning", options={"variant": "f", "density": 0.3}, steps=2, eval_every=2)
     m2 = train(short, trainable_base, "builtin:mapping", tmp_path / "short", quiet=True).metrics
     assert abs(m2["sparse_density"] - (1 - 0.7**2)) < 0.02 and m["sparse_density"] > 0.99
+
+
+def test_proxy_trains_only_the_expert(runs: dict, trainable_base: Path, trainable_small: Path) -> None:
+    """The artifact holds the tuned expert and the untouched small model; the base is not part of it."""
+    result, registry = runs["proxy"]
+    config = json.loads((result.artifact / "hotswap_config.json").read_text())
+    assert config["method"] == "proxy" and config["alpha"] == 1.0
+    assert config["anti_expert_fingerprint"] == fingerprint(trainable_small)
+    anti = load_model(result.artifact / "anti_expert")
+    expert = load_model(result.artifact / "expert")
+    small = dict(load_model(trainable_small).named_parameters())
+    assert all(torch.equal(p, small[n]) for n, p in anti.named_parameters())
+    assert any(not torch.equal(p, small[n]) for n, p in expert.named_parameters())
+    base = dict(load_model(trainable_base).named_parameters())
+    assert all(torch.equal(p, base[n]) for n, p in result.model.base.named_parameters())
+    assert result.metrics["trainable_params"] == sum(p.numel() for p in expert.parameters())
+    manifest = Registry(registry).resolve("t-proxy@1")
+    assert {"expert/model.safetensors", "anti_expert/model.safetensors", "hotswap_config.json"} <= set(manifest.files)
+
+
+def test_proxy_refusals(tmp_path: Path, trainable_base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def run(**options: object) -> None:
+        train(TrainConfig(method="proxy", options=options, steps=1), trainable_base, "builtin:mapping",
+              tmp_path / "run", quiet=True)  # fmt: skip
+
+    with pytest.raises(InvalidArgument, match="proxy needs small_model"):
+        run()
+    with pytest.raises(InvalidArgument, match=r"small_model: .*not a model checkpoint"):
+        run(small_model=str(tmp_path))
+    foreign = save_model(build_model("tiny", seed=1, vocab_size=100, **SMALL), tmp_path / "foreign")
+    with pytest.raises(InvalidArgument, match="vocabulary size 100, the base 256"):
+        run(small_model=str(foreign))
+    args = ["train", "--method", "proxy", "--base", str(trainable_base), "--data", "builtin:mapping", "--quiet",
+            "--out", str(tmp_path / "cli"), "--small-model", str(foreign)]  # fmt: skip
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (in-process: transformers' load bar came first)
+    assert last.startswith("hotswap: error: small_model has vocabulary size 100")
+    assert not (tmp_path / "cli" / "adapter").exists()
