@@ -15,10 +15,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hotswap import __version__
 from hotswap.errors import HotswapError, InvalidArgument, mapping_for
 from hotswap.registry import AdapterRef, Lineage, Manifest, Registry, default_registry_url
+
+if TYPE_CHECKING:
+    import threading
+
+    from hotswap.serve.server import ServerConfig
 
 log = logging.getLogger("hotswap.cli")
 
@@ -359,6 +365,11 @@ SERVE_DEFAULTS: dict[str, object] = {
     "grace": 30.0,
     "max_adapter_labels": 100,
     "log_level": "info",
+    "ray": False,
+    "replicas": 2,
+    "ray_address": None,
+    "replica_cpus": 1.0,
+    "ray_http_port": 8000,
 }
 _PATH_KEYS = ("base", "auth", "tls_cert", "tls_key")
 
@@ -422,6 +433,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if s["ray"]:
+        return _serve_ray(config, s, stop)
     server = Server(config).open()
     try:
         server.load()
@@ -434,6 +447,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     print(f"hotswap: shutting down (grace {config.grace_seconds:g} s)", flush=True)
     server.stop()
+    return 0
+
+
+def _serve_ray(config: ServerConfig, s: dict[str, object], stop: threading.Event) -> int:
+    """``serve --ray``: deploy on Ray Serve, wait for SIGTERM/SIGINT, then delete the application."""
+    try:
+        from hotswap.serve import scaleout
+    except ImportError as e:
+        raise InvalidArgument(f"--ray needs the ray extra (pip install 'hotswap[ray]'): {e}") from None
+    if config.tls_cert is not None:
+        raise InvalidArgument("--ray serves through Ray Serve's gRPC proxy, which has no TLS: terminate TLS before it")
+    options = scaleout.RayOptions(
+        replicas=int(s["replicas"]),  # type: ignore[call-overload]
+        address=None if s["ray_address"] is None else str(s["ray_address"]),
+        grpc_port=config.port,
+        http_port=int(s["ray_http_port"]),  # type: ignore[call-overload]
+        replica_cpus=float(s["replica_cpus"]),  # type: ignore[arg-type]
+    )
+    scaleout.start(config, options)
+    print(f"hotswap: serving {config.base} on Ray Serve, {options.replicas} replicas, "
+          f"gRPC proxy port {options.grpc_port}", flush=True)  # fmt: skip
+    while not stop.wait(0.2):  # the signal handler runs between waits
+        pass
+    print("hotswap: shutting down (deleting the Ray Serve application)", flush=True)
+    scaleout.stop()
     return 0
 
 
@@ -677,6 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grace", type=float, help="seconds in-flight requests get to finish on shutdown (default 30)")
     sp.add_argument("--max-adapter-labels", type=_positive_int, help="adapter label values in metrics (default 100)")
     sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    sp.add_argument("--ray", action="store_true", default=None, help="serve on Ray Serve replicas (hotswap[ray])")
+    sp.add_argument("--replicas", type=_positive_int, help="--ray: engine replicas (default 2)")
+    sp.add_argument("--ray-address", help="--ray: 'auto' or ray://HOST:10001 to join a cluster (default: start one)")
+    sp.add_argument("--replica-cpus", type=float, help="--ray: Ray CPUs reserved per replica (default 1)")
+    sp.add_argument("--ray-http-port", type=int, help="--ray: Ray Serve's HTTP proxy port (default 8000)")
 
     sp = add("generate", cmd_generate, "send one generation request to a server")
     sp.add_argument("prompt", nargs="?", help="prompt text (or --prompt-ids)")

@@ -21,11 +21,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hotswap.errors import GRPC_ERROR_KEY, HotswapError, error_from_status
+from hotswap.errors import GRPC_ERROR_KEY, HotswapError, ServerUnavailable, error_from_status
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 
 AdapterArg = str | tuple[str, float]
+# gRPC metadata Ray Serve routes by (``hotswap serve --ray``): a request's first adapter ref, sent always
+# (a single server ignores it), so replicas that already hold the adapter get its requests.
+MODEL_ID_KEY = "multiplexed_model_id"
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_CANCELLED: "cancelled"}
 
 
@@ -59,8 +62,15 @@ class AdapterInfo:
     resident: list[str]
 
 
+# Ray Serve's proxy reports a replica that died mid-request as INTERNAL with Ray's ActorDiedError text; for a
+# client it is what UNAVAILABLE means (retry: another or the restarted replica answers), so we raise that.
+_RAY_REPLICA_DIED = "The actor died unexpectedly"
+
+
 def _error(err: grpc.RpcError) -> HotswapError:
     code = err.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.INTERNAL and _RAY_REPLICA_DIED in (err.details() or ""):  # type: ignore[attr-defined]
+        return ServerUnavailable(f"the replica serving this request died ({err.details()}); retry")  # type: ignore[attr-defined]
     trailing = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
     return error_from_status(code.name, err.details() or code.name, trailing.get(GRPC_ERROR_KEY))  # type: ignore[attr-defined]
 
@@ -109,9 +119,11 @@ class Client:
         tls_ca: str | Path | bytes | None = None,
         timeout: float | None = None,
         tls: bool = False,
+        application: str | None = None,
     ) -> None:
         """``target`` "host:port"; ``token`` a bearer token; TLS when ``tls_ca`` (PEM path or bytes) or ``tls``
-        (system roots) is given; ``timeout`` the default deadline in seconds of every call."""
+        (system roots) is given; ``timeout`` the default deadline in seconds of every call; ``application``
+        the Ray Serve application to address (only where a Ray cluster runs several)."""
         if tls_ca is not None or tls:
             pem = Path(tls_ca).read_bytes() if isinstance(tls_ca, str | Path) else tls_ca
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=pem))
@@ -119,6 +131,8 @@ class Client:
             self.channel = grpc.insecure_channel(target)
         self.target, self.timeout = target, timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if application:
+            self._metadata += (("application", application),)
         self._inference = pb_grpc.InferenceStub(self.channel)
         self._adapters = pb_grpc.AdaptersStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -132,22 +146,27 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, metadata: tuple = ()) -> Any:
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata + metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
+
+    @staticmethod
+    def _routing(request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
+        return ((MODEL_ID_KEY, request.adapters[0].ref),) if request.adapters else ()
 
     # -- inference ------------------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **params: Any) -> Generation:
         """Generate to the end. ``params``: see :func:`build_request` (adapters, prompt_ids, sampling...)."""
-        return _generation(self._call(self._inference.Generate, build_request(prompt, **params), timeout))
+        request = build_request(prompt, **params)
+        return _generation(self._call(self._inference.Generate, request, timeout, self._routing(request)))
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None, **params: Any) -> Stream:
         """Like :meth:`generate`, but returns a :class:`Stream` of chunks."""
-        call = self._inference.GenerateStream(
-            build_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+        request = build_request(prompt, **params)
+        metadata = self._metadata + self._routing(request)
+        call = self._inference.GenerateStream(request, timeout=timeout or self.timeout, metadata=metadata)
         return Stream(call)
 
     # -- administration -------------------------------------------------------------------------------

@@ -127,10 +127,15 @@ def _subclasses(cls: type[HotswapError]) -> list[type[HotswapError]]:
 
 
 def error_from_status(status: str, message: str, name: str | None = None) -> HotswapError:
-    """Rebuild a remote error: the class named ``name`` if it is ours, else the first class with ``status``."""
+    """Rebuild a remote error: the class named ``name`` if it is ours, else the class a ``"ClassName: "``
+    message prefix names (Ray Serve's proxy drops trailing metadata on errors, so replicas put it
+    there), else the first class with ``status``."""
     by_name = {cls.__name__: cls for cls in _subclasses(HotswapError)}
     if name in by_name:
         return by_name[name](message)
+    head, sep, rest = message.partition(": ")
+    if name is None and sep and head in by_name:
+        return by_name[head](rest)
     for cls, mapping in ERROR_TABLE.items():
         if mapping.grpc_status == status:
             return cls(message)

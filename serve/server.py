@@ -79,9 +79,16 @@ class ServerConfig:
             raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
 
 
+def status_of(err: HotswapError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
+    """The gRPC status of ``err`` and the trailing metadata naming its class (the client re-raises it)."""
+    ours = next(c for c in type(err).__mro__ if c.__module__ == HotswapError.__module__)  # not a wrapper's
+    return grpc.StatusCode[mapping_for(err).grpc_status], ((GRPC_ERROR_KEY, ours.__name__),)
+
+
 def _abort(context: grpc.ServicerContext, err: HotswapError) -> NoReturn:
-    context.set_trailing_metadata(((GRPC_ERROR_KEY, type(err).__name__),))
-    context.abort(grpc.StatusCode[mapping_for(err).grpc_status], str(err))
+    code, trailing = status_of(err)
+    context.set_trailing_metadata(trailing)
+    context.abort(code, str(err))
     raise AssertionError("unreachable")  # context.abort raises
 
 
@@ -91,7 +98,7 @@ def _ended_status(context: grpc.ServicerContext) -> str:
     return "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
 
 
-class _TextDeltas:
+class TextDeltas:
     """Turns a growing token list into text deltas for streaming, holding back any tail that could
     still become a stop string (or is half a UTF-8 character), so the deltas always concatenate to a
     prefix of the final text."""
@@ -289,7 +296,7 @@ class _Inference(pb_grpc.InferenceServicer):
             engine = self.s.ready_engine()
             refs = [authorize(self.s.registry, principal, a.ref).ref for a in request.adapters]
             label = self.s.metrics.adapter_label(refs)
-            handle = engine.submit(_to_request(request, refs))
+            handle = engine.submit(to_request(request, refs))
             if not context.add_callback(handle.cancel):  # client cancel or deadline: the row leaves at the next step
                 handle.cancel()  # it already ended
             if stream:
@@ -299,9 +306,9 @@ class _Inference(pb_grpc.InferenceServicer):
                 status = _ended_status(context)
                 return
             if stream:
-                yield pb.GenerateChunk(text="", response=_to_response(result))
+                yield pb.GenerateChunk(text="", response=to_response(result))
             else:
-                yield pb.GenerateChunk(response=_to_response(result))
+                yield pb.GenerateChunk(response=to_response(result))
         except HotswapError as e:
             status = mapping_for(e).grpc_status.lower()
             _abort(context, e)
@@ -317,7 +324,7 @@ class _Inference(pb_grpc.InferenceServicer):
             self._record(label, status, result, t0, context, stream)
 
     def _stream(self, handle: RequestHandle, request: pb.GenerateRequest, engine: Engine) -> Iterator[pb.GenerateChunk]:
-        deltas = _TextDeltas(engine.tokenizer, list(request.stop))
+        deltas = TextDeltas(engine.tokenizer, list(request.stop))
         for token in handle:
             yield pb.GenerateChunk(token_ids=[token], text=deltas.feed(token))
         result = handle.result()
@@ -414,7 +421,7 @@ class _Adapters(pb_grpc.AdaptersServicer):
             )
 
 
-def _to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:
+def to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:
     """The engine request for ``msg``, with its adapters already resolved (and authorized) to exact refs."""
     weights = [a.weight if a.HasField("weight") else 1.0 for a in msg.adapters]
     return Request(
@@ -433,7 +440,7 @@ def _to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:
     )
 
 
-def _to_response(result: Result) -> pb.GenerateResponse:
+def to_response(result: Result) -> pb.GenerateResponse:
     t = result.timings
     return pb.GenerateResponse(
         text=result.text or "",

@@ -1,0 +1,186 @@
+"""Scale-out on Ray Serve: several replicas, each owning one :class:`Engine`, with requests routed by adapter.
+
+We write no router: Ray Serve's model multiplexing sends a request whose ``multiplexed_model_id`` is
+already loaded on a replica to that replica, and a replica's ``@serve.multiplexed`` loader is where an
+adapter becomes resident in its engine (Ray's LRU eviction unloads it again, drained first by the
+engine). The multiplexed id of a request is its first adapter's ref, exactly as the request writes
+it (``hotswap.client`` sets the metadata; a weighted list is routed by its first adapter). Requests
+reach the replicas through Ray Serve's gRPC proxy, which serves ``hotswap.v1`` (with reflection).
+
+Ray is an optional extra (``pip install hotswap[ray]``); nothing in the single-server mode imports
+this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+from ray.serve.grpc_util import RayServegRPCContext
+
+from hotswap.client import MODEL_ID_KEY
+from hotswap.errors import HotswapError, InvalidArgument
+from hotswap.registry import Registry
+from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
+from hotswap.serve.engine import Engine
+from hotswap.serve.server import ServerConfig, TextDeltas, status_of, to_request, to_response
+from hotswap.v1 import hotswap_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+APP = "hotswap"  # the Ray Serve application (gRPC metadata "application" when a cluster runs several)
+# Trailing metadata of every answer: which replica answered, whether the request's first adapter was
+# already resident there, and how many adapters that replica has loaded from the registry so far.
+REPLICA_KEY, CACHE_KEY, LOADS_KEY = "hotswap-replica", "hotswap-cache", "hotswap-adapter-loads"
+SERVICER_FUNCTIONS = ["hotswap.v1.hotswap_pb2_grpc.add_InferenceServicer_to_server"]
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    replicas: int = 2
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a cluster
+    grpc_port: int = 9000  # Ray Serve's gRPC proxy (every node with a replica runs one)
+    http_port: int = 8000  # Ray Serve always runs its HTTP proxy too (hotswap serves nothing on it)
+    replica_cpus: float = 1.0  # Ray CPUs reserved per replica
+    route_by_adapter: bool = True  # False: Ray's adapter-blind routing (each engine loads on demand): a baseline
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
+        if self.replica_cpus < 0:
+            raise InvalidArgument(f"replica_cpus must be >= 0, got {self.replica_cpus}")
+
+
+class _Resident:
+    """An adapter held in Ray's multiplexed-model cache; Ray dropping it unloads it from the engine."""
+
+    def __init__(self, engine: Engine, ref: str) -> None:
+        self.engine, self.ref = engine, ref
+
+    def __del__(self) -> None:
+        try:
+            self.engine.unload_adapter(self.ref)  # drains: rows using it finish first
+        except HotswapError as e:  # engine closing, or the version was deleted meanwhile
+            log.debug("unloading %s: %s", self.ref, e)
+
+
+class Replica:
+    """One Ray Serve replica: one engine; ``Generate`` and ``GenerateStream`` of ``hotswap.v1.Inference``."""
+
+    def __init__(self, config: ServerConfig, route_by_adapter: bool = True) -> None:
+        self.config, self.route_by_adapter = config, route_by_adapter
+        self.auth = TokenAuth.from_file(config.auth) if config.auth is not None else None
+        self.registry = Registry(config.registry)
+        self.engine = Engine(config.base, self.registry, config.engine)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    async def adapter(self, ref: str) -> _Resident:
+        """Make ``ref`` resident: the multiplexed loader (``deployment()`` puts Ray's model cache around it,
+        so a replica loads an adapter once and Ray routes the adapter's requests to it)."""
+        exact = await asyncio.to_thread(self.engine.load_adapter, ref)
+        log.info("replica %s loaded %s", self.replica_id, exact)
+        return _Resident(self.engine, exact)
+
+    def check_health(self) -> None:
+        """Ray's periodic health check: a replica whose engine loop died is restarted."""
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("the engine loop has stopped")
+
+    def __del__(self) -> None:
+        self.engine.close()
+
+    # -- hotswap.v1.Inference ----------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        final = pb.GenerateResponse()
+        async for chunk in self._run(request, grpc_context, stream=False):
+            final = chunk.response
+        return final
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        async for chunk in self._run(request, grpc_context, stream=True):
+            yield chunk
+
+    async def _run(
+        self, request: pb.GenerateRequest, context: RayServegRPCContext, stream: bool
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            principal = self._principal(context)
+            refs = [authorize(self.registry, principal, a.ref).ref for a in request.adapters]
+            for ref in refs:  # refuse another base's adapter before routing/loading, as the engine would
+                self.registry.resolve(ref, base_fingerprint=self.engine.base_fingerprint)
+            first = request.adapters[0].ref if request.adapters else ""
+            hit = not refs or refs[0] in self.engine.resident()
+            if self.route_by_adapter:
+                model_id = serve.get_multiplexed_model_id()
+                if model_id != first:
+                    raise InvalidArgument(
+                        f"gRPC metadata {MODEL_ID_KEY} must be the first adapter's ref ({first!r}), got {model_id!r}; "
+                        "hotswap.client sets it"
+                    )
+                if first:
+                    await self.adapter(first)
+            handle = self.engine.submit(to_request(request, refs))
+            if stream:
+                deltas = TextDeltas(self.engine.tokenizer, list(request.stop))
+                tokens = iter(handle)
+                while (token := await asyncio.to_thread(next, tokens, None)) is not None:
+                    yield pb.GenerateChunk(token_ids=[token], text=deltas.feed(token))
+            result = await asyncio.to_thread(handle.result)
+            loads = self.engine.pool.stats.registry_loads
+            context.set_trailing_metadata(
+                [(REPLICA_KEY, self.replica_id), (CACHE_KEY, "hit" if hit else "miss"), (LOADS_KEY, str(loads))]
+            )
+            if stream:
+                rest = deltas.rest(result.text or "")
+                yield pb.GenerateChunk(text=rest, response=to_response(result))
+            else:
+                yield pb.GenerateChunk(response=to_response(result))
+        except HotswapError as e:
+            code, trailing = status_of(e)
+            context.set_code(code)
+            context.set_details(f"{trailing[0][1]}: {e}")  # the class travels here: errors lose trailers
+            raise  # Ray's proxy answers with the status set above
+
+    def _principal(self, context: RayServegRPCContext) -> Principal:
+        if self.auth is None:
+            return ANONYMOUS_ADMIN
+        return self.auth.authenticate(dict(context.invocation_metadata()))
+
+
+def deployment(config: ServerConfig, options: RayOptions) -> Any:
+    """The Ray Serve deployment: ``Replica`` with its multiplexed loader sized to the engine's resident slots."""
+    # Ray finds the cache's owner by looking the wrapped function up on self under its own name.
+    multiplexed = serve.multiplexed(max_num_models_per_replica=config.engine.max_resident)(Replica.adapter)
+    cls = type("HotswapReplica", (Replica,), {"adapter": multiplexed})
+    return serve.deployment(
+        cls,
+        name="HotswapReplica",
+        num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        max_ongoing_requests=max(config.engine.max_batch * 2, 8),
+    )
+
+
+def start(config: ServerConfig, options: RayOptions) -> None:
+    """Connect to (or start) Ray, start Serve's proxies (gRPC on ``options.grpc_port``) and deploy."""
+    if not ray.is_initialized():
+        ray.init(address=options.address, logging_level=logging.WARNING)
+    serve.start(
+        http_options={"host": config.host, "port": options.http_port},
+        grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+    )
+    serve.run(deployment(config, options).bind(config, options.route_by_adapter), name=APP, route_prefix="/")
+
+
+def stop() -> None:
+    """Delete the application (other applications on the cluster keep running); leave Ray."""
+    serve.delete(APP)
+    ray.shutdown()

@@ -1,0 +1,174 @@
+"""Scale-out on a real local Ray instance (started here, 2 CPUs): two replicas behind Ray Serve's gRPC
+proxy, routed by adapter through Ray's model multiplexing."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hotswap.basemodel import fingerprint
+from hotswap.client import MODEL_ID_KEY, Client
+from hotswap.errors import AdapterNotFound, BaseModelMismatch, InvalidArgument, ServerUnavailable
+from hotswap.registry import Registry
+from hotswap.serve import Engine, EngineConfig, Request
+from hotswap.serve.server import ServerConfig
+from hotswap.train import RandomLoraConfig, random_bitfit, random_loras
+from hotswap.v1 import hotswap_pb2 as pb
+from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+scaleout = pytest.importorskip("hotswap.serve.scaleout")
+
+pytestmark = pytest.mark.slow
+ADAPTERS = [f"a{i}" for i in range(5)] + ["bias"]
+PROMPTS = [[5, 17, 99, 3], [42, 7], [11, 12, 13, 14, 15], [200, 1, 2]]
+LIMITS = {"max_batch": 8, "max_seq_len": 2048, "max_resident": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_base: Path, other_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("scaleout")
+    reg = Registry(d / "registry")
+    fp = fingerprint(tiny_base)
+    outs = {d / name: i + 1 for i, name in enumerate([*ADAPTERS[:-1], "solo"])}  # solo: the fault test's
+    for path in random_loras(tiny_base, outs, RandomLoraConfig(rank=4, init_std=0.3)):
+        reg.publish(path, path.name, base_fingerprint=fp)
+    reg.publish(random_bitfit(tiny_base, d / "bias", seed=9, std=0.3), "bias", base_fingerprint=fp)
+    elsewhere = random_bitfit(other_base, d / "elsewhere", seed=9)
+    reg.publish(elsewhere, "elsewhere", base_fingerprint=fingerprint(other_base))
+    return d / "registry"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_base: Path, registry: Path) -> Iterator[str]:
+    """Ray (2 CPUs) with hotswap deployed on two replicas; yields the gRPC proxy's address."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    config = ServerConfig(base=tiny_base, registry=str(registry), no_auth=True, engine=EngineConfig(**LIMITS))
+    options = scaleout.RayOptions(replicas=2, grpc_port=_free_port(), http_port=_free_port(), replica_cpus=0.5)
+    try:
+        scaleout.start(config, options)
+        yield f"127.0.0.1:{options.grpc_port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _expected(tiny_base: Path, registry: Path, requests: list[Request]) -> list[list[int]]:
+    with Engine(tiny_base, registry, EngineConfig(**LIMITS)) as engine:
+        return [r.token_ids for r in engine.generate(requests)]
+
+
+def test_answers_equal_the_in_process_engine(cluster: str, tiny_base: Path, registry: Path) -> None:
+    """Concurrent clients, six adapters and the base, through the proxy: each answer is the engine's."""
+    jobs = [(adapter, prompt) for adapter in [*ADAPTERS, None] for prompt in PROMPTS[:2]]
+    expected = _expected(
+        tiny_base, registry, [Request(prompt_ids=p, adapters=[a] if a else [], max_new_tokens=6) for a, p in jobs]
+    )
+
+    def ask(job: tuple[str | None, list[int]]) -> list[int]:
+        adapter, prompt = job
+        with Client(cluster, timeout=120) as c:
+            return c.generate(prompt_ids=prompt, adapters=[adapter] if adapter else [], max_new_tokens=6).token_ids
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, jobs))
+    assert got == expected
+    with Client(cluster, timeout=120) as c:  # streaming and a weighted list (routed by its first adapter)
+        stream = c.stream(prompt_ids=PROMPTS[2], adapters=[("a1", 0.5), "bias"], max_new_tokens=5)
+        tokens = [t for chunk in stream for t in chunk.token_ids]
+    (want,) = _expected(
+        tiny_base, registry, [Request(prompt_ids=PROMPTS[2], adapters=[("a1", 0.5), "bias"], max_new_tokens=5)]
+    )
+    assert tokens == want and stream.response is not None and stream.response.token_ids == want
+
+
+def _ask_raw(stub: pb_grpc.InferenceStub, adapter: str) -> tuple[str, int]:
+    """(replica, adapter loads on it so far) from the trailing metadata of one Generate."""
+    request = pb.GenerateRequest(prompt_ids=PROMPTS[0], adapters=[pb.WeightedAdapter(ref=adapter)], max_new_tokens=2)
+    _, call = stub.Generate.with_call(request, metadata=((MODEL_ID_KEY, adapter),), timeout=120)
+    trailing = dict(call.trailing_metadata())
+    return trailing[scaleout.REPLICA_KEY], int(trailing[scaleout.LOADS_KEY])
+
+
+def test_requests_follow_their_adapter(cluster: str) -> None:
+    """After warm-up, every request lands on a replica already holding its adapter: no replica loads again."""
+    with grpc.insecure_channel(cluster) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        loads: dict[str, int] = {}
+        for adapter in ADAPTERS:  # warm-up: each adapter loaded somewhere (maybe already, by the test above)
+            replica, n = _ask_raw(stub, adapter)
+            loads[replica] = n
+        time.sleep(1)  # replicas report what they hold to Ray's routers asynchronously
+        warm = dict(loads)
+        for _ in range(4):
+            for adapter in ADAPTERS:
+                replica, n = _ask_raw(stub, adapter)
+                loads[replica] = n
+    assert loads == warm, "a repeated adapter was loaded again"
+    assert sum(loads.values()) <= 2 * len(ADAPTERS)
+
+
+def test_bad_input_gets_the_single_server_status(cluster: str) -> None:
+    with Client(cluster, timeout=120) as c:
+        with pytest.raises(AdapterNotFound, match="nope"):
+            c.generate(prompt_ids=[1, 2], adapters=["nope"])
+        with pytest.raises(BaseModelMismatch):
+            c.generate(prompt_ids=[1, 2], adapters=["elsewhere"])
+        with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+            c.generate(prompt_ids=[10_000], adapters=["a0"])
+        assert len(c.generate(prompt_ids=[1, 2], adapters=["a0"], max_new_tokens=2).token_ids) == 2  # still serving
+    with grpc.insecure_channel(cluster) as channel:  # a routing id that is not the first adapter
+        request = pb.GenerateRequest(prompt_ids=[1, 2], adapters=[pb.WeightedAdapter(ref="a0")])
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.InferenceStub(channel).Generate(request, metadata=((MODEL_ID_KEY, "a1"),), timeout=120)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _replica_actor(replica_id: str) -> object:
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica_id in a["name"]]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def test_a_killed_replica_fails_its_requests_cleanly(cluster: str, tiny_base: Path, registry: Path) -> None:
+    """In-flight requests on a killed replica end with an error, never a wrong answer; later ones succeed."""
+    before = {name: [m.to_json() for m in Registry(registry).versions(name)] for name in Registry(registry).names()}
+    with grpc.insecure_channel(cluster) as channel:  # "solo" is loaded on one replica only: the victim
+        victim, _ = _ask_raw(pb_grpc.InferenceStub(channel), "solo")
+    time.sleep(1)  # until the routers know where it is
+    with Client(cluster, timeout=120) as c:
+        stream = c.stream(prompt_ids=PROMPTS[0], adapters=["solo"], max_new_tokens=2000, ignore_eos=True)
+        chunks = iter(stream)
+        got = [t for _ in range(3) for t in next(chunks).token_ids]
+        ray.kill(_replica_actor(victim))
+        with pytest.raises(ServerUnavailable, match="replica serving this request died"):
+            got += [t for chunk in chunks for t in chunk.token_ids]
+        assert stream.response is None and len(got) < 2000
+        # later requests are answered (by the surviving replica, or the restarted one), correctly
+        answer = c.generate(prompt_ids=PROMPTS[0], adapters=["solo"], max_new_tokens=6).token_ids
+    (want,) = _expected(tiny_base, registry, [Request(prompt_ids=PROMPTS[0], adapters=["solo"], max_new_tokens=6)])
+    assert answer == want
+    after = {name: [m.to_json() for m in Registry(registry).versions(name)] for name in Registry(registry).names()}
+    assert after == before
+    deadline = time.monotonic() + 120  # Ray replaces the dead replica
+    while _running_replicas() != 2 or any(victim in a["name"] for a in ray.util.list_named_actors(True)):
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(0.5)
+
+
+def _running_replicas() -> int:
+    deployment = serve.status().applications[scaleout.APP].deployments["HotswapReplica"]
+    return deployment.replica_states.get("RUNNING", 0)
