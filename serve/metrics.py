@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -23,6 +24,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OTHER = "other"
 BASE = "base"
+UNRESOLVED = "unresolved"  # the label of requests that failed before their adapters were resolved
 
 
 class Metrics(EngineObserver):
@@ -31,41 +33,41 @@ class Metrics(EngineObserver):
         self.max_adapter_labels = max_adapter_labels
         self._labels: set[str] = set()
         self._labels_lock = threading.Lock()
-        r = self.registry
-        self.requests = Counter(
-            "hotswap_requests",
-            "Finished generation requests by adapter and gRPC status.",
-            ["adapter", "status"],
-            registry=r,
+        self.requests = self._counter(
+            "hotswap_requests", "Finished generation requests by adapter and gRPC status.", ["adapter", "status"]
         )
         self.queue_wait = self._latency("hotswap_queue_wait_seconds", "Queued until the request joined the batch.")
         self.ttft = self._latency("hotswap_time_to_first_token_seconds", "Queued until the first generated token.")
         self.itl = self._latency("hotswap_inter_token_latency_seconds", "Time between consecutive generated tokens.")
         self.duration = self._latency("hotswap_request_duration_seconds", "Queued until the request finished.")
-        self.tokens = Counter("hotswap_generated_tokens", "Generated tokens.", ["adapter"], registry=r)
-        self.prompt_tokens = Counter(
-            "hotswap_prompt_tokens", "Prompt tokens of finished requests.", ["adapter"], registry=r
-        )
-        self.load_seconds = Histogram(
+        self.tokens = self._counter("hotswap_generated_tokens", "Generated tokens.", ["adapter"])
+        self.prompt_tokens = self._counter("hotswap_prompt_tokens", "Prompt tokens of finished requests.", ["adapter"])
+        self.load_seconds = self._histogram(
             "hotswap_adapter_load_seconds",
             "Time to make an adapter ready, by source: registry (fetch+verify+parse) or host (RAM to slot).",
             ["source"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.cache_events = Counter(
-            "hotswap_adapter_cache_events",
-            "Adapter cache hits, misses and evictions by tier.",
-            ["tier", "event"],
-            registry=r,
+        self.cache_events = self._counter(
+            "hotswap_adapter_cache_events", "Adapter cache hits, misses and evictions by tier.", ["tier", "event"]
         )
-        self.batch_size = Histogram("hotswap_batch_size", "Rows per decode step.", buckets=BATCH_BUCKETS, registry=r)
-        self.resident = Gauge("hotswap_resident_adapters", "Adapters resident in slots.", registry=r)
-        self.queued = Gauge("hotswap_queued_requests", "Requests waiting to join the batch.", registry=r)
-        self.running = Gauge("hotswap_running_requests", "Requests in the running batch.", registry=r)
+        self.batch_size = self._histogram("hotswap_batch_size", "Rows per decode step.", [], BATCH_BUCKETS)
+        self.resident = self._gauge("hotswap_resident_adapters", "Adapters resident in slots.")
+        self.queued = self._gauge("hotswap_queued_requests", "Requests waiting to join the batch.")
+        self.running = self._gauge("hotswap_running_requests", "Requests in the running batch.")
 
-    def _latency(self, name: str, doc: str) -> Histogram:
-        return Histogram(name, doc, ["adapter"], buckets=LATENCY_BUCKETS, registry=self.registry)
+    # The series' backend: prometheus_client here; hotswap.serve.scaleout exports the same through Ray.
+    def _counter(self, name: str, doc: str, labels: list[str]) -> Any:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def _histogram(self, name: str, doc: str, labels: list[str], buckets: Sequence[float]) -> Any:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str) -> Any:
+        return Gauge(name, doc, registry=self.registry)
+
+    def _latency(self, name: str, doc: str) -> Any:
+        return self._histogram(name, doc, ["adapter"], LATENCY_BUCKETS)
 
     def watch(self, resident: Callable[[], int], queued: Callable[[], int], running: Callable[[], int]) -> None:
         """Read the gauges from the engine at scrape time."""

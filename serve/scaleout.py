@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +24,14 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
+from ray.util import metrics as ray_metrics
 
 from hotswap.client import MODEL_ID_KEY
-from hotswap.errors import HotswapError, InvalidArgument
+from hotswap.errors import HotswapError, InvalidArgument, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
 from hotswap.serve.engine import Engine
+from hotswap.serve.metrics import UNRESOLVED, Metrics
 from hotswap.serve.server import ServerConfig, TextDeltas, status_of, to_request, to_response
 from hotswap.v1 import hotswap_pb2 as pb
 
@@ -57,6 +60,60 @@ class RayOptions:
             raise InvalidArgument(f"replica_cpus must be >= 0, got {self.replica_cpus}")
 
 
+class _RaySeries:
+    """prometheus_client's ``labels()/inc()/observe()/set()`` over a ``ray.util.metrics`` metric, every sample
+    also tagged with the replica."""
+
+    def __init__(self, metric: Any, keys: Sequence[str], replica: str, values: Sequence[str] = ()) -> None:
+        self.metric, self.keys, self.replica, self.values = metric, tuple(keys), replica, tuple(values)
+
+    def labels(self, *values: str) -> _RaySeries:
+        return _RaySeries(self.metric, self.keys, self.replica, values)
+
+    def _tags(self) -> dict[str, str]:
+        return {"replica": self.replica, **dict(zip(self.keys, self.values, strict=True))}
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.metric.inc(amount, tags=self._tags())
+
+    def observe(self, value: float) -> None:
+        self.metric.observe(value, tags=self._tags())
+
+    def set(self, value: float) -> None:
+        self.metric.set(value, tags=self._tags())
+
+
+class RayMetrics(Metrics):
+    """The server's series (names, labels, buckets) exported through Ray's metrics agent, plus a ``replica``
+    label: Prometheus scrapes them from Ray's metrics endpoint (Ray prefixes the names with ``ray_``)."""
+
+    def __init__(self, replica: str, max_adapter_labels: int) -> None:
+        self.replica = replica
+        super().__init__(max_adapter_labels)
+
+    def _counter(self, name: str, doc: str, labels: list[str]) -> Any:
+        return _RaySeries(ray_metrics.Counter(name, doc, tag_keys=(*labels, "replica")), labels, self.replica)
+
+    def _histogram(self, name: str, doc: str, labels: list[str], buckets: Sequence[float]) -> Any:
+        metric = ray_metrics.Histogram(name, doc, boundaries=list(buckets), tag_keys=(*labels, "replica"))
+        return _RaySeries(metric, labels, self.replica)
+
+    def _gauge(self, name: str, doc: str) -> Any:
+        return _RaySeries(ray_metrics.Gauge(name, doc, tag_keys=("replica",)), (), self.replica)
+
+    def watch(self, resident: Callable[[], int], queued: Callable[[], int], running: Callable[[], int]) -> None:
+        """Ray gauges hold values, not callbacks: a daemon thread sets them every second."""
+
+        def poll() -> None:
+            while True:
+                self.resident.set(resident())
+                self.queued.set(queued())
+                self.running.set(running())
+                threading.Event().wait(1.0)
+
+        threading.Thread(target=poll, name="hotswap-gauges", daemon=True).start()
+
+
 class _Resident:
     """An adapter held in Ray's multiplexed-model cache; Ray dropping it unloads it from the engine."""
 
@@ -77,8 +134,11 @@ class Replica:
         self.config, self.route_by_adapter = config, route_by_adapter
         self.auth = TokenAuth.from_file(config.auth) if config.auth is not None else None
         self.registry = Registry(config.registry)
-        self.engine = Engine(config.base, self.registry, config.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = RayMetrics(self.replica_id, config.max_adapter_labels)
+        self.engine = Engine(config.base, self.registry, config.engine, observer=self.metrics)
+        engine = self.engine
+        self.metrics.watch(lambda: len(engine.resident()), lambda: engine.counts()[0], lambda: engine.counts()[1])
 
     async def adapter(self, ref: str) -> _Resident:
         """Make ``ref`` resident: the multiplexed loader (``deployment()`` puts Ray's model cache around it,
@@ -111,9 +171,11 @@ class Replica:
     async def _run(
         self, request: pb.GenerateRequest, context: RayServegRPCContext, stream: bool
     ) -> AsyncIterator[pb.GenerateChunk]:
+        label, status, result = UNRESOLVED, "ok", None
         try:
             principal = self._principal(context)
             refs = [authorize(self.registry, principal, a.ref).ref for a in request.adapters]
+            label = self.metrics.adapter_label(refs)
             for ref in refs:  # refuse another base's adapter before routing/loading, as the engine would
                 self.registry.resolve(ref, base_fingerprint=self.engine.base_fingerprint)
             first = request.adapters[0].ref if request.adapters else ""
@@ -144,10 +206,20 @@ class Replica:
             else:
                 yield pb.GenerateChunk(response=to_response(result))
         except HotswapError as e:
+            status = mapping_for(e).grpc_status.lower()
             code, trailing = status_of(e)
             context.set_code(code)
             context.set_details(f"{trailing[0][1]}: {e}")  # the class travels here: errors lose trailers
             raise  # Ray's proxy answers with the status set above
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            status = "cancelled"
+            raise
+        finally:
+            if result is None:
+                self.metrics.request_done(label, status, None)
+            else:
+                timings, tokens = result.timings, len(result.token_ids)
+                self.metrics.request_done(label, status, timings, result.prompt_tokens, tokens)
 
     def _principal(self, context: RayServegRPCContext) -> Principal:
         if self.auth is None:

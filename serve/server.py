@@ -39,7 +39,7 @@ from hotswap.errors import (
 from hotswap.registry import AdapterRef, Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
 from hotswap.serve.engine import Engine, EngineConfig, RequestHandle
-from hotswap.serve.metrics import Metrics
+from hotswap.serve.metrics import UNRESOLVED, Metrics
 from hotswap.serve.types import Request, Result
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
@@ -52,7 +52,6 @@ _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
-UNRESOLVED = "unresolved"  # metrics label of requests that failed before their adapters were resolved
 
 
 @dataclass

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hotswap.basemodel import fingerprint
 from hotswap.client import MODEL_ID_KEY, Client
@@ -53,9 +55,14 @@ def registry(tiny_base: Path, other_base: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_base: Path, registry: Path) -> Iterator[str]:
+def metrics_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_base: Path, registry: Path, metrics_port: int) -> Iterator[str]:
     """Ray (2 CPUs) with hotswap deployed on two replicas; yields the gRPC proxy's address."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port)
     config = ServerConfig(base=tiny_base, registry=str(registry), no_auth=True, engine=EngineConfig(**LIMITS))
     options = scaleout.RayOptions(replicas=2, grpc_port=_free_port(), http_port=_free_port(), replica_cpus=0.5)
     try:
@@ -172,3 +179,23 @@ def test_a_killed_replica_fails_its_requests_cleanly(cluster: str, tiny_base: Pa
 def _running_replicas() -> int:
     deployment = serve.status().applications[scaleout.APP].deployments["HotswapReplica"]
     return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_per_adapter_metrics_through_ray(cluster: str, metrics_port: int) -> None:
+    """The server's series, with a replica label, on Ray's metrics endpoint (exported every few seconds)."""
+    with Client(cluster, timeout=120) as c:
+        for _ in range(3):
+            c.generate(prompt_ids=PROMPTS[1], adapters=["a3"], max_new_tokens=4, ignore_eos=True)
+    deadline = time.monotonic() + 90
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        ok = [s for s in samples if s.name.startswith("ray_hotswap_requests") and s.labels.get("adapter") == "a3@1"]
+        if ok and any(s.name.startswith("ray_hotswap_time_to_first_token_seconds") for s in samples):
+            break
+        assert time.monotonic() < deadline, "hotswap series never reached Ray's metrics endpoint"
+        time.sleep(2)
+    assert sum(s.value for s in ok if s.labels.get("status") == "ok") >= 3
+    assert all(s.labels.get("replica") for s in ok)
+    loads = [s for s in samples if s.name.startswith("ray_hotswap_adapter_load_seconds_count")]
+    assert loads and all(s.labels.get("replica") for s in loads)  # loads per replica: the routing figures
