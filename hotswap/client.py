@@ -172,7 +172,7 @@ class Client:
     # -- administration -------------------------------------------------------------------------------
     def load(self, ref: str, pin: bool = False, timeout: float | None = None) -> tuple[str, float]:
         """Make ``ref`` resident (admin); returns (exact ref, seconds it took)."""
-        resp = self._call(self._adapters.Load, pb.LoadRequest(ref=ref, pin=pin), timeout)
+        resp = self._call(self._adapters.Load, pb.LoadRequest(ref=ref, pin=pin), timeout, ((MODEL_ID_KEY, ref),))
         return resp.ref, resp.seconds
 
     def unload(self, ref: str, timeout: float | None = None) -> str:

@@ -16,23 +16,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.util import metrics as ray_metrics
 
 from hotswap.client import MODEL_ID_KEY
-from hotswap.errors import HotswapError, InvalidArgument, mapping_for
+from hotswap.errors import HotswapError, InvalidArgument, PermissionDenied, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
 from hotswap.serve.engine import Engine
 from hotswap.serve.metrics import UNRESOLVED, Metrics
-from hotswap.serve.server import ServerConfig, TextDeltas, status_of, to_request, to_response
+from hotswap.serve.server import (
+    SERVICES,
+    ServerConfig,
+    TextDeltas,
+    describe_response,
+    list_response,
+    status_of,
+    to_request,
+    to_response,
+)
 from hotswap.v1 import hotswap_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,11 +53,16 @@ APP = "hotswap"  # the Ray Serve application (gRPC metadata "application" when a
 # Trailing metadata of every answer: which replica answered, whether the request's first adapter was
 # already resident there, and how many adapters that replica has loaded from the registry so far.
 REPLICA_KEY, CACHE_KEY, LOADS_KEY = "hotswap-replica", "hotswap-cache", "hotswap-adapter-loads"
-SERVICER_FUNCTIONS = ["hotswap.v1.hotswap_pb2_grpc.add_InferenceServicer_to_server"]
+SERVICER_FUNCTIONS = [
+    "hotswap.v1.hotswap_pb2_grpc.add_InferenceServicer_to_server",
+    "hotswap.v1.hotswap_pb2_grpc.add_AdaptersServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
 
 
 @dataclass(frozen=True)
 class RayOptions:
+    app: str = APP  # the Ray Serve application's name (clients send it as "application" if there are several)
     replicas: int = 2
     address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a cluster
     grpc_port: int = 9000  # Ray Serve's gRPC proxy (every node with a replica runs one)
@@ -58,6 +75,18 @@ class RayOptions:
             raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0:
             raise InvalidArgument(f"replica_cpus must be >= 0, got {self.replica_cpus}")
+
+
+@contextmanager
+def _status(context: RayServegRPCContext) -> Iterator[None]:
+    """Our errors leave with their gRPC status; the class travels in the message (errors lose trailers)."""
+    try:
+        yield
+    except HotswapError as e:
+        code, trailing = status_of(e)
+        context.set_code(code)
+        context.set_details(f"{trailing[0][1]}: {e}")
+        raise  # Ray's proxy answers with the status set above
 
 
 class _RaySeries:
@@ -171,31 +200,27 @@ class Replica:
     async def _run(
         self, request: pb.GenerateRequest, context: RayServegRPCContext, stream: bool
     ) -> AsyncIterator[pb.GenerateChunk]:
-        label, status, result = UNRESOLVED, "ok", None
+        label, status, result, handle = UNRESOLVED, "ok", None, None
         try:
-            principal = self._principal(context)
-            refs = [authorize(self.registry, principal, a.ref).ref for a in request.adapters]
-            label = self.metrics.adapter_label(refs)
-            for ref in refs:  # refuse another base's adapter before routing/loading, as the engine would
-                self.registry.resolve(ref, base_fingerprint=self.engine.base_fingerprint)
-            first = request.adapters[0].ref if request.adapters else ""
-            hit = not refs or refs[0] in self.engine.resident()
-            if self.route_by_adapter:
-                model_id = serve.get_multiplexed_model_id()
-                if model_id != first:
-                    raise InvalidArgument(
-                        f"gRPC metadata {MODEL_ID_KEY} must be the first adapter's ref ({first!r}), got {model_id!r}; "
-                        "hotswap.client sets it"
-                    )
-                if first:
-                    await self.adapter(first)
-            handle = self.engine.submit(to_request(request, refs))
-            if stream:
-                deltas = TextDeltas(self.engine.tokenizer, list(request.stop))
-                tokens = iter(handle)
-                while (token := await asyncio.to_thread(next, tokens, None)) is not None:
-                    yield pb.GenerateChunk(token_ids=[token], text=deltas.feed(token))
-            result = await asyncio.to_thread(handle.result)
+            with _status(context):
+                principal = self._principal(context)
+                refs = [authorize(self.registry, principal, a.ref).ref for a in request.adapters]
+                label = self.metrics.adapter_label(refs)
+                for ref in refs:  # refuse another base's adapter before routing/loading, as the engine would
+                    self.registry.resolve(ref, base_fingerprint=self.engine.base_fingerprint)
+                first = request.adapters[0].ref if request.adapters else ""
+                hit = not refs or refs[0] in self.engine.resident()
+                if self.route_by_adapter:
+                    self._check_route(first)
+                    if first:
+                        await self.adapter(first)
+                handle = self.engine.submit(to_request(request, refs))
+                if stream:
+                    deltas = TextDeltas(self.engine.tokenizer, list(request.stop))
+                    tokens = iter(handle)
+                    while (token := await asyncio.to_thread(next, tokens, None)) is not None:
+                        yield pb.GenerateChunk(token_ids=[token], text=deltas.feed(token))
+                result = await asyncio.to_thread(handle.result)
             loads = self.engine.pool.stats.registry_loads
             context.set_trailing_metadata(
                 [(REPLICA_KEY, self.replica_id), (CACHE_KEY, "hit" if hit else "miss"), (LOADS_KEY, str(loads))]
@@ -207,12 +232,11 @@ class Replica:
                 yield pb.GenerateChunk(response=to_response(result))
         except HotswapError as e:
             status = mapping_for(e).grpc_status.lower()
-            code, trailing = status_of(e)
-            context.set_code(code)
-            context.set_details(f"{trailing[0][1]}: {e}")  # the class travels here: errors lose trailers
-            raise  # Ray's proxy answers with the status set above
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: free the row at the next step
             status = "cancelled"
+            if handle is not None:
+                handle.cancel()
             raise
         finally:
             if result is None:
@@ -220,6 +244,47 @@ class Replica:
             else:
                 timings, tokens = result.timings, len(result.token_ids)
                 self.metrics.request_done(label, status, timings, result.prompt_tokens, tokens)
+
+    def _check_route(self, first: str) -> None:
+        model_id = serve.get_multiplexed_model_id()
+        if model_id != first:
+            raise InvalidArgument(
+                f"gRPC metadata {MODEL_ID_KEY} must be the first adapter's ref ({first!r}), got {model_id!r}; "
+                "hotswap.client sets it"
+            )
+
+    # -- hotswap.v1.Adapters (List, Describe and Check answer from the replica Ray picks) ------------------
+    async def Load(self, request: pb.LoadRequest, grpc_context: RayServegRPCContext) -> pb.LoadResponse:
+        """Prefetch through Ray's routing: the replica that would serve ``ref`` loads it."""
+        with _status(grpc_context):
+            if not self._principal(grpc_context).is_admin:
+                raise PermissionDenied("this call needs a token with role admin")
+            if request.pin:
+                raise InvalidArgument("pinning is not available with --ray: Ray's multiplexing owns residency (LRU)")
+            self._check_route(request.ref)
+            t0 = time.perf_counter()
+            resident = await self.adapter(request.ref)
+            return pb.LoadResponse(ref=resident.ref, seconds=time.perf_counter() - t0)
+
+    async def Unload(self, request: pb.UnloadRequest, grpc_context: RayServegRPCContext) -> pb.UnloadResponse:
+        with _status(grpc_context):
+            raise InvalidArgument("Unload is not available with --ray: Ray's multiplexing evicts adapters (LRU)")
+
+    async def List(self, request: pb.ListRequest, grpc_context: RayServegRPCContext) -> pb.ListResponse:
+        with _status(grpc_context):
+            return list_response(self.registry, self._principal(grpc_context), self.engine.resident())
+
+    async def Describe(self, request: pb.DescribeRequest, grpc_context: RayServegRPCContext) -> pb.DescribeResponse:
+        with _status(grpc_context):
+            principal = self._principal(grpc_context)
+            return describe_response(self.registry, principal, request.ref, self.engine.resident())
+
+    # -- grpc.health.v1.Health -----------------------------------------------------------------------------
+    async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse
+        if request.service not in ("", *SERVICES):
+            return status(status=status.SERVICE_UNKNOWN)
+        return status(status=status.SERVING)
 
     def _principal(self, context: RayServegRPCContext) -> Principal:
         if self.auth is None:
@@ -249,10 +314,11 @@ def start(config: ServerConfig, options: RayOptions) -> None:
         http_options={"host": config.host, "port": options.http_port},
         grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
-    serve.run(deployment(config, options).bind(config, options.route_by_adapter), name=APP, route_prefix="/")
+    app = deployment(config, options).bind(config, options.route_by_adapter)
+    serve.run(app, name=options.app, route_prefix=f"/{options.app}")
 
 
-def stop() -> None:
+def stop(app: str = APP) -> None:
     """Delete the application (other applications on the cluster keep running); leave Ray."""
-    serve.delete(APP)
+    serve.delete(app)
     ray.shutdown()

@@ -389,35 +389,44 @@ class _Adapters(pb_grpc.AdaptersServicer):
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
         with self._call(context) as principal:
-            resident: dict[str, list[str]] = {}
-            for ref in self.s.ready_engine().resident():
-                resident.setdefault(AdapterRef.parse(ref).full_name, []).append(ref)
-            infos = [
-                pb.AdapterInfo(
-                    name=item.name,
-                    latest=item.latest,
-                    versions=[m.version for m in self.s.registry.versions(item.name)],
-                    aliases=item.aliases,
-                    method=item.method,
-                    visibility=item.visibility,
-                    resident=resident.get(item.name, []),
-                )
-                for item in self.s.registry.list()
-                if principal.may_see(item.visibility, AdapterRef.parse(item.name).tenant)
-            ]
-            return pb.ListResponse(adapters=infos)
+            return list_response(self.s.registry, principal, self.s.ready_engine().resident())
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
         with self._call(context) as principal:
-            m = authorize(self.s.registry, principal, request.ref)
-            return pb.DescribeResponse(
-                ref=m.ref,
-                method=m.method,
-                base_fingerprint=m.base_fingerprint or "",
-                created_at=m.created_at,
-                resident=m.ref in self.s.ready_engine().resident(),
-                manifest_json=m.to_json(),
-            )
+            return describe_response(self.s.registry, principal, request.ref, self.s.ready_engine().resident())
+
+
+def list_response(registry: Registry, principal: Principal, resident_refs: list[str]) -> pb.ListResponse:
+    """The adapters ``principal`` may see, with the versions of each resident in ``resident_refs``."""
+    resident: dict[str, list[str]] = {}
+    for ref in resident_refs:
+        resident.setdefault(AdapterRef.parse(ref).full_name, []).append(ref)
+    infos = [
+        pb.AdapterInfo(
+            name=item.name,
+            latest=item.latest,
+            versions=[m.version for m in registry.versions(item.name)],
+            aliases=item.aliases,
+            method=item.method,
+            visibility=item.visibility,
+            resident=resident.get(item.name, []),
+        )
+        for item in registry.list()
+        if principal.may_see(item.visibility, AdapterRef.parse(item.name).tenant)
+    ]
+    return pb.ListResponse(adapters=infos)
+
+
+def describe_response(registry: Registry, principal: Principal, ref: str, resident: list[str]) -> pb.DescribeResponse:
+    m = authorize(registry, principal, ref)
+    return pb.DescribeResponse(
+        ref=m.ref,
+        method=m.method,
+        base_fingerprint=m.base_fingerprint or "",
+        created_at=m.created_at,
+        resident=m.ref in resident,
+        manifest_json=m.to_json(),
+    )
 
 
 def to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:

@@ -16,13 +16,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotswap.basemodel import fingerprint
 from hotswap.client import MODEL_ID_KEY, Client
-from hotswap.errors import AdapterNotFound, BaseModelMismatch, InvalidArgument, ServerUnavailable
+from hotswap.errors import (
+    AdapterNotFound,
+    BaseModelMismatch,
+    InvalidArgument,
+    PermissionDenied,
+    ServerUnavailable,
+    Unauthenticated,
+)
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
 from hotswap.serve.server import ServerConfig
 from hotswap.train import RandomLoraConfig, random_bitfit, random_loras
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
+from tests.serve.serverutil import ACME, ADMIN, GLOBEX
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -49,6 +57,7 @@ def registry(tiny_base: Path, other_base: Path, tmp_path_factory: pytest.TempPat
     for path in random_loras(tiny_base, outs, RandomLoraConfig(rank=4, init_std=0.3)):
         reg.publish(path, path.name, base_fingerprint=fp)
     reg.publish(random_bitfit(tiny_base, d / "bias", seed=9, std=0.3), "bias", base_fingerprint=fp)
+    reg.publish(random_bitfit(tiny_base, d / "private", seed=8), "acme/private", base_fingerprint=fp)
     elsewhere = random_bitfit(other_base, d / "elsewhere", seed=9)
     reg.publish(elsewhere, "elsewhere", base_fingerprint=fingerprint(other_base))
     return d / "registry"
@@ -199,3 +208,35 @@ def test_per_adapter_metrics_through_ray(cluster: str, metrics_port: int) -> Non
     assert all(s.labels.get("replica") for s in ok)
     loads = [s for s in samples if s.name.startswith("ray_hotswap_adapter_load_seconds_count")]
     assert loads and all(s.labels.get("replica") for s in loads)  # loads per replica: the routing figures
+
+
+def test_tenants_health_and_admin_calls(cluster: str, tiny_base: Path, registry: Path, tokens_file: Path) -> None:
+    """A second application with bearer tokens (1 replica): tenants, roles, health and the Adapters service
+    behave as on a single server; Unload and pinning are refused (Ray's multiplexing owns residency)."""
+    config = ServerConfig(base=tiny_base, registry=str(registry), auth=tokens_file, engine=EngineConfig(**LIMITS))
+    options = scaleout.RayOptions(app="hotswap-auth", replicas=1, replica_cpus=0.5)
+    serve.run(scaleout.deployment(config, options).bind(config), name=options.app, route_prefix="/hotswap-auth")
+    try:
+        ask = {"prompt_ids": [1, 2], "max_new_tokens": 2}
+        with Client(cluster, token=ACME, timeout=120, application=options.app) as c:
+            assert len(c.generate(adapters=["acme/private"], **ask).token_ids) == 2
+            assert {a.name for a in c.list()} >= {"acme/private", "a0"}
+            assert c.describe("acme/private")["ref"] == "acme/private@1"
+            assert c.health() == "SERVING"
+            with pytest.raises(PermissionDenied, match="admin"):
+                c.load("a0")
+        with Client(cluster, token=GLOBEX, timeout=120, application=options.app) as c:
+            with pytest.raises(PermissionDenied, match="tenant acme"):
+                c.generate(adapters=["acme/private"], **ask)
+            assert "acme/private" not in {a.name for a in c.list()}
+        with Client(cluster, timeout=120, application=options.app) as c, pytest.raises(Unauthenticated):
+            c.generate(adapters=["a0"], **ask)
+        with Client(cluster, token=ADMIN, timeout=120, application=options.app) as c:
+            ref, _ = c.load("a2")
+            assert ref == "a2@1" and c.describe("a2")["resident"]  # one replica: the one that loaded it
+            with pytest.raises(InvalidArgument, match="not available with --ray"):
+                c.unload("a2")
+            with pytest.raises(InvalidArgument, match="pinning"):
+                c.load("a2", pin=True)
+    finally:
+        serve.delete(options.app)
