@@ -4,10 +4,13 @@
 #     -v $PWD/tokens.toml:/etc/hotswap/tokens.toml:ro hotswap
 # The settings are deploy/serve.toml (copied to /etc/hotswap/serve.toml); mount your own over it, or
 # append flags, which win: `docker run ... hotswap serve --config /etc/hotswap/serve.toml --max-batch 64`.
+# The image carries Ray (the ray extra) for `hotswap serve --ray` and KubeRay (deploy/rayservice.yaml);
+# build with --build-arg EXTRAS=build for a single-server image without it.
 FROM python:3.11-slim
 
 # CPU wheels by default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 for CUDA.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=ray
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     HOTSWAP_REGISTRY=/data/registry
@@ -21,14 +24,14 @@ COPY registry ./registry
 COPY train ./train
 COPY serve ./serve
 # The build generates the gRPC stubs from proto/ (setup.py).
-RUN pip install . && useradd --create-home --uid 1000 hotswap \
+RUN pip install ".[${EXTRAS}]" && useradd --create-home --uid 1000 hotswap \
     && mkdir -p /data/registry /models /etc/hotswap && chown -R hotswap /data
 COPY deploy/serve.toml /etc/hotswap/serve.toml
 
 USER hotswap
 VOLUME ["/data"]
-# gRPC, Prometheus /metrics
-EXPOSE 50051 9090
+# gRPC, Prometheus /metrics; with Ray: Serve's gRPC proxy, Serve's HTTP proxy, Ray's metrics endpoint
+EXPOSE 50051 9090 9000 8000 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["hotswap", "health", "--server", "127.0.0.1:50051", "--timeout", "4"]
 ENTRYPOINT ["hotswap"]

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,7 +34,7 @@ from hotswap.client import MODEL_ID_KEY
 from hotswap.errors import HotswapError, InvalidArgument, PermissionDenied, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
-from hotswap.serve.engine import Engine
+from hotswap.serve.engine import Engine, EngineConfig
 from hotswap.serve.metrics import UNRESOLVED, Metrics
 from hotswap.serve.server import (
     SERVICES,
@@ -304,6 +305,31 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
         ray_actor_options={"num_cpus": options.replica_cpus},
         max_ongoing_requests=max(config.engine.max_batch * 2, 8),
     )
+
+
+_ENGINE_ARGS = ("max_batch", "max_queue", "max_resident", "max_seq_len", "device", "dtype")
+_RAY_ARGS = ("replicas", "replica_cpus", "route_by_adapter")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve's application builder (``import_path: hotswap.serve.scaleout:build_app`` in a Serve config,
+    e.g. deploy/rayservice.yaml): ``args`` holds ``base``, ``registry``, ``auth`` or ``no_auth``, the engine's
+    limits (max_batch, max_queue, max_resident, max_seq_len, device, dtype), replicas and replica_cpus."""
+    known = {"base", "registry", "auth", "no_auth", "max_adapter_labels", *_ENGINE_ARGS, *_RAY_ARGS}
+    if unknown := sorted(set(args) - known):
+        raise InvalidArgument(f"unknown hotswap application args {unknown}; known: {sorted(known)}")
+    if "base" not in args or "registry" not in args:
+        raise InvalidArgument("hotswap application args need base and registry")
+    config = ServerConfig(
+        base=Path(args["base"]),
+        registry=str(args["registry"]),
+        auth=Path(args["auth"]) if args.get("auth") else None,
+        no_auth=bool(args.get("no_auth", False)),
+        max_adapter_labels=int(args.get("max_adapter_labels", 100)),
+        engine=EngineConfig(**{k: args[k] for k in _ENGINE_ARGS if k in args}),
+    )
+    options = RayOptions(**{k: args[k] for k in _RAY_ARGS if k in args})
+    return deployment(config, options).bind(config, options.route_by_adapter)
 
 
 def start(config: ServerConfig, options: RayOptions) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
+from hotswap.errors import InvalidArgument
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -32,7 +34,40 @@ def test_dockerfile_parses_and_copies_every_package() -> None:
     assert '"health"' in health
     exposed = next(i["value"] for i in parser.structure if i["instruction"] == "EXPOSE").split()
     config = tomllib.loads((ROOT / "deploy" / "serve.toml").read_text())
-    assert {str(config["port"]), str(config["metrics_port"])} == set(exposed)
+    assert {str(config["port"]), str(config["metrics_port"])} <= set(exposed)
+
+
+def test_rayservice_manifest_matches_the_image_and_the_server() -> None:
+    """deploy/rayservice.yaml parses, runs the Dockerfile's image with the ports it exposes, and its Serve
+    config is what ``hotswap serve --ray`` deploys (servicers, gRPC port, an application that builds)."""
+    yaml = pytest.importorskip("yaml")
+    scaleout = pytest.importorskip("hotswap.serve.scaleout")
+    from ray.serve import Application
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    containers = [c for pod in pods for c in pod["template"]["spec"]["containers"]]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    parser = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    exposed = set(next(i["value"] for i in parser.structure if i["instruction"] == "EXPOSE").split())
+    assert "docker build -t hotswap ." in dockerfile and "ARG EXTRAS=ray" in dockerfile
+    for container in containers:
+        assert container["image"] == "hotswap:latest"
+        ports = {str(p["containerPort"]) for p in container["ports"]}
+        assert "9000" in ports and ports - {"6379", "8265", "10001"} <= exposed
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    grpc = serve_config["grpc_options"]
+    assert grpc["port"] == scaleout.RayOptions().grpc_port == 9000
+    assert grpc["grpc_servicer_functions"] == scaleout.SERVICER_FUNCTIONS
+    (app,) = serve_config["applications"]
+    assert app["name"] == scaleout.APP
+    module, attr = app["import_path"].split(":")
+    assert module == scaleout.__name__ and getattr(scaleout, attr) is scaleout.build_app
+    assert isinstance(scaleout.build_app(app["args"]), Application)
+    with pytest.raises(InvalidArgument, match="unknown hotswap application args"):
+        scaleout.build_app({**app["args"], "max_batchh": 3})
 
 
 def test_shipped_serve_config_is_accepted() -> None:
