@@ -401,7 +401,6 @@ def _serve_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from hotswap.serve import EngineConfig
@@ -431,8 +430,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
     )
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    _stop_on_signals(stop)
     if s["ray"]:
         return _serve_ray(config, s, stop)
     server = Server(config).open()
@@ -448,6 +446,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"hotswap: shutting down (grace {config.grace_seconds:g} s)", flush=True)
     server.stop()
     return 0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def _serve_ray(config: ServerConfig, s: dict[str, object], stop: threading.Event) -> int:
@@ -466,6 +471,7 @@ def _serve_ray(config: ServerConfig, s: dict[str, object], stop: threading.Event
         replica_cpus=float(s["replica_cpus"]),  # type: ignore[arg-type]
     )
     scaleout.start(config, options)
+    _stop_on_signals(stop)  # ray.init installed its own handlers
     print(f"hotswap: serving {config.base} on Ray Serve, {options.replicas} replicas, "
           f"gRPC proxy port {options.grpc_port}", flush=True)  # fmt: skip
     while not stop.wait(0.2):  # the signal handler runs between waits
