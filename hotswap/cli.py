@@ -370,6 +370,7 @@ SERVE_DEFAULTS: dict[str, object] = {
     "ray_address": None,
     "replica_cpus": 1.0,
     "ray_http_port": 8000,
+    "adapters_per_replica": 64,
 }
 _PATH_KEYS = ("base", "auth", "tls_cert", "tls_key")
 
@@ -469,6 +470,7 @@ def _serve_ray(config: ServerConfig, s: dict[str, object], stop: threading.Event
         grpc_port=config.port,
         http_port=int(s["ray_http_port"]),  # type: ignore[call-overload]
         replica_cpus=float(s["replica_cpus"]),  # type: ignore[arg-type]
+        adapters_per_replica=int(s["adapters_per_replica"]),  # type: ignore[call-overload]
     )
     scaleout.start(config, options)
     _stop_on_signals(stop)  # ray.init installed its own handlers
@@ -690,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=_positive_int, default=8)
 
     sp = add("bench", cmd_bench, "run a benchmark scenario (shared/BENCHMARK.md): Markdown table + JSON")
-    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train"))
+    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train", "scale-out"))
     sp.add_argument("--out", type=Path, default=Path("bench-results"))
     sp.add_argument("--cache", type=Path, default=Path("bench-results/.cache"), help="built bases and adapters")
     sp.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -726,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ray-address", help="--ray: 'auto' or ray://HOST:10001 to join a cluster (default: start one)")
     sp.add_argument("--replica-cpus", type=float, help="--ray: Ray CPUs reserved per replica (default 1)")
     sp.add_argument("--ray-http-port", type=int, help="--ray: Ray Serve's HTTP proxy port (default 8000)")
+    sp.add_argument("--adapters-per-replica", type=_positive_int, help="--ray: adapters a replica keeps (64)")
 
     sp = add("generate", cmd_generate, "send one generation request to a server")
     sp.add_argument("prompt", nargs="?", help="prompt text (or --prompt-ids)")

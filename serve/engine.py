@@ -71,14 +71,27 @@ class RequestHandle:
         self.cancelled = False
 
     def __iter__(self) -> Iterator[int]:
+        while (tokens := self.next_tokens()) is not None:
+            yield from tokens
+
+    def next_tokens(self) -> list[int] | None:
+        """Wait for the next token, and take every token already produced after it too (a slow reader gets
+        them in one piece); None once the request has finished. Raises the request's error."""
+        tokens: list[int] = []
+        block = True
         while True:
-            kind, value = self._events.get()
+            try:
+                kind, value = self._events.get(block=block)
+            except queue.Empty:
+                return tokens
             if kind == "token":
-                yield value  # type: ignore[misc]
+                tokens.append(value)  # type: ignore[arg-type]
+                block = False
             elif kind == "error":
                 raise value  # type: ignore[misc]
             else:
-                return
+                self._events.put((kind, value))  # keep the end for the next call
+                return tokens or None
 
     def result(self, timeout: float | None = None) -> Result:
         if not self._done.wait(timeout):

@@ -69,6 +69,9 @@ class RayOptions:
     grpc_port: int = 9000  # Ray Serve's gRPC proxy (every node with a replica runs one)
     http_port: int = 8000  # Ray Serve always runs its HTTP proxy too (hotswap serves nothing on it)
     replica_cpus: float = 1.0  # Ray CPUs reserved per replica
+    # Adapters a replica keeps (Ray's multiplexed cache: the engine's resident slots plus its host RAM tier);
+    # Ray routes an adapter to the replica keeping it, and unloads the least recently used beyond this.
+    adapters_per_replica: int = 64
     route_by_adapter: bool = True  # False: Ray's adapter-blind routing (each engine loads on demand): a baseline
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class RayOptions:
             raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0:
             raise InvalidArgument(f"replica_cpus must be >= 0, got {self.replica_cpus}")
+        if self.adapters_per_replica < 1:
+            raise InvalidArgument(f"adapters_per_replica must be >= 1, got {self.adapters_per_replica}")
 
 
 @contextmanager
@@ -218,9 +223,10 @@ class Replica:
                 handle = self.engine.submit(to_request(request, refs))
                 if stream:
                     deltas = TextDeltas(self.engine.tokenizer, list(request.stop))
-                    tokens = iter(handle)
-                    while (token := await asyncio.to_thread(next, tokens, None)) is not None:
-                        yield pb.GenerateChunk(token_ids=[token], text=deltas.feed(token))
+                    # tokens produced while the last chunk was in flight go out together: Ray's streaming
+                    # hop costs more per message than a decode step of a small model
+                    while (tokens := await asyncio.to_thread(handle.next_tokens)) is not None:
+                        yield pb.GenerateChunk(token_ids=tokens, text="".join(deltas.feed(t) for t in tokens))
                 result = await asyncio.to_thread(handle.result)
             loads = self.engine.pool.stats.registry_loads
             context.set_trailing_metadata(
@@ -294,9 +300,9 @@ class Replica:
 
 
 def deployment(config: ServerConfig, options: RayOptions) -> Any:
-    """The Ray Serve deployment: ``Replica`` with its multiplexed loader sized to the engine's resident slots."""
+    """The Ray Serve deployment: ``Replica`` with its multiplexed loader (``options.adapters_per_replica``)."""
     # Ray finds the cache's owner by looking the wrapped function up on self under its own name.
-    multiplexed = serve.multiplexed(max_num_models_per_replica=config.engine.max_resident)(Replica.adapter)
+    multiplexed = serve.multiplexed(max_num_models_per_replica=options.adapters_per_replica)(Replica.adapter)
     cls = type("HotswapReplica", (Replica,), {"adapter": multiplexed})
     return serve.deployment(
         cls,
@@ -308,13 +314,14 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
 
 
 _ENGINE_ARGS = ("max_batch", "max_queue", "max_resident", "max_seq_len", "device", "dtype")
-_RAY_ARGS = ("replicas", "replica_cpus", "route_by_adapter")
+_RAY_ARGS = ("replicas", "replica_cpus", "route_by_adapter", "adapters_per_replica")
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder (``import_path: hotswap.serve.scaleout:build_app`` in a Serve config,
     e.g. deploy/rayservice.yaml): ``args`` holds ``base``, ``registry``, ``auth`` or ``no_auth``, the engine's
-    limits (max_batch, max_queue, max_resident, max_seq_len, device, dtype), replicas and replica_cpus."""
+    limits (max_batch, max_queue, max_resident, max_seq_len, device, dtype), replicas, replica_cpus and
+    adapters_per_replica."""
     known = {"base", "registry", "auth", "no_auth", "max_adapter_labels", *_ENGINE_ARGS, *_RAY_ARGS}
     if unknown := sorted(set(args) - known):
         raise InvalidArgument(f"unknown hotswap application args {unknown}; known: {sorted(known)}")
@@ -340,6 +347,11 @@ def start(config: ServerConfig, options: RayOptions) -> None:
         http_options={"host": config.host, "port": options.http_port},
         grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
+    deploy(config, options)
+
+
+def deploy(config: ServerConfig, options: RayOptions) -> None:
+    """Deploy (or redeploy) the application on the running Serve instance; returns once it is ready."""
     app = deployment(config, options).bind(config, options.route_by_adapter)
     serve.run(app, name=options.app, route_prefix=f"/{options.app}")
 

@@ -7,7 +7,15 @@ from pathlib import Path
 from hotswap.bench.common import Fixtures, Workload, write_results
 from hotswap.bench.scenarios import SCENARIOS
 
-DEFAULT_ADAPTERS = {"mixed": [1, 4, 16, 32], "swap": [16], "load": [16], "methods": [16], "server": [16], "train": [0]}
+DEFAULT_ADAPTERS = {
+    "mixed": [1, 4, 16, 32],
+    "swap": [16],
+    "load": [16],
+    "methods": [16],
+    "server": [16],
+    "train": [0],
+    "scale-out": [1000],
+}
 
 
 def run(
