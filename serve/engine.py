@@ -283,6 +283,18 @@ class Engine:
             self._cv.notify_all()
         return exact
 
+    @property
+    def alive(self) -> bool:
+        """The engine loop is running (False once closed, or if its thread died)."""
+        return self._thread.is_alive()
+
+    def cache_tier(self, ref: str) -> str:
+        """Where the exact ``ref`` is now: "resident" (in a slot), "host" (RAM, installs at once) or "registry"."""
+        with self._cv:
+            if ref in self.pool.slot_of:
+                return "resident"
+            return "host" if ref in self.pool.host else "registry"
+
     def resident(self) -> list[str]:
         with self._cv:
             return sorted(self.pool.slot_of)

@@ -51,8 +51,9 @@ from hotswap.v1 import hotswap_pb2 as pb
 log = logging.getLogger(__name__)
 
 APP = "hotswap"  # the Ray Serve application (gRPC metadata "application" when a cluster runs several)
-# Trailing metadata of every answer: which replica answered, whether the request's first adapter was
-# already resident there, and how many adapters that replica has loaded from the registry so far.
+# Trailing metadata of every answer: which replica answered, where the request's first adapter was there
+# when it arrived (resident, host or registry: Engine.cache_tier), and how many adapters that replica has
+# loaded from the registry so far.
 REPLICA_KEY, CACHE_KEY, LOADS_KEY = "hotswap-replica", "hotswap-cache", "hotswap-adapter-loads"
 SERVICER_FUNCTIONS = [
     "hotswap.v1.hotswap_pb2_grpc.add_InferenceServicer_to_server",
@@ -184,7 +185,7 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray's periodic health check: a replica whose engine loop died is restarted."""
-        if not self.engine._thread.is_alive():
+        if not self.engine.alive:
             raise RuntimeError("the engine loop has stopped")
 
     def __del__(self) -> None:
@@ -215,7 +216,7 @@ class Replica:
                 for ref in refs:  # refuse another base's adapter before routing/loading, as the engine would
                     self.registry.resolve(ref, base_fingerprint=self.engine.base_fingerprint)
                 first = request.adapters[0].ref if request.adapters else ""
-                hit = not refs or refs[0] in self.engine.resident()
+                tier = self.engine.cache_tier(refs[0]) if refs else "resident"
                 if self.route_by_adapter:
                     self._check_route(first)
                     if first:
@@ -229,9 +230,7 @@ class Replica:
                         yield pb.GenerateChunk(token_ids=tokens, text="".join(deltas.feed(t) for t in tokens))
                 result = await asyncio.to_thread(handle.result)
             loads = self.engine.pool.stats.registry_loads
-            context.set_trailing_metadata(
-                [(REPLICA_KEY, self.replica_id), (CACHE_KEY, "hit" if hit else "miss"), (LOADS_KEY, str(loads))]
-            )
+            context.set_trailing_metadata([(REPLICA_KEY, self.replica_id), (CACHE_KEY, tier), (LOADS_KEY, str(loads))])
             if stream:
                 rest = deltas.rest(result.text or "")
                 yield pb.GenerateChunk(text=rest, response=to_response(result))

@@ -104,3 +104,8 @@ def test_wheel_installs_only_under_the_hotswap_namespace(tmp_path: Path) -> None
 
 def test_ci_runs_make_test() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_single_server_mode_never_imports_ray() -> None:
+    code = "import sys, hotswap.cli, hotswap.serve.server, hotswap.client; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

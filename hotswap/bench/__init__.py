@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hotswap.bench.common import Fixtures, Workload, write_results
-from hotswap.bench.scenarios import SCENARIOS
+from hotswap.bench.scenarios import SCENARIOS, TINY_ONLY
+from hotswap.errors import InvalidArgument
 
 DEFAULT_ADAPTERS = {
     "mixed": [1, 4, 16, 32],
@@ -22,6 +23,8 @@ def run(
     scenario: str, workload: Workload, out_dir: Path, cache: Path, adapter_counts: list[int] | None = None
 ) -> tuple[Path, str]:
     """Run one scenario; returns the JSON path and the Markdown table."""
+    if scenario in TINY_ONLY and workload.model != "tiny":
+        raise InvalidArgument(f"{scenario} measures routing, not FLOPs: run it with --model tiny")
     fixtures = Fixtures(workload, cache)
     rows = SCENARIOS[scenario](fixtures, adapter_counts or DEFAULT_ADAPTERS[scenario])
     return write_results(scenario, workload, rows, out_dir)

@@ -10,6 +10,7 @@ import pytest
 from hotswap.bench import run
 from hotswap.bench.common import Workload
 from hotswap.cli import main
+from hotswap.errors import InvalidArgument
 
 TINY = Workload(model="tiny", batch=4, prompt=8, new_tokens=3, repeats=1)
 
@@ -107,3 +108,21 @@ def test_train(tmp_path: Path, cache: Path) -> None:
         assert r["peak_memory_mb"] > 0 and r["step_s"] > 0
         assert r["vs_full_memory"] == pytest.approx(r["peak_memory_mb"] / full["peak_memory_mb"])
         assert 0 < r["trainable_params"] <= full["trainable_params"]
+
+
+@pytest.mark.slow
+def test_scale_out(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray routing vs adapter-blind routing on a real local Ray (few requests here), same sequence."""
+    pytest.importorskip("ray")
+    from hotswap.bench import scenarios
+
+    monkeypatch.setattr(scenarios, "SCALE_OUT_REQUESTS", 120)
+    affinity, blind, hop = _load(run("scale-out", TINY, tmp_path, cache, [30])[0])["rows"]
+    for row in (affinity, blind):
+        assert row["requests"] == 120 and 0 <= row["hit_rate"] <= 1
+        assert row["registry_loads"] == sum(row["loads_per_replica"]) > 0
+        assert 0 < row["ttft_ms_p50"] <= row["ttft_ms_p95"]
+    assert affinity["vs_blind_loads"] == pytest.approx(blind["registry_loads"] / affinity["registry_loads"])
+    assert hop["vs_direct"] == pytest.approx(hop["tok_s"] / hop["direct_tok_s"])
+    with pytest.raises(InvalidArgument, match="--model tiny"):
+        run("scale-out", Workload(model="smollm2-135m"), tmp_path, cache, [30])

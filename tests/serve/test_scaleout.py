@@ -137,6 +137,14 @@ def test_requests_follow_their_adapter(cluster: str) -> None:
     assert sum(loads.values()) <= 2 * len(ADAPTERS)
 
 
+def test_reflection_lists_the_api(cluster: str) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(cluster) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"hotswap.v1.Inference", "hotswap.v1.Adapters", "grpc.health.v1.Health"} <= services
+
+
 def test_bad_input_gets_the_single_server_status(cluster: str) -> None:
     with Client(cluster, timeout=120) as c:
         with pytest.raises(AdapterNotFound, match="nope"):
@@ -211,10 +219,11 @@ def test_per_adapter_metrics_through_ray(cluster: str, metrics_port: int) -> Non
 
 
 def test_tenants_health_and_admin_calls(cluster: str, tiny_base: Path, registry: Path, tokens_file: Path) -> None:
-    """A second application with bearer tokens (1 replica): tenants, roles, health and the Adapters service
-    behave as on a single server; Unload and pinning are refused (Ray's multiplexing owns residency)."""
+    """A second application with bearer tokens (1 replica keeping 2 adapters): tenants, roles, health and the
+    Adapters service behave as on a single server; Unload and pinning are refused (Ray's multiplexing owns
+    residency, and its LRU eviction unloads from the engine)."""
     config = ServerConfig(base=tiny_base, registry=str(registry), auth=tokens_file, engine=EngineConfig(**LIMITS))
-    options = scaleout.RayOptions(app="hotswap-auth", replicas=1, replica_cpus=0.5)
+    options = scaleout.RayOptions(app="hotswap-auth", replicas=1, replica_cpus=0.5, adapters_per_replica=2)
     serve.run(scaleout.deployment(config, options).bind(config), name=options.app, route_prefix="/hotswap-auth")
     try:
         ask = {"prompt_ids": [1, 2], "max_new_tokens": 2}
@@ -238,5 +247,12 @@ def test_tenants_health_and_admin_calls(cluster: str, tiny_base: Path, registry:
                 c.unload("a2")
             with pytest.raises(InvalidArgument, match="pinning"):
                 c.load("a2", pin=True)
+            c.load("a3")
+            c.load("a4")  # a third adapter on a replica keeping 2: Ray's LRU unloads a2 from the engine
+            deadline = time.monotonic() + 30
+            while c.describe("a2")["resident"]:  # the unload drains first (here: nothing running)
+                assert time.monotonic() < deadline, "Ray's eviction did not unload a2"
+                time.sleep(0.2)
+            assert c.describe("a4")["resident"]
     finally:
         serve.delete(options.app)
