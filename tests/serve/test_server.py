@@ -264,15 +264,15 @@ def test_stop_drains_in_flight_and_refuses_new(text_base: Path, server_registry:
     watch = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     # two requests in flight keep the drain busy; both have streamed a token, so both reached the server
-    streams = [c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True) for _ in range(2)]
+    streams = [c.stream(PROMPT, adapters=["math"], max_new_tokens=400, ignore_eos=True) for _ in range(2)]
     firsts = [next(iter(s)) for s in streams]
-    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60})
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 120})
     stopper.start()
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # pushed as the drain starts
     with pytest.raises(ServerUnavailable, match="shutting down"):
         c.generate(PROMPT, max_new_tokens=2)
     for first, stream in zip(firsts, streams, strict=True):  # the in-flight requests run to the end
-        assert len(first.token_ids) + sum(len(ch.token_ids) for ch in stream) == 1500
+        assert len(first.token_ids) + sum(len(ch.token_ids) for ch in stream) == 400
     stopper.join(timeout=60)
     assert all(s.response is not None and s.response.finish_reason == "length" for s in streams)
     c.close()

@@ -27,7 +27,7 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
     config = tmp_path / "serve.toml"
     config.write_text(
         f'base = "{text_base}"\nregistry = "{server_registry}"\nno_auth = true\nport = 0\nmetrics_port = 0\n'
-        "grace = 60\nmax_batch = 2\nmax_seq_len = 2048\n"
+        "grace = 120\nmax_batch = 2\nmax_seq_len = 2048\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "hotswap.cli", "serve", "--config", str(config)],
@@ -43,19 +43,19 @@ def test_sigterm_drains_and_exits_zero(text_base: Path, server_registry: Path, t
         watch = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         # two requests in flight keep the drain busy; both have streamed a token, so both reached the server
-        streams = [c.stream(PROMPT, adapters=["math"], max_new_tokens=1500, ignore_eos=True) for _ in range(2)]
+        streams = [c.stream(PROMPT, adapters=["math"], max_new_tokens=400, ignore_eos=True) for _ in range(2)]
         firsts = [next(iter(s)) for s in streams]
         proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # pushed as the drain starts
         with pytest.raises(ServerUnavailable, match="shutting down"):
             c.generate(PROMPT)
         for first, stream in zip(firsts, streams, strict=True):  # the in-flight requests run to the end
-            assert len(first.token_ids) + sum(len(ch.token_ids) for ch in stream) == 1500
+            assert len(first.token_ids) + sum(len(ch.token_ids) for ch in stream) == 400
         assert all(s.response is not None and s.response.finish_reason == "length" for s in streams)
         assert proc.wait(timeout=60) == 0
         out, err = proc.communicate()
         assert "shutting down" in out
-        assert re.search(r"GenerateStream adapter=math@1 status=ok prompt_tokens=\d+ tokens=1500 finish=length", err)
+        assert re.search(r"GenerateStream adapter=math@1 status=ok prompt_tokens=\d+ tokens=400 finish=length", err)
         c.close()
     finally:
         if proc.poll() is None:
