@@ -123,18 +123,24 @@ def random_prompt(base: PathLike, out_dir: PathLike, num_virtual_tokens: int = 8
     return random_prompts(base, {out_dir: seed}, num_virtual_tokens)[0]
 
 
+def _target_linears(base: PathLike, target_modules: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """The base's linear layers whose last name part is in ``target_modules`` (at least one, or InvalidArtifact)."""
+    linears = {
+        name: module
+        for name, module in load_model(base).named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not linears:
+        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
+    return linears
+
+
 def random_bitfits(
     base: PathLike, outs: Mapping[PathLike, int], target_modules: tuple[str, ...] = DEFAULT_TARGETS, std: float = 0.02
 ) -> list[Path]:
     """hotswap BitFit artifacts: ``hotswap_config.json`` + ``<module>.bias`` deltas for matching linears."""
     paths = _check_new(outs)
-    shapes = {
-        name: module.out_features
-        for name, module in load_model(base).named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
-    }
-    if not shapes:
-        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
+    shapes = {name: module.out_features for name, module in _target_linears(base, target_modules).items()}
     for out, seed in paths.items():
         gen = torch.Generator().manual_seed(seed)
         tensors = {f"{name}.bias": torch.randn(n, generator=gen) * std for name, n in shapes.items()}
@@ -169,13 +175,7 @@ def random_sparses(
 ) -> list[Path]:
     """Sparse-delta adapters (``method`` fishmask or child-tuning) with random positions and values."""
     paths = _check_new(outs)
-    shapes = {
-        name: module.weight.shape
-        for name, module in load_model(base).named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
-    }
-    if not shapes:
-        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
+    shapes = {name: module.weight.shape for name, module in _target_linears(base, target_modules).items()}
     for out, seed in paths.items():
         gen = torch.Generator().manual_seed(seed)
         deltas = {}
@@ -221,11 +221,7 @@ def random_bottlenecks(
 ) -> list[Path]:
     """Bottleneck adapters on every block's o_proj and down_proj with random non-zero weights."""
     paths = _check_new(outs)
-    layers = {
-        name: module
-        for name, module in load_model(base).named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in BOTTLENECK_TARGETS
-    }
+    layers = _target_linears(base, BOTTLENECK_TARGETS)
     for out, seed in paths.items():
         gen = torch.Generator().manual_seed(seed)
         modules = {}
