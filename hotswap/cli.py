@@ -338,6 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         rank=args.rank,
         repeats=args.repeats,
+        requests=args.requests,
         device=args.device,
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
@@ -702,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-tokens", type=_positive_int, default=32)
     sp.add_argument("--rank", type=_positive_int, default=16)
     sp.add_argument("--repeats", type=_positive_int, default=3)
+    sp.add_argument("--requests", type=_positive_int, default=3000, help="scale-out: requests replayed per routing")
     sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
 
     sp = add("serve", cmd_serve, "serve the base and the registry's adapters over gRPC (until SIGTERM/SIGINT)")

@@ -241,22 +241,27 @@ class Server:
 
     # -- helpers for the servicers ------------------------------------------------------------------------
     def enter(self, context: grpc.ServicerContext, needs_engine: bool = True) -> Principal:
-        """Admit an RPC: the server must be serving, the caller authenticated. Pair with :meth:`leave`."""
+        """Admit an RPC: the server must be serving, the caller authenticated.
+
+        The RPC counts as in flight until gRPC has sent its status (its termination callback), not merely
+        until the handler returns: a drain that stopped the gRPC server between the two would cancel an
+        answer that was complete."""
         with self._lock:
             if self._state == "draining" or self._state == "stopped":
                 _abort(context, ServerUnavailable("the server is shutting down; retry on another replica"))
             if needs_engine and self._state == "starting":
                 _abort(context, ServerUnavailable("the server is still loading its base model; retry shortly"))
             self._inflight += 1
+        if not context.add_callback(self._leave):
+            self._leave()  # already terminated
         try:
             if self.auth is None:
                 return ANONYMOUS_ADMIN
             return self.auth.authenticate(dict(context.invocation_metadata()))
         except HotswapError as e:
-            self.leave()
             _abort(context, e)
 
-    def leave(self) -> None:
+    def _leave(self) -> None:
         with self._lock:
             self._inflight -= 1
             self._lock.notify_all()
@@ -319,7 +324,6 @@ class _Inference(pb_grpc.InferenceServicer):
             log.exception("Generate failed")
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
-            self.s.leave()
             self._record(label, status, result, t0, context, stream)
 
     def _stream(self, handle: RequestHandle, request: pb.GenerateRequest, engine: Engine) -> Iterator[pb.GenerateChunk]:
@@ -362,7 +366,7 @@ class _Adapters(pb_grpc.AdaptersServicer):
 
     @contextmanager
     def _call(self, context: grpc.ServicerContext, admin: bool = False) -> Iterator[Principal]:
-        """Admit the RPC (and check the admin role), turn our errors into its status, always leave."""
+        """Admit the RPC (and check the admin role) and turn our errors into its status."""
         principal = self.s.enter(context)
         try:
             if admin and not principal.is_admin:
@@ -370,8 +374,6 @@ class _Adapters(pb_grpc.AdaptersServicer):
             yield principal
         except HotswapError as e:
             _abort(context, e)
-        finally:
-            self.s.leave()
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadResponse:
         with self._call(context, admin=True):

@@ -46,6 +46,7 @@ class Workload:
     alpha: float = 32.0
     seed: int = 0
     repeats: int = 3  # timed runs per figure (after one warm-up); the median is reported
+    requests: int = 3000  # scale-out: requests replayed per routing
     device: str = "cpu"
 
     @property

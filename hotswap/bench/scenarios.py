@@ -360,7 +360,6 @@ def training(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
 
 
 TINY_ONLY = {"scale-out"}  # scenarios that measure routing, not FLOPs: the tiny base only
-SCALE_OUT_REQUESTS = 3000
 SCALE_OUT_REPLICAS = 4
 SCALE_OUT_SLOTS = 16
 SCALE_OUT_KEPT = 256  # adapters a replica keeps (16 resident + host RAM): tiny adapters, ~100 KB each
@@ -380,7 +379,7 @@ def scale_out(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     n = max(adapter_counts)
     names = fx.adapters("lora", n)
     rng = random.Random(w.seed)
-    sequence = rng.choices(names, weights=[1 / (k + 1) ** ZIPF_S for k in range(n)], k=SCALE_OUT_REQUESTS)
+    sequence = rng.choices(names, weights=[1 / (k + 1) ** ZIPF_S for k in range(n)], k=w.requests)
     prompts = fx.prompts(w.batch)
     engine = EngineConfig(max_batch=w.batch, max_resident=SCALE_OUT_SLOTS, max_seq_len=w.prompt + w.new_tokens + 32,
                           device=w.device)  # fmt: skip

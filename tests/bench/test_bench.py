@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,13 +112,10 @@ def test_train(tmp_path: Path, cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_scale_out(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scale_out(tmp_path: Path, cache: Path) -> None:
     """Ray routing vs adapter-blind routing on a real local Ray (few requests here), same sequence."""
     pytest.importorskip("ray")
-    from hotswap.bench import scenarios
-
-    monkeypatch.setattr(scenarios, "SCALE_OUT_REQUESTS", 120)
-    affinity, blind, hop = _load(run("scale-out", TINY, tmp_path, cache, [30])[0])["rows"]
+    affinity, blind, hop = _load(run("scale-out", replace(TINY, requests=120), tmp_path, cache, [30])[0])["rows"]
     for row in (affinity, blind):
         assert row["requests"] == 120 and 0 <= row["hit_rate"] <= 1
         assert row["registry_loads"] == sum(row["loads_per_replica"]) > 0
