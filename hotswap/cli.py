@@ -140,6 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_every=args.eval_every,
         device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     if args.alias and not args.push:
         raise InvalidArgument("--alias needs --push NAME")
@@ -635,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-every", type=_positive_int, default=50)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
+    sp.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower"
+    )
     sp.add_argument("--rank", type=_positive_int, help="lora/dora/dylora/plora: rank r (default 8)")
     sp.add_argument("--alpha", type=float, help="lora-family: alpha (default 16); proxy: offset strength (1)")
     sp.add_argument("--dropout", type=float, help="lora/dora: dropout (default 0)")

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 from hotswap.errors import InvalidArgument
 from hotswap.registry import HOTSWAP_CONFIG
@@ -168,6 +169,7 @@ class Method:
     attach: Any  # (model, options, AttachContext) -> Trainable
     lr: float  # default learning rate (AdamW, linear decay): trains the built-in tasks well
     resume: Any = None  # (model, parent artifact dir) -> Trainable: fine-tune a published version further
+    checkpointing: bool = True  # can train with gradient checkpointing (see enable_gradient_checkpointing)
 
 
 def _prefix(model: torch.nn.Module, o: VirtualTokenOptions) -> _Peft:
@@ -184,7 +186,8 @@ METHODS: dict[str, Method] = {
     "adalora": Method(AdaLoraOptions, lambda m, o, ctx: attach_adalora(m, o, ctx.steps), 5e-3),
     "dylora": Method(DyLoraOptions, lambda m, o, _: attach_dylora(m, o), 5e-3),
     "plora": Method(PLoraOptions, lambda m, o, _: attach_plora(m, o), 5e-3),
-    "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2, _resume_peft),
+    # prefix-tuning reaches the layers through the KV cache, which transformers drops in checkpointed layers
+    "prefix": Method(VirtualTokenOptions, lambda m, o, _: _prefix(m, o), 3e-2, _resume_peft, checkpointing=False),
     "prompt": Method(VirtualTokenOptions, lambda m, o, _: _prompt(m, o), 1e-1, _resume_peft),
     "bitfit": Method(BitFitOptions, lambda m, o, _: _bitfit(m, o), 5e-2, _resume_bitfit),
     "bottleneck": Method(BottleneckOptions, lambda m, o, _: attach_bottleneck(m, o), 1e-2),
@@ -194,6 +197,19 @@ METHODS: dict[str, Method] = {
     ),
     "proxy": Method(ProxyOptions, lambda m, o, _: attach_proxy(m, o), 3e-3),
 }
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient checkpointing on every checkpointable model inside ``model`` (the base under a
+    PEFT wrapper, proxy-tuning's expert): each decoder layer keeps only its input and recomputes the rest in
+    backward. Non-reentrant, so layers whose inputs need no gradient (frozen embeddings) still train."""
+    kwargs = {"use_reentrant": False}
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing:
+            if hasattr(m, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def method_options(method: str, options: dict[str, Any]) -> Any:

@@ -31,7 +31,7 @@ from hotswap.registry import Lineage, Manifest, Registry
 from hotswap.registry.fsutil import building_dir
 from hotswap.train.curve import Point, write_csv, write_png
 from hotswap.train.data import BUILTIN_PREFIX, Dataset, Example, TextCodec, load_data
-from hotswap.train.methods import METHODS, AttachContext, method_options
+from hotswap.train.methods import METHODS, AttachContext, enable_gradient_checkpointing, method_options
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class TrainConfig:
     eval_every: int = 50  # steps between evaluations (and at the end)
     data_size: int = 512  # examples drawn from a built-in task
     device: str = "cpu"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more time
 
     def __post_init__(self) -> None:
         method_options(self.method, self.options)  # unknown method / foreign options fail here
@@ -61,6 +62,11 @@ class TrainConfig:
             raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
         if self.lr is not None and not self.lr > 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
+        if self.gradient_checkpointing and not METHODS[self.method].checkpointing:
+            raise InvalidArgument(
+                f"{self.method} cannot train with gradient checkpointing (its virtual tokens reach the layers "
+                "through the KV cache, which checkpointed layers drop)"
+            )
 
 
 @dataclass
@@ -202,6 +208,8 @@ def train(
     else:
         trainable = METHODS[config.method].attach(model, options, AttachContext(steps, first_losses))
     model = trainable.model.to(config.device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())

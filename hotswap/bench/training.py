@@ -4,10 +4,12 @@ Each method runs in a fresh process (``python -m hotswap.bench.training``), so o
 state cannot inflate another's peak. A worker loads the base, attaches the method exactly as
 ``hotswap train`` does (or makes every weight trainable, for full fine-tuning; PLoRA offloads every
 2 steps so its offloads are measured; proxy-tuning fine-tunes the small model given, beside the
-loaded base and anti-expert), and times AdamW steps
-on a fixed random batch of the workload's shape (batch x (prompt + new_tokens) tokens, loss on every
-token). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak RSS above the RSS after
-imports (the model, gradients, optimizer state and activations, without the Python/torch runtime).
+loaded base and anti-expert), and times AdamW steps on a fixed random batch of the workload's shape
+(batch x (prompt + new_tokens) tokens, loss on every token). Each method runs twice: as is, and with
+gradient checkpointing (``hotswap train --gradient-checkpointing``; its ratios are against full
+fine-tuning checkpointed the same way). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
+the peak RSS above the RSS after imports (the model, gradients, optimizer state and activations,
+without the Python/torch runtime).
 """
 
 from __future__ import annotations
@@ -48,13 +50,13 @@ def _rss_bytes() -> int:
 
 
 def measure(
-    method: str, base: str, batch: int, length: int, steps: int, device: str, small_model: str
+    method: str, base: str, batch: int, length: int, steps: int, device: str, small_model: str, checkpointing: bool
 ) -> dict[str, Any]:
     """One method's figures (run inside the worker process)."""
     from hotswap.basemodel import load_model
     from hotswap.train.data import Example
     from hotswap.train.methods import METHODS as TRAIN_METHODS
-    from hotswap.train.methods import AttachContext, method_options
+    from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options
     from hotswap.train.trainer import token_losses
 
     baseline = _rss_bytes()
@@ -76,6 +78,8 @@ def measure(
         context = AttachContext(steps, losses)
         trainable = TRAIN_METHODS[method].attach(model, method_options(method, options), context)
         model = trainable.model.to(device)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -107,33 +111,39 @@ def measure(
 
 
 def train_bench(base: str, batch: int, length: int, steps: int, device: str, small_model: str) -> list[dict[str, Any]]:
-    """Every method in its own process; ratios against full fine-tuning from the same run.
-    ``small_model``: the checkpoint proxy-tuning fine-tunes (the base's vocabulary)."""
-    rows = []
-    for method in METHODS:
-        cmd = [
-            sys.executable,
-            "-m",
-            "hotswap.bench.training",
-            method,
-            base,
-            str(batch),
-            str(length),
-            str(steps),
-            device,
-            small_model,
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"train bench worker for {method} failed:\n{done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    full, lora = rows[0], rows[1]
+    """Every method in its own process, without and with gradient checkpointing; ratios against full
+    fine-tuning from the same run and mode. ``small_model``: the checkpoint proxy-tuning fine-tunes."""
+    from hotswap.train.methods import METHODS as TRAIN_METHODS
+
+    rows = [_run_worker(method, base, batch, length, steps, device, small_model, False) for method in METHODS]
+    checkpointed = {
+        method: _run_worker(method, base, batch, length, steps, device, small_model, True)
+        for method in METHODS
+        if method == FULL or TRAIN_METHODS[method].checkpointing
+    }
+    full, lora, full_ckpt = rows[0], rows[1], checkpointed[FULL]
     for row in rows:
         row["label"] = "full fine-tuning" if row["method"] == FULL else row["method"]
         row["vs_full_memory"] = row["peak_memory_mb"] / full["peak_memory_mb"]
         row["vs_full_step"] = row["step_s"] / full["step_s"]
         row["vs_lora_memory"] = row["peak_memory_mb"] / lora["peak_memory_mb"]
+        ckpt = checkpointed.get(row["method"])  # None: the method cannot train checkpointed (prefix)
+        row["ckpt_peak_memory_mb"] = ckpt and ckpt["peak_memory_mb"]
+        row["ckpt_vs_full_memory"] = ckpt and ckpt["peak_memory_mb"] / full_ckpt["peak_memory_mb"]
+        row["ckpt_vs_full_step"] = ckpt and ckpt["step_s"] / full_ckpt["step_s"]
     return rows
+
+
+def _run_worker(
+    method: str, base: str, batch: int, length: int, steps: int, device: str, small_model: str, checkpointing: bool
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "hotswap.bench.training", method, base, str(batch), str(length), str(steps), device,
+           small_model, str(int(checkpointing))]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        mode = " with gradient checkpointing" if checkpointing else ""
+        raise RuntimeError(f"train bench worker for {method}{mode} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _worker() -> None:
@@ -144,8 +154,10 @@ def _worker() -> None:
         p.add_argument(name, type=int)
     p.add_argument("device")
     p.add_argument("small_model")
+    p.add_argument("checkpointing", type=int, choices=(0, 1))
     a = p.parse_args()
-    print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device, a.small_model)))
+    print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device, a.small_model,
+                             bool(a.checkpointing))))  # fmt: skip
 
 
 if __name__ == "__main__":

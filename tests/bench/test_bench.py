@@ -101,7 +101,8 @@ def test_server(tmp_path: Path, cache: Path) -> None:
 
 @pytest.mark.slow
 def test_train(tmp_path: Path, cache: Path) -> None:
-    """Every method in its own process, ratios against full fine-tuning from the same run."""
+    """Every method in its own process, without and with gradient checkpointing, ratios against full
+    fine-tuning from the same run and mode (prefix-tuning cannot be checkpointed)."""
     rows = _load(run("train", TINY, tmp_path, cache, [0])[0])["rows"]
     assert [r["method"] for r in rows][:2] == ["full", "lora"] and len(rows) == 13
     full = rows[0]
@@ -109,6 +110,11 @@ def test_train(tmp_path: Path, cache: Path) -> None:
         assert r["peak_memory_mb"] > 0 and r["step_s"] > 0
         assert r["vs_full_memory"] == pytest.approx(r["peak_memory_mb"] / full["peak_memory_mb"])
         assert 0 < r["trainable_params"] <= full["trainable_params"]
+        if r["method"] == "prefix":
+            assert r["ckpt_peak_memory_mb"] is None and r["ckpt_vs_full_memory"] is None
+        else:
+            assert r["ckpt_peak_memory_mb"] > 0 and r["ckpt_vs_full_step"] > 0
+            assert r["ckpt_vs_full_memory"] == pytest.approx(r["ckpt_peak_memory_mb"] / full["ckpt_peak_memory_mb"])
 
 
 @pytest.mark.slow

@@ -157,6 +157,8 @@ def test_refusals_publish_nothing(tmp_path: Path, trainable_base: Path) -> None:
         run(TrainConfig(method="lora", steps=1), base=tmp_path)
     with pytest.raises(InvalidArgument, match="steps or epochs"):
         run(TrainConfig(method="lora", steps=3, epochs=1))
+    with pytest.raises(InvalidArgument, match="prefix cannot train with gradient checkpointing"):
+        run(TrainConfig(method="prefix", steps=1, gradient_checkpointing=True))
     assert not registry.exists() or Registry(registry).names() == []
 
 
@@ -177,6 +179,37 @@ def test_cli_train_and_push(tmp_path: Path, trainable_base: Path, capsys: pytest
         "hotswap: error: option(s) rank do not apply to bitfit (its options: target_modules)"
     )
     assert [m.version for m in Registry(reg).versions("acme/adder")] == [1]
+
+
+@pytest.mark.parametrize("method", ["lora", "dylora", "plora", "prompt", "bottleneck", "child-tuning", "proxy"])
+def test_gradient_checkpointing_trains_the_same(
+    method: str, trainable_base: Path, trainable_small: Path, tmp_path: Path
+) -> None:
+    """Checkpointed layers recompute their activations in backward: same losses, same artifact."""
+    options = {"small_model": str(trainable_small)} if method == "proxy" else {}
+    results = {}
+    for ckpt in (False, True):
+        config = TrainConfig(method=method, options=options, steps=4, eval_every=4, gradient_checkpointing=ckpt)
+        results[ckpt] = train(config, trainable_base, "builtin:mapping", tmp_path / str(ckpt), quiet=True)
+    layers = [m for m in results[True].model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and not any(getattr(m, "gradient_checkpointing", False) for m in results[False].model.modules())
+    plain, ckpt = results[False], results[True]
+    assert [p[1] for p in ckpt.curve] == pytest.approx([p[1] for p in plain.curve], rel=1e-4)
+    for path in sorted(plain.artifact.rglob("*.safetensors")):
+        want, got = load_file(path), load_file(ckpt.artifact / path.relative_to(plain.artifact))
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_gradient_checkpointing(tmp_path: Path, trainable_base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--base", str(trainable_base), "--data", "builtin:mapping", "--steps", "2", "--quiet",
+            "--gradient-checkpointing"]  # fmt: skip
+    assert main([*args, "--method", "bitfit", "--out", str(tmp_path / "a")]) == 0
+    assert "trained bitfit" in capsys.readouterr().out
+    assert main([*args, "--method", "prefix", "--out", str(tmp_path / "b")]) == 2
+    assert "prefix cannot train with gradient checkpointing" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "adapter").exists()
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
