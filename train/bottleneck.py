@@ -19,6 +19,7 @@ from torch import nn
 from hotswap.errors import InvalidArgument
 from hotswap.serve.ops.bottleneck import ACTIVATIONS
 from hotswap.train.synthetic import BOTTLENECK_TARGETS, write_bottleneck
+from hotswap.train.trainable import PlainSteps
 
 PLACEMENTS = ("serial", "parallel")
 
@@ -59,16 +60,10 @@ class BottleneckLinear(nn.Module):
 
 
 @dataclass
-class BottleneckTrainable:
+class BottleneckTrainable(PlainSteps):
     model: nn.Module
     options: BottleneckOptions
     modules: dict[str, BottleneckLinear]
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
-
-    def after_step(self, step: int) -> bool:
-        return False
 
     def export(self, out: Path) -> dict[str, float]:
         parts = {

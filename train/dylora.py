@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 from hotswap.errors import InvalidArgument
 from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.synthetic import DEFAULT_TARGETS
+from hotswap.train.trainable import PlainSteps
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class DyLoraOptions:
 
 
 @dataclass
-class DyLoraTrainable:
+class DyLoraTrainable(PlainSteps):
     model: PeftModel
     options: DyLoraOptions
     rank: int = 0  # b, the rank of the current training step
@@ -58,9 +59,6 @@ class DyLoraTrainable:
 
     def _layers(self) -> list[LoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
 
     def after_step(self, step: int) -> bool:
         """Sample the next step's rank b in [1, r] (torch's generator, seeded by the run)."""

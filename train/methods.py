@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig
@@ -33,6 +33,7 @@ from hotswap.train.plora import PLoraOptions, attach_plora
 from hotswap.train.proxy import ProxyOptions, attach_proxy
 from hotswap.train.sparse import ChildTuningOptions, SparseOptions, attach_sparse
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_bitfit
+from hotswap.train.trainable import PlainSteps
 
 
 @dataclass(frozen=True)
@@ -63,33 +64,9 @@ class BitFitOptions:
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
 
 
-class Trainable(Protocol):
-    """A model being trained by one method."""
-
-    model: torch.nn.Module
-
-    def penalty(self) -> torch.Tensor | None:
-        """A regulariser the method adds to the loss (e.g. AdaLoRA's orthogonality), or None."""
-        ...
-
-    def after_step(self, step: int) -> bool:
-        """Called after each optimizer step; True asks the trainer to restart the optimizer's state."""
-        ...
-
-    def export(self, out: Path) -> dict[str, float]:
-        """Write the artifact into ``out``; returns metrics of the export itself (may be empty)."""
-        ...
-
-
 @dataclass
-class _Peft:
+class _Peft(PlainSteps):
     model: PeftModel
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
-
-    def after_step(self, step: int) -> bool:
-        return False
 
     def export(self, out: Path) -> dict[str, float]:
         self.model.save_pretrained(out)
@@ -97,16 +74,10 @@ class _Peft:
 
 
 @dataclass
-class _BitFit:
+class _BitFit(PlainSteps):
     model: torch.nn.Module
     biases: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]  # module name -> (trainable bias, its start)
     target_modules: tuple[str, ...]
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
-
-    def after_step(self, step: int) -> bool:
-        return False
 
     def export(self, out: Path) -> dict[str, float]:
         deltas = {f"{name}.bias": (p.detach() - start).float().cpu() for name, (p, start) in self.biases.items()}

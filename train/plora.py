@@ -26,6 +26,7 @@ from hotswap.errors import InvalidArgument
 from hotswap.train.export import write_lora_factors
 from hotswap.train.peft_common import attach, lora_config
 from hotswap.train.synthetic import DEFAULT_TARGETS
+from hotswap.train.trainable import PlainSteps
 
 EXPORTS = ("stacked", "svd")
 
@@ -69,7 +70,7 @@ def offload(layer: LoraLayer, adapter: str, momentum: float) -> tuple[torch.Tens
 
 
 @dataclass
-class PLoraTrainable:
+class PLoraTrainable(PlainSteps):
     model: PeftModel
     options: PLoraOptions
     offloaded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
@@ -82,9 +83,6 @@ class PLoraTrainable:
             for n, m in self.model.named_modules()
             if isinstance(m, LoraLayer) and "default" in m.lora_A
         }
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
 
     def after_step(self, step: int) -> bool:
         """Offload every ``period`` steps; True means the optimizer's state must restart."""

@@ -25,6 +25,7 @@ from hotswap.basemodel import load_model
 from hotswap.errors import HotswapError, InvalidArgument
 from hotswap.serve.ops.proxy_ref import ProxyTuned
 from hotswap.train.synthetic import write_proxy
+from hotswap.train.trainable import PlainSteps
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,8 @@ class ProxyTraining(ProxyTuned):
 
 
 @dataclass
-class ProxyTrainable:
+class ProxyTrainable(PlainSteps):
     model: ProxyTraining
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
-
-    def after_step(self, step: int) -> bool:
-        return False
 
     def export(self, out: Path) -> dict[str, float]:
         write_proxy(out, self.model.expert, self.model.anti_expert, self.model.alpha)

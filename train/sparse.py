@@ -27,6 +27,7 @@ import torch
 
 from hotswap.errors import InvalidArgument
 from hotswap.train.synthetic import DEFAULT_TARGETS, write_sparse
+from hotswap.train.trainable import PlainSteps
 
 VARIANTS = ("d", "f")
 
@@ -88,19 +89,13 @@ def top_mask(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch
 
 
 @dataclass
-class SparseTrainable:
+class SparseTrainable(PlainSteps):
     model: torch.nn.Module
     method: str
     options: SparseOptions
     weights: dict[str, torch.nn.Parameter]  # module name -> its trainable weight
     start: dict[str, torch.Tensor]  # the weights before training
     masks: dict[str, torch.Tensor] | None  # fixed masks (fishmask, child-tuning d); None for variant f
-
-    def penalty(self) -> torch.Tensor | None:
-        return None
-
-    def after_step(self, step: int) -> bool:
-        return False
 
     def export(self, out: Path) -> dict[str, float]:
         deltas = {}
