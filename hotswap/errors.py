@@ -25,6 +25,17 @@ class InvalidArtifact(InvalidArgument):
     """An adapter directory is not a publishable artifact (missing files, pickle weights, bad JSON...)."""
 
 
+class ArtifactRejected(InvalidArtifact):
+    """An artifact does not fit the base it is published for or served on (a tensor the engine cannot place,
+    a wrong shape, rank or dtype, a missing or extra tensor, non-finite values). Refused at publish when the
+    base is given, and at load (FAILED_PRECONDITION: the stored adapter, not the request, is at fault)."""
+
+
+class AdapterFault(HotswapError):
+    """An adapter failed while serving one request (its logits became NaN/inf, or its part of the forward
+    failed): that request ends with this error; every other row of the batch goes on."""
+
+
 class AdapterNotFound(HotswapError):
     """No adapter, version or alias by that name exists in the registry."""
 
@@ -93,6 +104,8 @@ class ErrorMapping:
 # error_from_status() takes the first row with a status, so each status's most general class comes first.
 ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
     InvalidArgument: ErrorMapping("INVALID_ARGUMENT", 2),
+    ArtifactRejected: ErrorMapping("FAILED_PRECONDITION", 16),
+    AdapterFault: ErrorMapping("FAILED_PRECONDITION", 17),
     AdapterNotFound: ErrorMapping("NOT_FOUND", 3),
     VersionExists: ErrorMapping("ALREADY_EXISTS", 4),
     IntegrityError: ErrorMapping("FAILED_PRECONDITION", 5),
@@ -108,6 +121,27 @@ ERROR_TABLE: dict[type[HotswapError], ErrorMapping] = {
     Cancelled: ErrorMapping("CANCELLED", 14),
     HotswapError: ErrorMapping("INTERNAL", 1),
 }
+
+
+# Longest error message sent to a client (gRPC status details travel in metadata, which servers cap at 8 KiB)
+# and longest piece of caller input quoted in one.
+MAX_MESSAGE_CHARS = 1024
+MAX_QUOTE_CHARS = 80
+
+
+def quote(value: object, limit: int = MAX_QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how long it was: for echoing caller input in errors."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} chars" if isinstance(value, str) else f"{len(text)} chars as text"
+    return f"{text[: limit - 1]}… ({size})"
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message bounded to ``limit`` characters, on one line."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # gRPC trailing-metadata key under which the server names the error class, so clients re-raise that class.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hotswap.errors import InvalidAdapterRef
+from hotswap.errors import InvalidAdapterRef, quote
 
 MAX_PART_LEN = 64
 LATEST = "latest"
@@ -25,7 +25,7 @@ def check_part(value: str, what: str) -> str:
     """Return ``value`` if it is a valid name/tenant/alias part, else raise :class:`InvalidAdapterRef`."""
     if not isinstance(value, str) or not _PART_RE.fullmatch(value) or len(value) > MAX_PART_LEN:
         raise InvalidAdapterRef(
-            f"invalid {what} {value!r}: use 1-{MAX_PART_LEN} lowercase letters, digits, '.', '_' or '-', "
+            f"invalid {what} {quote(value)}: use 1-{MAX_PART_LEN} lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return value
@@ -37,7 +37,7 @@ def check_alias(alias: str) -> str:
     if alias == LATEST:
         raise InvalidAdapterRef("alias 'latest' is reserved: it always resolves to the newest version")
     if alias.isdigit():
-        raise InvalidAdapterRef(f"alias {alias!r} is all digits and would read as a version; pick a word")
+        raise InvalidAdapterRef(f"alias {quote(alias)} is all digits and would read as a version; pick a word")
     return alias
 
 
@@ -57,7 +57,7 @@ class AdapterRef:
         if self.version is not None and self.alias is not None:
             raise InvalidAdapterRef("a reference names either a version (@N) or an alias (:name), not both")
         if self.version is not None and (isinstance(self.version, bool) or self.version < 1):
-            raise InvalidAdapterRef(f"version must be a positive integer, got {self.version!r}")
+            raise InvalidAdapterRef(f"version must be a positive integer, got {quote(self.version)}")
         if self.alias is not None:
             check_part(self.alias, "alias")
 
@@ -69,7 +69,7 @@ class AdapterRef:
         m = _REF_RE.fullmatch(text)
         if m is None:
             raise InvalidAdapterRef(
-                f"invalid adapter reference {text!r}: expected [tenant/]name[@version|:alias], "
+                f"invalid adapter reference {quote(text)}: expected [tenant/]name[@version|:alias], "
                 "e.g. 'math', 'acme/math@3' or 'math:prod'"
             )
         version = m.group("version")

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, load_model
-from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
+from hotswap.errors import AdapterFault, CapacityExceeded, EngineClosed, HotswapError, InvalidArgument, clip_message
 from hotswap.registry import Registry
-from hotswap.serve.adapters import BaseInfo
+from hotswap.serve.adapters import BaseInfo, decoder_linears
 from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
 from hotswap.serve.proxy import ProxyBank, ProxyRow
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONTEXT_METHODS = ("prefix", "prompt")  # change the row's context, so at most one per request, weight 1
+UNHEALTHY_AFTER = 3  # steps failing in a row (for no request's fault) before the engine reports unhealthy
+MAX_BACKOFF_S = 2.0  # longest pause after a failed step
 
 
 @dataclass(frozen=True)
@@ -151,17 +153,9 @@ class Engine:
         cfg = self.model.config
         self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))
         self.plan = BatchPlan()
+        base_info = BaseInfo.of(self.model)
         self.layers = self._wrap_linears()
         self.runner = Runner(self.model, self.config.max_batch, self.config.max_seq_len)
-        base_info = BaseInfo(
-            linears={name: layer.base for name, layer in self.layers.items()},
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=self.runner.num_kv_heads,
-            head_dim=self.runner.head_dim,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            dtype=self.model.dtype,
-        )
         self.proxies = ProxyBank(self.config.max_batch, self.config.max_seq_len, self.runner.device)
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
@@ -181,6 +175,9 @@ class Engine:
         self._rows: list[_Job | None] = [None] * self.config.max_batch
         self._wants: dict[str, list[Future[int]]] = {}
         self._closed = False
+        self.healthy = True  # False after UNHEALTHY_AFTER steps in a row failed for no request's fault
+        self._failed_steps = 0
+        self._step_failed = False
         on_cpu = torch.device(self.config.device).type == "cpu"
         self._prefill_threads = (self.config.prefill_threads or torch.get_num_threads()) if on_cpu else 1
         self._decode_threads = (self.config.decode_threads or torch.get_num_threads()) if on_cpu else 1
@@ -190,14 +187,10 @@ class Engine:
     def _wrap_linears(self) -> dict[str, MultiAdapterLinear]:
         """Wrap every linear of the decoder blocks once; the base layers inside stay frozen and unmerged."""
         wrapped = {}
-        for name, module in list(self.model.named_modules()):
-            if ".layers." not in name:
-                continue
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    layer = MultiAdapterLinear(child, self.plan, self.config.max_resident)
-                    setattr(module, child_name, layer)
-                    wrapped[f"{name}.{child_name}"] = layer
+        for name, linear in decoder_linears(self.model).items():
+            parent, _, child = name.rpartition(".")
+            wrapped[name] = MultiAdapterLinear(linear, self.plan, self.config.max_resident)
+            setattr(self.model.get_submodule(parent), child, wrapped[name])
         return wrapped
 
     # -- public API --------------------------------------------------------------------------------
@@ -317,12 +310,15 @@ class Engine:
                 free = [r for r, j in enumerate(self._rows) if j is None]
                 if len(free) < len(jobs):
                     raise CapacityExceeded("forward_logits needs free rows; the engine is busy")
-                for job, row in zip(jobs, free, strict=False):
-                    if not self._bind(job, row):
-                        for bound in jobs:
-                            if bound.row >= 0:
-                                self._unbind(bound)
-                        raise CapacityExceeded(f"adapters of a request were evicted before use: {job.adapters}")
+                try:
+                    for job, row in zip(jobs, free, strict=False):
+                        if not self._bind(job, row):
+                            raise CapacityExceeded(f"adapters of a request were evicted before use: {job.adapters}")
+                except HotswapError:
+                    for bound in jobs:
+                        if bound.row >= 0:
+                            self._unbind(bound)
+                    raise
             try:
                 with torch.inference_mode():
                     return self._prefill(jobs, all_positions=True)
@@ -363,15 +359,40 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     return
+            self._step_failed = False
             try:
                 busy = self._step()
-            except Exception as e:  # a bug: fail what is running, keep serving the rest
+            except Exception as e:  # a bug outside the forward: fail what is running, keep serving the rest
                 log.exception("engine step failed")
-                self._fail_running(HotswapError(f"engine step failed: {type(e).__name__}: {e}"))
-                busy = False
+                self._fail_running(HotswapError(f"engine step failed: {type(e).__name__}: {clip_message(str(e))}"))
+                self._step_failed, busy = True, False
+            self._health_after_step()
             if not busy:
                 with self._cv:
                     self._cv.wait(timeout=0.01)  # waiting for adapters to load
+
+    def _health_after_step(self) -> None:
+        """Count steps that failed for no request's fault; back off so a persistent fault never spins the loop,
+        and report unhealthy after ``UNHEALTHY_AFTER`` in a row (healthy again after the next good step)."""
+        if not self._step_failed:
+            if self._failed_steps:
+                log.info("engine steps succeed again after %d failed", self._failed_steps)
+                self._failed_steps = 0
+                self._set_healthy(True)
+            return
+        self._failed_steps += 1
+        if self._failed_steps >= UNHEALTHY_AFTER:
+            self._set_healthy(False)
+        backoff = min(MAX_BACKOFF_S, 0.05 * 2 ** (self._failed_steps - 1))
+        with self._cv:
+            self._cv.wait_for(lambda: self._closed, timeout=backoff)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            log.log(logging.INFO if healthy else logging.ERROR, "engine %s", "healthy" if healthy else
+                    f"unhealthy: {self._failed_steps} steps in a row failed")  # fmt: skip
+            self.observer.health(healthy)
 
     def _step(self) -> bool:
         """One scheduler iteration: install, admit, prefill newcomers, decode everyone. False if idle."""
@@ -382,7 +403,7 @@ class Engine:
             running = [j for j in self._rows if j is not None and j not in admitted]
             if admitted:
                 torch.set_num_threads(self._prefill_threads)
-                self._emit_all(admitted, self._prefill(admitted))
+                self._emit_all(*self._isolated(admitted, self._prefill))
             if running or admitted:
                 torch.set_num_threads(self._decode_threads)
                 self._decode()
@@ -390,13 +411,15 @@ class Engine:
 
     def _service_wants(self) -> None:
         for ref in list(self._wants):
-            error = self.pool.failed.get(ref)
-            slot = None if error else self.pool.install(ref)
+            error, slot = self.pool.take_failure(ref), None
+            if error is None:
+                try:
+                    slot = self.pool.install(ref)
+                except HotswapError as e:
+                    error = e
             if error is not None or slot is not None:
                 for fut in self._wants.pop(ref):
                     fut.set_exception(error) if error else fut.set_result(slot)  # type: ignore[func-returns-value]
-                if error is not None:
-                    self.pool.take_failure(ref)
 
     def _admit(self) -> list[_Job]:
         admitted: list[_Job] = []
@@ -415,7 +438,7 @@ class Engine:
                 break
             try:
                 bound = self._bind(job, free)
-            except InvalidArgument as e:
+            except HotswapError as e:  # this request's own problem (its length, its adapter's install)
                 self._waiting.remove(job)
                 job.handle._finish(None, e)
                 continue
@@ -512,38 +535,107 @@ class Engine:
         if not active:
             return
         self.observer.step(len(active))
-        n = max(j.row for j in active) + 1  # rows [0, n) decode together; idle rows inside are masked padding
+        jobs, logits = self._isolated(active, self._decode_logits)
+        for job in jobs:
+            job.position += 1
+        self._emit_all(jobs, logits)
+
+    def _decode_logits(self, jobs: list[_Job]) -> list[torch.Tensor]:
+        """Next-token logits (V,) per job after feeding its last token; writes its cache at ``job.position``."""
+        full = len(jobs) == len(self._active_rows())
+        n = max(j.row for j in jobs) + 1 if full else len(jobs)  # a full batch decodes rows [0, n) in place
         tokens = torch.zeros(n, 1, dtype=torch.long)
         positions = torch.zeros(n, 1, dtype=torch.long)
+        rows = torch.arange(n) if full else torch.tensor([j.row for j in jobs])  # (n,)
         plan_rows: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         plan_ranks = [0] * n
-        for job in active:
-            tokens[job.row, 0] = job.generated[-1]
-            positions[job.row, 0] = job.position
-            plan_rows[job.row] = job.slots
-            plan_ranks[job.row] = job.req.rank or 0
+        for i, job in enumerate(jobs):
+            b = job.row if full else i  # idle rows inside [0, n) are masked padding
+            tokens[b, 0], positions[b, 0] = job.generated[-1], job.position
+            plan_rows[b], plan_ranks[b] = job.slots, job.req.rank or 0
         device = self.runner.device
         self.plan.set(plan_rows, device, plan_ranks)
-        hidden = self.runner.forward(
-            torch.arange(n, device=device), self.runner.embed(tokens.to(device)), positions.to(device), True
-        )
+        embeds = self.runner.embed(tokens.to(device))  # (n, 1, hidden)
+        hidden = self.runner.forward(rows.to(device), embeds, positions.to(device), full)  # (n, 1, hidden)
         logits = self.runner.logits(hidden[:, 0])  # (n, V)
-        for job in active:
-            job.position += 1
-        chosen = [logits[j.row] for j in active]
+        chosen = [logits[j.row if full else i] for i, j in enumerate(jobs)]
         if self.proxies:  # the small models see text only: the fed token's index in prompt + generated
-            rows = [
-                ProxyRow(j.row, j.slots, j.generated[-1:], len(j.prompt_ids) + len(j.generated) - 1) for j in active
-            ]
-            chosen = [x if o is None else x + o for x, o in zip(chosen, self.proxies.offsets(rows, True), strict=True)]
-        self._emit_all(active, chosen)
+            rows_ = [ProxyRow(j.row, j.slots, j.generated[-1:], len(j.prompt_ids) + len(j.generated) - 1) for j in jobs]
+            chosen = [x if o is None else x + o for x, o in zip(chosen, self.proxies.offsets(rows_, True), strict=True)]
+        return chosen
+
+    def _active_rows(self) -> list[_Job]:
+        return [j for j in self._rows if j is not None]
+
+    # -- fault isolation -------------------------------------------------------------------------------
+    def _isolated(
+        self, jobs: list[_Job], run: Callable[[list[_Job]], list[torch.Tensor]]
+    ) -> tuple[list[_Job], list[torch.Tensor]]:
+        """``run(jobs)`` (one batched forward: logits per job); if it raises, find whose fault it is.
+
+        Each job is run alone (a forward writes only its rows' cache at positions it rewrites, so running
+        again is safe). A job that fails alone but runs without its adapters fails with AdapterFault; the
+        others keep their logits. A job that fails even without adapters is no request's fault: it fails
+        with an internal error, and if no job of the batch could run, the step counts as failed (back-off,
+        health). Returns the jobs that ran and their logits."""
+        try:
+            return jobs, run(jobs)
+        except Exception as e:
+            if not jobs:
+                raise
+            log.warning("a batched forward of %d rows failed (%s: %s); running them one by one",
+                        len(jobs), type(e).__name__, clip_message(str(e), 200))  # fmt: skip
+        ok: list[_Job] = []
+        logits: list[torch.Tensor] = []
+        engine_fault: Exception | None = None
+        for job in jobs:
+            try:
+                logits.append(run([job])[0])
+                ok.append(job)
+                continue
+            except Exception as e:
+                error = e
+            cause = f"{type(error).__name__}: {clip_message(str(error), 200)}"
+            if job.adapters and self._runs_without_adapters(job, run):
+                refs = ", ".join(ref for ref, _ in job.adapters)
+                log.warning("request with %s failed alone, and runs without its adapters: %s", refs, cause)
+                self._fail(job, AdapterFault(f"adapter {refs} failed in the forward ({cause}); other requests are "
+                                             "unaffected"))  # fmt: skip
+            else:
+                if engine_fault is None:
+                    engine_fault = error
+                    log.error("engine forward failed", exc_info=error)
+                self._fail(job, HotswapError(f"engine step failed: {cause}"))
+        if engine_fault is not None and not ok:
+            self._step_failed = True
+        return ok, logits
+
+    def _runs_without_adapters(self, job: _Job, run: Callable[[list[_Job]], list[torch.Tensor]]) -> bool:
+        try:
+            run([replace(job, adapters=[], slots=[])])
+        except Exception:
+            return False
+        return True
 
     def _emit_all(self, jobs: list[_Job], logits: list[torch.Tensor]) -> None:
+        if not jobs:
+            return
         chosen = choose_tokens(torch.stack(logits), [j.sampler for j in jobs])
         now = time.perf_counter()
         with self._cv:
             for job, token in zip(jobs, chosen, strict=True):
-                self._emit(job, token, now)
+                if token is None:
+                    self._fail(job, self._non_finite(job))
+                else:
+                    self._emit(job, token, now)
+
+    def _non_finite(self, job: _Job) -> HotswapError:
+        where = f"at generated token {len(job.generated)}"
+        if not job.adapters:
+            return HotswapError(f"the base model's logits became NaN or infinite {where}")
+        used = ", ".join(f"{ref} (weight {w:g})" for ref, w in job.adapters)
+        return AdapterFault(f"logits became NaN or infinite {where} with adapter {used}: numerically unstable "
+                            "at this weight; other requests are unaffected")  # fmt: skip
 
     def _emit(self, job: _Job, token: int, now: float) -> None:
         t = now - job.submitted
@@ -586,8 +678,14 @@ class Engine:
     def _fail_running(self, error: HotswapError) -> None:
         with self._cv:
             for job in [j for j in self._rows if j is not None]:
+                self._fail(job, error)
+
+    def _fail(self, job: _Job, error: HotswapError) -> None:
+        """End one request with ``error``, freeing its row and slots."""
+        with self._cv:
+            if job.row >= 0 and self._rows[job.row] is job:
                 self._unbind(job)
-                job.handle._finish(None, error)
+            job.handle._finish(None, error)
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -55,6 +55,11 @@ class Metrics(EngineObserver):
         self.resident = self._gauge("hotswap_resident_adapters", "Adapters resident in slots.")
         self.queued = self._gauge("hotswap_queued_requests", "Requests waiting to join the batch.")
         self.running = self._gauge("hotswap_running_requests", "Requests in the running batch.")
+        self.engine_healthy = self._gauge(
+            "hotswap_engine_healthy", "1 while engine steps succeed; 0 after several in a row failed (not serving)."
+        )
+        self.engine_healthy.set(1)
+        self.health_listeners: list[Callable[[bool], None]] = []  # the server turns its health check with it
 
     # The series' backend: prometheus_client here; hotswap.serve.scaleout exports the same through Ray.
     def _counter(self, name: str, doc: str, labels: list[str]) -> Any:
@@ -116,3 +121,8 @@ class Metrics(EngineObserver):
 
     def step(self, batch_size: int) -> None:
         self.batch_size.observe(batch_size)
+
+    def health(self, healthy: bool) -> None:
+        self.engine_healthy.set(int(healthy))
+        for listener in self.health_listeners:
+            listener(healthy)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from hotswap.errors import CapacityExceeded, HotswapError
+from hotswap.errors import ArtifactRejected, CapacityExceeded, HotswapError
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, LoadedAdapter, load_adapter
 from hotswap.serve.layers import MultiAdapterLinear
@@ -95,7 +95,7 @@ class AdapterPool:
         start = time.perf_counter()
         try:
             manifest, path = self.registry.fetch(ref, base_fingerprint=self.base_fingerprint)
-            loaded = load_adapter(path, manifest, self.base)
+            loaded = load_adapter(path, manifest.ref, manifest.method, self.base)
             rank = max((d.rank for d in loaded.linear.values()), default=0)
             if rank > self.max_rank:
                 raise CapacityExceeded(f"{ref} has LoRA rank {rank}; this engine serves ranks up to {self.max_rank}")
@@ -106,11 +106,11 @@ class AdapterPool:
                 self.failed[ref] = e
                 self.lock.notify_all()
             return
-        except Exception as e:  # a bug or an unreadable file: report it on the requests, keep serving
+        except Exception as e:  # e.g. an unreadable file: report it on the requests, keep serving
             log.exception("loading %s failed", ref)
             with self.lock:
                 self.loading.discard(ref)
-                self.failed[ref] = HotswapError(f"{ref}: could not be loaded ({type(e).__name__}: {e})")
+                self.failed[ref] = ArtifactRejected(f"{ref}: could not be loaded ({type(e).__name__}: {e})")
                 self.lock.notify_all()
             return
         elapsed = time.perf_counter() - start
@@ -139,7 +139,8 @@ class AdapterPool:
 
     # -- residency (engine thread) ---------------------------------------------------------------
     def install(self, ref: str) -> int | None:
-        """The slot holding ``ref``, installing it from host RAM if needed; None if not ready or no slot free."""
+        """The slot holding ``ref``, installing it from host RAM if needed; None if not ready or no slot free.
+        Raises ArtifactRejected (slot left empty) if installing fails."""
         if ref in self.draining:
             return None
         slot = self.slot_of.get(ref)
@@ -154,9 +155,15 @@ class AdapterPool:
         if slot is None:
             return None
         start = time.perf_counter()
-        for name, layer in self.layers.items():
-            layer.set_slot(slot, loaded.linear.get(name))
-        self.proxies.set_slot(slot, loaded.proxy)
+        try:
+            for name, layer in self.layers.items():
+                layer.set_slot(slot, loaded.linear.get(name))
+            self.proxies.set_slot(slot, loaded.proxy)
+        except Exception as e:  # the loader checked it against the base, so this is a bug: keep it to ref
+            log.exception("installing %s failed", ref)
+            self._clear(slot)
+            self.host.pop(ref, None)
+            raise ArtifactRejected(f"{ref}: could not be installed ({type(e).__name__}: {e})") from e
         self.slot_of[ref], self.ref_at[slot], self.resident[slot] = slot, ref, loaded
         self.lru[ref] = None
         self.host.move_to_end(ref)
@@ -176,11 +183,14 @@ class AdapterPool:
                 return slot
         return None
 
-    def _evict(self, ref: str) -> None:
-        slot = self.slot_of.pop(ref)
+    def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.set_slot(slot, None)
         self.proxies.set_slot(slot, None)
+
+    def _evict(self, ref: str) -> None:
+        slot = self.slot_of.pop(ref)
+        self._clear(slot)
         self.ref_at[slot] = None
         del self.resident[slot]
         self.lru.pop(ref, None)

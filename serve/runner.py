@@ -20,6 +20,11 @@ from hotswap.errors import InvalidBaseModel
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+def head_dim(config: object) -> int:
+    """Size of one attention head: the config's ``head_dim`` where it has one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
+
+
 class Runner:
     """Batched forward with a static per-row KV cache: (layers, max_batch, kv_heads, max_seq_len, head_dim)."""
 
@@ -33,7 +38,7 @@ class Runner:
         self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
         self.lm_head = model.lm_head
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         w = self.embed.weight
         shape = (len(self.layers), max_batch, self.num_kv_heads, max_seq_len, self.head_dim)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -26,12 +27,13 @@ from typing import Any
 import ray
 from grpc_health.v1 import health_pb2
 from ray import serve
+from ray._private import ray_constants
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.util import metrics as ray_metrics
 
 from hotswap.client import MODEL_ID_KEY
-from hotswap.errors import HotswapError, InvalidArgument, PermissionDenied, mapping_for
+from hotswap.errors import HotswapError, InvalidArgument, PermissionDenied, clip_message, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
 from hotswap.serve.engine import Engine, EngineConfig
@@ -92,7 +94,7 @@ def _status(context: RayServegRPCContext) -> Iterator[None]:
     except HotswapError as e:
         code, trailing = status_of(e)
         context.set_code(code)
-        context.set_details(f"{trailing[0][1]}: {e}")
+        context.set_details(f"{trailing[0][1]}: {clip_message(str(e))}")
         raise  # Ray's proxy answers with the status set above
 
 
@@ -184,9 +186,12 @@ class Replica:
         return _Resident(self.engine, exact)
 
     def check_health(self) -> None:
-        """Ray's periodic health check: a replica whose engine loop died is restarted."""
+        """Ray's periodic health check: a replica whose engine loop died, or whose steps keep failing for no
+        request's fault, is restarted."""
         if not self.engine.alive:
             raise RuntimeError("the engine loop has stopped")
+        if not self.engine.healthy:
+            raise RuntimeError("the engine's steps keep failing")
 
     def __del__(self) -> None:
         self.engine.close()
@@ -290,7 +295,7 @@ class Replica:
         status = health_pb2.HealthCheckResponse
         if request.service not in ("", *SERVICES):
             return status(status=status.SERVICE_UNKNOWN)
-        return status(status=status.SERVING)
+        return status(status=status.SERVING if self.engine.healthy else status.NOT_SERVING)
 
     def _principal(self, context: RayServegRPCContext) -> Principal:
         if self.auth is None:
@@ -338,10 +343,25 @@ def build_app(args: dict[str, Any]) -> Any:
     return deployment(config, options).bind(config, options.route_by_adapter)
 
 
+def init_local_ray(**kwargs: Any) -> None:
+    """Start a Ray of our own whose node address is loopback, so its internal traffic (GCS, raylet, object
+    transfers, the proxies' node address) never uses the machine's external interface.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray resolves a loopback address to the
+    machine's routable one unless clusters are disabled, which its own environment switch does (read at
+    import by the processes Ray starts, and at call time by this one)."""
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(_node_ip_address="127.0.0.1", **kwargs)
+
+
 def start(config: ServerConfig, options: RayOptions) -> None:
     """Connect to (or start) Ray, start Serve's proxies (gRPC on ``options.grpc_port``) and deploy."""
     if not ray.is_initialized():
-        ray.init(address=options.address, logging_level=logging.WARNING)
+        if options.address is None:
+            init_local_ray(logging_level=logging.WARNING)
+        else:
+            ray.init(address=options.address, logging_level=logging.WARNING)
     serve.start(
         http_options={"host": config.host, "port": options.http_port},
         grpc_options=gRPCOptions(port=options.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),

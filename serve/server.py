@@ -34,6 +34,7 @@ from hotswap.errors import (
     InvalidArgument,
     PermissionDenied,
     ServerUnavailable,
+    clip_message,
     mapping_for,
 )
 from hotswap.registry import AdapterRef, Registry
@@ -87,7 +88,7 @@ def status_of(err: HotswapError) -> tuple[grpc.StatusCode, tuple[tuple[str, str]
 def _abort(context: grpc.ServicerContext, err: HotswapError) -> NoReturn:
     code, trailing = status_of(err)
     context.set_trailing_metadata(trailing)
-    context.abort(code, str(err))
+    context.abort(code, clip_message(str(err)))  # bounded: details travel in metadata
     raise AssertionError("unreachable")  # context.abort raises
 
 
@@ -180,6 +181,7 @@ class Server:
     def load(self) -> Server:
         """Load the base model into the engine and start SERVING."""
         t0 = time.perf_counter()
+        self.metrics.health_listeners.append(self._engine_health)
         engine = Engine(self.config.base, self.registry, self.config.engine, observer=self.metrics)
         self.metrics.watch(
             resident=lambda: len(engine.resident()),
@@ -234,6 +236,14 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _engine_health(self, healthy: bool) -> None:
+        """The engine's steps keep failing (NOT_SERVING, so balancers move traffic) or work again."""
+        with self._lock:
+            if self._state != "serving":
+                return
+        status = health_pb2.HealthCheckResponse
+        self._set_health(status.SERVING if healthy else status.NOT_SERVING)
 
     def _set_health(self, status: int) -> None:
         for service in ("", *SERVICES):

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from hotswap.errors import InvalidArgument
+import torch
+
+from hotswap.errors import InvalidArgument, quote
 from hotswap.registry import AdapterRef
 
 AdapterSpec = str | tuple[str, float]
+
+MAX_SEED = 2**64 - 1  # a torch.Generator seed (the API's uint64)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax: dividing by them overflows the logits
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(field: str, value: object, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):  # type: ignore[operator]
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidArgument(f"{field} must be an integer {bound}, got {quote(value)}")
+
+
+def _check_number(field: str, value: object, low: float, high: float | None = None) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (high is not None and value > high):  # type: ignore[operator]
+        bound = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+        raise InvalidArgument(f"{field} must be a finite number {bound}, got {quote(value)}")
 
 
 @dataclass(frozen=True)
@@ -22,7 +49,7 @@ class Request:
     prompt_ids: list[int] | None = None
     adapters: list[AdapterSpec] = field(default_factory=list)
     max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy (and so is anything below GREEDY_BELOW, its limit)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # sampling seed; same seed + same input -> same output, whatever the batch
@@ -32,28 +59,44 @@ class Request:
     rank: int | None = None  # DyLoRA: serve the adapters truncated to this rank
 
     def __post_init__(self) -> None:
+        """Check every field before the request can reach a batch; each refusal names its field."""
         if (self.prompt is None) == (self.prompt_ids is None):
             raise InvalidArgument("give exactly one of prompt (text) and prompt_ids")
         if self.prompt_ids is not None and (
-            not self.prompt_ids or not all(isinstance(t, int) and t >= 0 for t in self.prompt_ids)
+            not self.prompt_ids or not all(_is_int(t) and t >= 0 for t in self.prompt_ids)
         ):
             raise InvalidArgument("prompt_ids must be a non-empty list of non-negative token ids")
-        if self.prompt is not None and not self.prompt:
-            raise InvalidArgument("prompt must not be empty")
-        if self.max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.rank is not None and self.rank < 1:
-            raise InvalidArgument(f"rank must be >= 1, got {self.rank}")
-        for ref, weight in self.weighted_adapters():
+        if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt):
+            raise InvalidArgument("prompt must be a non-empty string")
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_number("temperature", self.temperature, 0.0)
+        _check_int("top_k", self.top_k, 0)
+        _check_number("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0:
+            raise InvalidArgument("top_p must be in (0, 1], got 0")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.rank is not None:
+            _check_int("rank", self.rank, 1)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS:
+                raise InvalidArgument(f"stop: each stop string must have 1-{MAX_STOP_CHARS} characters, got {quote(s)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}, got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0)
+        if not isinstance(self.adapters, list | tuple):
+            raise InvalidArgument("adapters must be a list of refs or (ref, weight) pairs")
+        for spec in self.adapters:
+            if not isinstance(spec, str) and not (isinstance(spec, tuple | list) and len(spec) == 2):
+                raise InvalidArgument(f"adapters: each entry is a ref or a (ref, weight) pair, got {quote(spec)}")
+            ref = spec if isinstance(spec, str) else spec[0]
             AdapterRef.parse(ref)
-            if weight != weight or weight in (float("inf"), float("-inf")):
-                raise InvalidArgument(f"adapter weight for {ref} must be finite, got {weight}")
+            if not isinstance(spec, str):
+                # weights reach the batch as float32: anything larger would overflow there
+                _check_number(f"adapter weight for {ref}", spec[1], -FLOAT32_MAX, FLOAT32_MAX)
 
     def weighted_adapters(self) -> list[tuple[str, float]]:
         return [(a, 1.0) if isinstance(a, str) else (a[0], float(a[1])) for a in self.adapters]
@@ -93,3 +136,6 @@ class EngineObserver:
 
     def step(self, batch_size: int) -> None:
         """One decode step ran over ``batch_size`` rows."""
+
+    def health(self, healthy: bool) -> None:
+        """The engine turned unhealthy (steps keep failing for no request's fault) or healthy again."""

@@ -385,7 +385,7 @@ def scale_out(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
                           device=w.device)  # fmt: skip
     config = ServerConfig(base=fx.base, registry=str(fx.registry.url), no_auth=True, engine=engine)
     grpc_port = _free_port()
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR")
+    scaleout.init_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR")
     rows = []
     try:
         base = scaleout.RayOptions(replicas=SCALE_OUT_REPLICAS, grpc_port=grpc_port, http_port=_free_port(),

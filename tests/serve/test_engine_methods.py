@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 from hotswap.basemodel import build_model, fingerprint, load_model
-from hotswap.errors import UnsupportedAdapter
+from hotswap.errors import ArtifactRejected, UnsupportedAdapter
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.serve.ops.proxy_ref import ProxyTuned
@@ -200,6 +200,6 @@ def test_proxy_with_a_foreign_vocabulary_is_refused(tiny_base: Path, tmp_path: P
     reg = Registry(tmp_path / "registry")
     reg.publish(out, "foreign", base_fingerprint=fingerprint(tiny_base))
     with Engine(tiny_base, reg, max_batch=2, max_resident=2) as eng:
-        with pytest.raises(UnsupportedAdapter, match="vocabulary size 128, the base 256"):
+        with pytest.raises(ArtifactRejected, match="vocabulary size 128, the base 256"):
             eng.generate([Request(prompt_ids=IDS, adapters=["foreign"], max_new_tokens=2)])
         assert eng.generate([Request(prompt_ids=IDS, max_new_tokens=2)])[0].token_ids  # still serving

@@ -71,7 +71,9 @@ def metrics_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tiny_base: Path, registry: Path, metrics_port: int) -> Iterator[str]:
     """Ray (2 CPUs) with hotswap deployed on two replicas; yields the gRPC proxy's address."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port)
+    scaleout.init_local_ray(
+        num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port
+    )
     config = ServerConfig(base=tiny_base, registry=str(registry), no_auth=True, engine=EngineConfig(**LIMITS))
     options = scaleout.RayOptions(replicas=2, grpc_port=_free_port(), http_port=_free_port(), replica_cpus=0.5)
     try:
