@@ -173,11 +173,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    base_fp = None
-    if args.base:
+    base_fp, check = None, None
+    if args.base:  # checked against the base before anything is written: what publishes serves
         from hotswap.basemodel import fingerprint
+        from hotswap.serve.adapters import base_checker
 
-        base_fp = fingerprint(args.base)
+        base_fp, check = fingerprint(args.base), base_checker(args.base)
     lineage = Lineage(parent=args.parent, code_version=f"hotswap {__version__}")
     m = _registry(args).publish(
         args.dir,
@@ -188,6 +189,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         lineage=lineage,
         visibility=args.visibility,
         description=args.description,
+        check=check,
     )
     suffix = f" (aliases: {', '.join(args.alias)})" if args.alias else ""
     print(f"published {m.ref} [{m.method}, {len(m.files)} files, {m.total_size:,} bytes]{suffix}")
@@ -663,7 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("push", cmd_push, "publish an adapter directory as a new immutable version")
     sp.add_argument("dir", type=Path)
     sp.add_argument("--name", required=True, help="adapter name, optionally tenant/name")
-    sp.add_argument("--base", type=Path, help="base checkpoint the adapter is for (records its fingerprint)")
+    sp.add_argument(
+        "--base",
+        type=Path,
+        help="base checkpoint the adapter is for: records its fingerprint and refuses an artifact that does not fit it",
+    )
     sp.add_argument("--alias", action="append", default=[], help="move this alias to the new version (repeatable)")
     sp.add_argument("--method", help="override the method detected from the config (e.g. plora)")
     sp.add_argument("--visibility", choices=("public", "private"), help="default: private for tenant/name")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,11 +103,15 @@ class Registry:
         description: str = "",
         version: int | None = None,
         created_at: str | None = None,
+        check: Callable[[Path, str], None] | None = None,
     ) -> Manifest:
         """Publish the artifact directory ``src`` as the next version of ``name`` and return its manifest.
 
         ``version`` pins the number (used when mirroring between registries); otherwise the next free
         number is allocated atomically. Aliases given are moved to the new version after it is visible.
+        ``check(src, method)`` runs before anything is written and refuses the artifact by raising: the
+        serving side's check against a base (``hotswap.serve.adapters.base_checker``); the registry knows
+        no models.
         """
         ref = _as_name(name)
         for alias in aliases:
@@ -114,6 +119,8 @@ class Registry:
         src_path = Path(src)
         files = scan_artifact(src_path)
         method = check_part(method, "method") if method else detect_method(src_path)
+        if check is not None:
+            check(src_path, method)
         if visibility is None:
             visibility = "private" if ref.tenant else "public"
         if visibility not in VISIBILITIES:

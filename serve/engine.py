@@ -212,8 +212,14 @@ class Engine:
         """Validate and resolve a request (adapter refs -> exact versions for this base)."""
         if len(request.adapters) > self.config.max_adapters_per_request:
             raise InvalidArgument(f"at most {self.config.max_adapters_per_request} adapters per request")
+        top = float(torch.finfo(_DTYPES[self.config.dtype]).max)
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in request.stop_token_ids):
+            raise InvalidArgument(f"stop_token_ids must be below the vocabulary size {vocab}")
         adapters, context = [], 0
         for ref, weight in request.weighted_adapters():
+            if abs(weight) > top:
+                raise InvalidArgument(f"adapter weight for {ref} must be within ±{top:g} ({self.config.dtype})")
             manifest = self.registry.resolve(ref, base_fingerprint=self.base_fingerprint)
             if manifest.method in _CONTEXT_METHODS:
                 context += 1
@@ -231,7 +237,6 @@ class Engine:
         if (request.stop or request.prompt is not None) and self.tokenizer is None:
             raise InvalidArgument("text prompts and stop strings need a base with a tokenizer; send prompt_ids")
         prompt_ids = request.prompt_ids if request.prompt_ids is not None else self._encode(request.prompt or "")
-        vocab = self.model.config.vocab_size
         if max(prompt_ids) >= vocab:
             raise InvalidArgument(f"prompt_ids contains {max(prompt_ids)}, outside the vocabulary (size {vocab})")
         if len(prompt_ids) + request.max_new_tokens > self.config.max_seq_len:

@@ -77,7 +77,7 @@ class Request:
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
         if self.rank is not None:
-            _check_int("rank", self.rank, 1)
+            _check_int("rank", self.rank, 1, 2**31 - 1)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:

@@ -29,6 +29,7 @@ from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, loa
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Lineage, Manifest, Registry
 from hotswap.registry.fsutil import building_dir
+from hotswap.serve.adapters import base_checker
 from hotswap.train.curve import Point, write_csv, write_png
 from hotswap.train.data import BUILTIN_PREFIX, Dataset, Example, TextCodec, load_data
 from hotswap.train.methods import METHODS, AttachContext, enable_gradient_checkpointing, method_options
@@ -296,5 +297,6 @@ def train(
             metrics=metrics,
             visibility=visibility,
             description=description,
+            check=base_checker(base_path),
         )
     return TrainResult(out_dir / "adapter", metrics, curve, manifest, model)
