@@ -105,8 +105,12 @@ def gather_unique(
 def lora_apply_unique(
     x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x: [Bt, T, in] -> delta [Bt, T, out] = ((x @ a_cat^T) * coef) @ b_cat, added in place to ``out`` if given."""
-    h = (x @ a_cat.T).mul_(coef)  # (Bt, T, U*r)
+    """x: [Bt, T, in] -> delta [Bt, T, out] = ((x @ a_cat^T) * coef) @ b_cat, added in place to ``out`` if given.
+
+    A row's coefficient on an adapter it does not use is an exact zero, even where ``x @ a_cat^T``
+    overflowed for that adapter (0 * inf would be NaN): one adapter can never reach another row."""
+    h = x @ a_cat.T  # (Bt, T, U*r)
+    h = torch.where(coef != 0, h * coef, 0.0)  # (Bt, T, U*r)
     if out is None:
         return h @ b_cat  # (Bt, T, out)
     out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_cat)

@@ -84,7 +84,8 @@ def sparse_apply(x: torch.Tensor, plan: SparsePlan, out: torch.Tensor | None = N
     else:
         u = plan.coef.shape[1]
         y = torch.sparse.mm(plan.mat, x.reshape(bt * t, d_in).T.contiguous()).view(u, -1, bt, t)  # (U, out, Bt, T)
-        delta = torch.einsum("bu,uobt->bto", plan.coef.to(y.dtype), y)
+        used = (plan.coef != 0).T[:, None, :, None]  # (U, 1, Bt, 1): an unused adapter's overflow stays out
+        delta = torch.einsum("bu,uobt->bto", plan.coef.to(y.dtype), torch.where(used, y, 0.0))
     return delta if out is None else out.add_(delta)
 
 

@@ -159,3 +159,26 @@ def test_bottleneck_adapters_match_reference(pattern: str, k: int) -> None:
     x, y = torch.randn(rows, 3, IN, generator=g), torch.randn(rows, 3, OUT, generator=g)
     fast = bottleneck.bottleneck_delta(x, y, entries, slots, weights)
     _check(fast, bottleneck_ref.bottleneck_delta(x, y, entries, slots, weights), torch.float32)
+
+
+def test_an_overflowing_adapter_never_reaches_rows_that_do_not_use_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault isolation inside the batched ops: slot 5's factors overflow x @ A to inf. The paths that compute
+    every batch adapter for every row (per-unique LoRA, stacked sparse) must still give the other rows
+    exactly their reference delta (a 0 coefficient times inf would be NaN)."""
+    A, B, _ = _tables(torch.float32)
+    A[5, : RANKS[5]] = 1e37  # finite weights, but x @ A overflows
+    slots = torch.tensor([[1], [5], [2], [0], [3], [5]])
+    weights = torch.ones(6, 1)
+    x = torch.randn(6, 2, IN, generator=torch.Generator().manual_seed(5))
+    clean = [0, 2, 3, 4]  # rows without slot 5
+    ref = lora_ref.lora_delta(x, A, B, slots, weights, CAPACITY)
+    fast = lora.lora_delta_unique(x, A, B, slots, weights, CAPACITY)
+    assert torch.isfinite(fast[clean]).all()
+    _check(fast[clean], ref[clean], torch.float32)
+    g = torch.Generator().manual_seed(6)
+    entries = {s: (torch.randperm(OUT * IN, generator=g)[:50], torch.randn(50, generator=g)) for s in (1, 2, 3, 5)}
+    entries[5] = (entries[5][0], torch.full((50,), 3e38))
+    monkeypatch.setattr(sparse, "BLOCK_DIAGONAL_MAX_ENTRIES", 0)  # the stacked form multiplies every row by all
+    fast = sparse.sparse_delta(x * 10, entries, OUT, slots, weights)
+    assert torch.isfinite(fast[clean]).all()
+    _check(fast[clean], sparse_ref.sparse_delta(x * 10, entries, OUT, slots, weights)[clean], torch.float32)
