@@ -13,11 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
 
 from hotswap.basemodel import fingerprint
 from hotswap.client import MODEL_ID_KEY, Client
 from hotswap.errors import (
     AdapterNotFound,
+    ArtifactRejected,
     BaseModelMismatch,
     InvalidArgument,
     PermissionDenied,
@@ -27,7 +29,7 @@ from hotswap.errors import (
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
 from hotswap.serve.server import ServerConfig
-from hotswap.train import RandomLoraConfig, random_bitfit, random_loras
+from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_loras
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 from tests.serve.serverutil import ACME, ADMIN, GLOBEX
@@ -60,6 +62,12 @@ def registry(tiny_base: Path, other_base: Path, tmp_path_factory: pytest.TempPat
     reg.publish(random_bitfit(tiny_base, d / "private", seed=8), "acme/private", base_fingerprint=fp)
     elsewhere = random_bitfit(other_base, d / "elsewhere", seed=9)
     reg.publish(elsewhere, "elsewhere", base_fingerprint=fingerprint(other_base))
+    broken = random_lora(tiny_base, d / "broken", RandomLoraConfig(rank=4, seed=7))  # lora_A of the wrong width
+    weights = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_A" in k)
+    weights[key] = weights[key][:, :-1].contiguous()
+    save_file(weights, broken / "adapter_model.safetensors")
+    reg.publish(broken, "broken", base_fingerprint=fp)  # no check: a registry that already holds a bad export
     return d / "registry"
 
 
@@ -161,6 +169,27 @@ def test_bad_input_gets_the_single_server_status(cluster: str) -> None:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.InferenceStub(channel).Generate(request, metadata=((MODEL_ID_KEY, "a1"),), timeout=120)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_one_requests_fault_stays_its_own(cluster: str, tiny_base: Path, registry: Path) -> None:
+    """The replica core is the single server's: bad numbers and a broken stored adapter are refused with
+    their own statuses while a stream in flight on the same replicas finishes with its solo tokens; and the
+    Ray that hotswap started keeps its node on loopback."""
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    canary = Request(prompt_ids=PROMPTS[1], adapters=["a2"], max_new_tokens=40, ignore_eos=True)
+    (want,) = _expected(tiny_base, registry, [canary])
+    with Client(cluster, timeout=120) as c:
+        stream = c.stream(prompt_ids=PROMPTS[1], adapters=["a2"], max_new_tokens=40, ignore_eos=True)
+        chunks = iter(stream)
+        tokens = list(next(chunks).token_ids)
+        with pytest.raises(InvalidArgument, match="temperature must be a finite number"):
+            c.generate(prompt_ids=[1, 2], adapters=["a2"], temperature=float("nan"))
+        with pytest.raises(InvalidArgument, match="adapter weight for a2@1 must be a finite number"):
+            c.generate(prompt_ids=[1, 2], adapters=[("a2", -1e300)])
+        with pytest.raises(ArtifactRejected, match=r"broken@1: tensor .*lora_A.weight has shape"):
+            c.generate(prompt_ids=[1, 2], adapters=["broken"])
+        tokens += [t for chunk in chunks for t in chunk.token_ids]
+    assert tokens == want
 
 
 def _replica_actor(replica_id: str) -> object:
