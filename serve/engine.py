@@ -588,13 +588,17 @@ class Engine:
         except Exception as e:
             if not jobs:
                 raise
-            log.warning("a batched forward of %d rows failed (%s: %s); running them one by one",
-                        len(jobs), type(e).__name__, clip_message(str(e), 200))  # fmt: skip
+            batch_error = e
+            if len(jobs) > 1:
+                log.warning("a batched forward of %d rows failed (%s: %s); running them one by one",
+                            len(jobs), type(e).__name__, clip_message(str(e), 200))  # fmt: skip
         ok: list[_Job] = []
         logits: list[torch.Tensor] = []
         engine_fault: Exception | None = None
         for job in jobs:
             try:
+                if len(jobs) == 1:  # it already ran alone
+                    raise batch_error
                 logits.append(run([job])[0])
                 ok.append(job)
                 continue
