@@ -629,14 +629,30 @@ class Engine:
     def _emit_all(self, jobs: list[_Job], logits: list[torch.Tensor]) -> None:
         if not jobs:
             return
-        chosen = choose_tokens(torch.stack(logits), [j.sampler for j in jobs])
+        try:
+            chosen = choose_tokens(torch.stack(logits), [j.sampler for j in jobs])
+        except Exception:  # one row's sampling failed: choose row by row, so only that row ends
+            log.exception("choosing the next tokens of %d rows failed; choosing row by row", len(jobs))
+            chosen = [self._choose_alone(job, row) for job, row in zip(jobs, logits, strict=True)]
         now = time.perf_counter()
         with self._cv:
             for job, token in zip(jobs, chosen, strict=True):
                 if token is None:
-                    self._fail(job, self._non_finite(job))
-                else:
+                    if not job.handle.done:  # not already failed by _choose_alone
+                        self._fail(job, self._non_finite(job))
+                    continue
+                try:
                     self._emit(job, token, now)
+                except Exception as e:  # e.g. the tokenizer on this row's text: this request's problem alone
+                    log.exception("emitting a token failed")
+                    self._fail(job, HotswapError(f"request failed: {type(e).__name__}: {clip_message(str(e), 200)}"))
+
+    def _choose_alone(self, job: _Job, logits: torch.Tensor) -> int | None:
+        try:
+            return choose_tokens(logits[None], [job.sampler])[0]
+        except Exception as e:
+            self._fail(job, HotswapError(f"sampling failed: {type(e).__name__}: {clip_message(str(e), 200)}"))
+            return None
 
     def _non_finite(self, job: _Job) -> HotswapError:
         where = f"at generated token {len(job.generated)}"

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hotswap.errors import AdapterFault, ArtifactRejected, HotswapError, Invalid
 from hotswap.serve import Engine, Request
 from hotswap.serve.engine import UNHEALTHY_AFTER
 from hotswap.serve.layers import MultiAdapterLinear
+from hotswap.serve.sampling import RowSampler
 from hotswap.serve.types import EngineObserver
 from tests.serve.serverutil import make_server
 
@@ -106,6 +108,29 @@ def test_install_failure_fails_that_adapters_requests_only(eng: Engine, monkeypa
     assert "rslora@1" not in eng.resident()
     assert all(not layer.slot_rank[s] for layer in eng.layers.values() for s in range(1, 9) if s not in
                eng.pool.resident)  # fmt: skip
+
+
+def test_a_row_whose_sampling_fails_ends_alone(eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected fault in one request's sampler (temperature 0.81): that request ends, greedy and other sampled rows
+    of the same steps keep their tokens."""
+    sampled = [Request(prompt_ids=PROMPT, adapters=["dora"], max_new_tokens=24, ignore_eos=True, temperature=0.8,
+                       seed=s) for s in (7, 8)]  # fmt: skip
+    expected = [_solo(eng, a) for a in NEIGHBOURS] + [r.token_ids for r in eng.generate(sampled)]
+    original = RowSampler.sample
+
+    def sample(self: RowSampler, logits: torch.Tensor) -> int:
+        if self.temperature == 0.81:
+            raise RuntimeError("injected sampler fault")
+        return original(self, logits)
+
+    monkeypatch.setattr(RowSampler, "sample", sample)
+    handles = [eng.submit(_request(a)) for a in NEIGHBOURS] + [eng.submit(r) for r in sampled]
+    for h in handles:
+        next(iter(h))
+    culprit = eng.submit(replace(sampled[0], temperature=0.81))
+    with pytest.raises(HotswapError, match="sampling failed: RuntimeError: injected sampler fault"):
+        culprit.result(timeout=60)
+    assert [h.result(timeout=60).token_ids for h in handles] == expected
 
 
 def test_unattributable_faults_back_off_and_turn_unhealthy(
