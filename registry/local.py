@@ -6,12 +6,14 @@ Layout under the root::
     public/<name>/aliases.json            {"prod": 3, ...}, replaced atomically
     public/<name>/.lock                   flock serialising version allocation and alias moves
     tenants/<tenant>/<name>/...           the same for tenant-scoped adapters
-    .staging/<pid>-<random>/              a publish in progress; never visible as a version
+    .staging/<pid>-<host>-<random>/       a publish in progress; never visible as a version
 
 Publishing copies into a staging directory (no lock held), then, under the name's lock, picks the
 version number, writes the manifest, fsyncs and renames the directory into ``versions/``. A reader
 therefore sees a version completely or not at all; a publisher killed at any point leaves at most a
-staging directory, removed by the next publish once its process is gone.
+staging directory, removed by the next publish on the same host once its process is gone (a registry
+directory shared by several hosts never loses another host's publish in progress: their pids mean
+nothing here).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +37,7 @@ from hotswap.registry.refs import AdapterRef
 log = logging.getLogger(__name__)
 
 _STAGING = ".staging"
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"  # no '-': it separates the name's parts
 _ALIASES = "aliases.json"
 
 
@@ -116,8 +121,9 @@ class LocalBackend:
         if not staging.is_dir():
             return
         for d in staging.iterdir():
-            pid = d.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            pid, _, rest = d.name.partition("-")
+            host = rest.rpartition("-")[0] if "-" in rest else _HOST  # <pid>-<random>: before hosts were named
+            if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
                 log.info("removing staging directory %s left by dead process %s", d, pid)
                 shutil.rmtree(d, ignore_errors=True)
 
@@ -125,7 +131,7 @@ class LocalBackend:
         adapter_dir = self._adapter_dir(manifest.name)
         try:
             self._clean_stale_staging()
-            stage = self.root / _STAGING / f"{os.getpid()}-{uuid.uuid4().hex}"
+            stage = self.root / _STAGING / f"{os.getpid()}-{_HOST}-{uuid.uuid4().hex}"
             stage.mkdir(parents=True)
             try:
                 for rel, src in files.items():

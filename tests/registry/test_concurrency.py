@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hotswap.registry import Registry
+from hotswap.registry import Registry, local
 
 MakeArtifact = Callable[..., Path]
 
@@ -77,3 +77,18 @@ def test_sigkill_mid_publish_leaves_no_partial_version(tmp_path: Path, make_arti
     assert m.version == 1
     assert not stage.exists()  # the dead publisher's staging directory was cleaned up
     assert json.loads((root / "public" / "victim" / "versions" / "1" / "manifest.json").read_text())["version"] == 1
+
+
+def test_another_hosts_publish_in_progress_is_left_alone(tmp_path: Path, make_artifact: MakeArtifact) -> None:
+    """A registry directory shared by several hosts: a staging directory named for another host is never
+    cleaned up by pid (that pid means nothing here); this host's dead publishers' are."""
+    root = tmp_path / "registry"
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process here
+    theirs = root / ".staging" / f"{dead}-other-host.example-{'a' * 32}"
+    ours = root / ".staging" / f"{dead}-{local._HOST}-{'b' * 32}"
+    legacy = root / ".staging" / f"{dead}-{'c' * 32}"
+    for d in (theirs, ours, legacy):
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"partial")
+    Registry(root).publish(make_artifact(), "x")
+    assert theirs.is_dir() and not ours.exists() and not legacy.exists()
