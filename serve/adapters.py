@@ -217,6 +217,8 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
             raise ArtifactRejected(f"{ref}: {module} lacks tensor {e.args[0]!r}") from None
         # PEFT matches rank/alpha patterns against the module's full name in the base model.
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ArtifactRejected(f"{ref}: {module}'s rank in {PEFT_CONFIG} must be a positive integer, got {r!r}")
         _shape(ref, f"{module}.lora_A.weight", a, (r, linear.in_features))
         _shape(ref, f"{module}.lora_B.weight", b, (linear.out_features, r))
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
@@ -342,8 +344,8 @@ def _virtual(path: Path, ref: str, base: BaseInfo) -> tuple[dict, torch.Tensor]:
 def load_prefix(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapter:
     config, emb = _virtual(path, ref, base)  # (P, layers * 2 * kv_heads * head_dim), final KV
     layers = config.get("num_layers", base.num_layers)
-    if layers != base.num_layers:
-        raise ArtifactRejected(f"{ref}: a prefix for {layers} layers; this base has {base.num_layers}")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers != base.num_layers:
+        raise ArtifactRejected(f"{ref}: {PEFT_CONFIG} num_layers is {layers!r}; this base has {base.num_layers} layers")
     p = config["num_virtual_tokens"]
     _shape(ref, "prompt_embeddings", emb, (p, base.num_layers * 2 * base.num_kv_heads * base.head_dim))
     # PEFT's get_prompt: view(P, L*2, kv, hd).permute -> (L*2, kv, P, hd); layer l uses [2l] as K, [2l+1] as V.

@@ -405,6 +405,7 @@ class Engine:
             with self._cv:
                 self._service_wants()
                 admitted = self._admit()
+                self.pool.failed.clear()  # reported to everyone waiting; a later request loads again
             running = [j for j in self._rows if j is not None and j not in admitted]
             if admitted:
                 torch.set_num_threads(self._prefill_threads)
@@ -416,12 +417,14 @@ class Engine:
 
     def _service_wants(self) -> None:
         for ref in list(self._wants):
-            error, slot = self.pool.take_failure(ref), None
+            error, slot = self.pool.failed.get(ref), None
             if error is None:
                 try:
                     slot = self.pool.install(ref)
                 except HotswapError as e:
                     error = e
+            if error is not None:
+                self.pool.pin(ref, False)  # a Load that failed pins nothing
             if error is not None or slot is not None:
                 for fut in self._wants.pop(ref):
                     fut.set_exception(error) if error else fut.set_result(slot)  # type: ignore[func-returns-value]
@@ -433,14 +436,14 @@ class Engine:
                 self._waiting.remove(job)
                 self._finish(job, "cancelled")
                 continue
-            failed = next((self.pool.take_failure(ref) for ref, _ in job.adapters if ref in self.pool.failed), None)
-            if failed is not None:
+            failed = next((self.pool.failed[ref] for ref, _ in job.adapters if ref in self.pool.failed), None)
+            if failed is not None:  # every request waiting on a failed load ends now (one load, one answer)
                 self._waiting.remove(job)
                 job.handle._finish(None, failed)
                 continue
             free = next((r for r, j in enumerate(self._rows) if j is None), None)
             if free is None:
-                break
+                continue  # no row: later requests cannot join either, but their cancels and failures end now
             try:
                 bound = self._bind(job, free)
             except HotswapError as e:  # this request's own problem (its length, its adapter's install)

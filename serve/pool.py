@@ -65,7 +65,7 @@ class AdapterPool:
         self.lru: OrderedDict[str, None] = OrderedDict()  # resident refs, least recently used first
         self.host: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self.loading: set[str] = set()
-        self.failed: dict[str, HotswapError] = {}
+        self.failed: dict[str, HotswapError] = {}  # loads that failed since the engine's last admission pass
         self.draining: set[str] = set()
         self.stats = CacheStats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotswap-loader")
@@ -132,10 +132,6 @@ class AdapterPool:
             total -= dropped.nbytes
             self.observer.cache_event("host", "eviction")
             log.debug("host cache dropped %s", old)
-
-    def take_failure(self, ref: str) -> HotswapError | None:
-        """The load error for ``ref``, once (a later request retries the load)."""
-        return self.failed.pop(ref, None)
 
     # -- residency (engine thread) ---------------------------------------------------------------
     def install(self, ref: str) -> int | None:
