@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -327,7 +328,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hotswap.bench import run
+    from hotswap.bench import DEFAULT_MODELS, run
     from hotswap.bench.common import Workload
 
     try:
@@ -335,13 +336,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidArgument(f"--adapters must be comma-separated integers, got {args.adapters!r}") from None
     workload = Workload(
-        model=args.model,
+        model=args.model or DEFAULT_MODELS.get(args.scenario, "smollm2-135m"),
         batch=args.batch,
         prompt=args.prompt,
         new_tokens=args.new_tokens,
         rank=args.rank,
         repeats=args.repeats,
         requests=args.requests,
+        soak_seconds=args.minutes * 60,
         device=args.device,
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
@@ -564,6 +566,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _client_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--token", help="bearer token (default $HOTSWAP_TOKEN)")
     sp.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS")
@@ -702,12 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 5,17,99")
     sp.add_argument("--max-new-tokens", type=_positive_int, default=8)
 
-    sp = add("bench", cmd_bench, "run a benchmark scenario (shared/BENCHMARK.md): Markdown table + JSON")
-    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train", "scale-out"))
+    sp = add("bench", cmd_bench, "run a benchmark scenario (see README, Benchmarks): Markdown table + JSON")
+    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train", "scale-out", "soak"))
     sp.add_argument("--out", type=Path, default=Path("bench-results"))
     sp.add_argument("--cache", type=Path, default=Path("bench-results/.cache"), help="built bases and adapters")
     sp.add_argument("--device", default="cpu", help="cpu or cuda")
-    sp.add_argument("--model", default="smollm2-135m", help="base preset (smollm2-135m is workload W1)")
+    sp.add_argument("--model", help="base preset (default smollm2-135m, workload W1; tiny for soak)")
     sp.add_argument("--batch", type=_positive_int, default=16)
     sp.add_argument("--prompt", type=_positive_int, default=64)
     sp.add_argument("--new-tokens", type=_positive_int, default=32)
@@ -715,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=_positive_int, default=3)
     sp.add_argument("--requests", type=_positive_int, default=3000, help="scale-out: requests replayed per routing")
     sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
+    soak_help = "soak: minutes of traffic (default 5; fractions allowed, e.g. 0.05 = 3 s for a smoke run)"
+    sp.add_argument("--minutes", type=_positive_float, default=5.0, help=soak_help)
 
     sp = add("serve", cmd_serve, "serve the base and the registry's adapters over gRPC (until SIGTERM/SIGINT)")
     sp.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
@@ -773,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Keep CLI output to our own lines: no library progress bars or deprecation chatter."""
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # e.g. PEFT on a config written by a newer PEFT ("Unexpected keyword arguments"); -v shows them
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\b")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers honours it too
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

@@ -16,7 +16,9 @@ DEFAULT_ADAPTERS = {
     "server": [16],
     "train": [0],
     "scale-out": [1000],
+    "soak": [2],  # plain LoRA adapters in the mix
 }
+DEFAULT_MODELS = {"soak": "tiny"}  # the base preset when --model is not given (else smollm2-135m, W1)
 
 
 def run(
@@ -30,4 +32,4 @@ def run(
     return write_results(scenario, workload, rows, out_dir)
 
 
-__all__ = ["DEFAULT_ADAPTERS", "SCENARIOS", "Workload", "run"]
+__all__ = ["DEFAULT_ADAPTERS", "DEFAULT_MODELS", "SCENARIOS", "Workload", "run"]

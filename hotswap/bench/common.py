@@ -47,6 +47,7 @@ class Workload:
     seed: int = 0
     repeats: int = 3  # timed runs per figure (after one warm-up); the median is reported
     requests: int = 3000  # scale-out: requests replayed per routing
+    soak_seconds: float = 300.0  # soak: seconds of traffic
     device: str = "cpu"
 
     @property

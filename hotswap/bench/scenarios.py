@@ -32,6 +32,7 @@ from hotswap.bench.common import (
     requests,
     set_threads,
 )
+from hotswap.bench.soak import soak
 from hotswap.bench.training import train_bench
 from hotswap.client import MODEL_ID_KEY, Client, build_request
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
@@ -510,4 +511,5 @@ SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
     "server": server,
     "train": training,
     "scale-out": scale_out,
+    "soak": soak,
 }
