@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hotswap.errors import GRPC_ERROR_KEY, HotswapError, ServerUnavailable, error_from_status
+from hotswap.errors import GRPC_ERROR_KEY, HotswapError, InvalidAdapterRef, ServerUnavailable, error_from_status
+from hotswap.registry.refs import AdapterRef
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 
@@ -154,7 +155,16 @@ class Client:
 
     @staticmethod
     def _routing(request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
-        return ((MODEL_ID_KEY, request.adapters[0].ref),) if request.adapters else ()
+        """Ray's routing metadata: the first adapter's ref, only when it is a valid ref (a huge or non-ASCII
+        one cannot travel as a header; the server answers INVALID_ARGUMENT for it instead)."""
+        if not request.adapters:
+            return ()
+        ref = request.adapters[0].ref
+        try:
+            AdapterRef.parse(ref)
+        except InvalidAdapterRef:
+            return ()
+        return ((MODEL_ID_KEY, ref),)
 
     # -- inference ------------------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **params: Any) -> Generation:

@@ -128,6 +128,7 @@ class _Job:
     row: int = -1
     slots: list[tuple[int, float]] = field(default_factory=list)
     position: int = 0  # next cache position to write
+    cache_end: int = 0  # cache positions [0, cache_end) of the row may hold this job's keys/values
     generated: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
 
@@ -487,6 +488,10 @@ class Engine:
         return True
 
     def _unbind(self, job: _Job) -> None:
+        # Zero what the row wrote: a later row attends over these positions masked, and a masked NaN or inf
+        # (a faulted adapter's keys) would still reach it (softmax weight 0 times NaN is NaN).
+        self.runner.clear_row(job.row, job.cache_end)
+        self.proxies.clear_row(job.row, job.cache_end)
         self._rows[job.row] = None
         for slot, _ in job.slots:
             self.pool.release(slot)
@@ -520,6 +525,11 @@ class Engine:
         embeds = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # (J, Lmax, hidden)
         offs = torch.tensor(offsets, device=device)
         positions = offs[:, None] + torch.arange(embeds.shape[1], device=device)[None, :]  # (J, Lmax)
+        # a short row's padding may run past the cache (a prefix row beside a long prompt): park it on the last
+        # position, which the row writes again before it could ever read it
+        positions = positions.clamp(max=self.config.max_seq_len - 1)
+        for job, end in zip(jobs, (positions.max(dim=1).values + 1).tolist(), strict=True):
+            job.cache_end = max(job.cache_end, end)  # before the forward: a failed one has written too
         rows = torch.tensor([j.row for j in jobs], device=device)
         self.plan.set([j.slots for j in jobs], device, [j.req.rank or 0 for j in jobs])
         hidden = self.runner.forward(rows, embeds, positions)  # (J, Lmax, hidden)
@@ -558,6 +568,7 @@ class Engine:
         plan_rows: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         plan_ranks = [0] * n
         for i, job in enumerate(jobs):
+            job.cache_end = max(job.cache_end, job.position + 1)
             b = job.row if full else i  # idle rows inside [0, n) are masked padding
             tokens[b, 0], positions[b, 0] = job.generated[-1], job.position
             plan_rows[b], plan_ranks[b] = job.slots, job.req.rank or 0

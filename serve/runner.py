@@ -49,6 +49,11 @@ class Runner:
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def clear_row(self, row: int, end: int) -> None:
+        """Zero cache positions [0, end) of ``row`` (a finished row's keys/values never reach the next one)."""
+        self.k_cache[:, row, :, :end] = 0
+        self.v_cache[:, row, :, :end] = 0
+
     def write_prefix(self, row: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put a prefix-tuning adapter's keys/values at cache positions [0, P) of ``row``."""
         for i, (k, v) in enumerate(prefix_kv):  # each (kv_heads, P, head_dim)

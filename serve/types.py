@@ -31,7 +31,10 @@ def _check_int(field: str, value: object, low: int, high: int | None = None) -> 
 
 
 def _check_number(field: str, value: object, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        ok = False
     if not ok or value < low or (high is not None and value > high):  # type: ignore[operator]
         bound = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
         raise InvalidArgument(f"{field} must be a finite number {bound}, got {quote(value)}")
@@ -60,6 +63,10 @@ class Request:
 
     def __post_init__(self) -> None:
         """Check every field before the request can reach a batch; each refusal names its field."""
+        for name in ("prompt_ids", "stop", "stop_token_ids", "adapters"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple) and not (name == "prompt_ids" and value is None):
+                raise InvalidArgument(f"{name} must be a list, got {type(value).__name__}")
         if (self.prompt is None) == (self.prompt_ids is None):
             raise InvalidArgument("give exactly one of prompt (text) and prompt_ids")
         if self.prompt_ids is not None and (
@@ -87,8 +94,6 @@ class Request:
             raise InvalidArgument(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
-        if not isinstance(self.adapters, list | tuple):
-            raise InvalidArgument("adapters must be a list of refs or (ref, weight) pairs")
         for spec in self.adapters:
             if not isinstance(spec, str) and not (isinstance(spec, tuple | list) and len(spec) == 2):
                 raise InvalidArgument(f"adapters: each entry is a ref or a (ref, weight) pair, got {quote(spec)}")

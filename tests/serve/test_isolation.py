@@ -243,3 +243,28 @@ def _wait(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 def _raise(*args: object, **kw: object) -> torch.Tensor:
     raise RuntimeError("injected base fault")
+
+
+def test_a_short_prefix_row_beside_a_long_prompt_prefills_in_one_batch(tiny_base: Path, registry_path: Path) -> None:
+    """A prefix row's padding would run past the cache beside a prompt that nearly fills it; it is parked on
+    the last position instead of failing the batch (which isolation would then have to rerun row by row)."""
+    short = Request(prompt_ids=[5, 6], adapters=["prefix"], max_new_tokens=1)  # 5 virtual tokens + 2
+    long = Request(prompt_ids=list(range(1, 31)), max_new_tokens=2)  # 30 of max_seq_len 32
+    with Engine(tiny_base, registry_path, max_batch=2, max_seq_len=32) as eng:
+        together = eng.forward_logits([short, long])
+        alone = [eng.forward_logits([r])[0] for r in (short, long)]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_faulted_rows_cache_never_reaches_the_next_request_in_its_row(eng: Engine) -> None:
+    """The exploding row wrote inf/NaN keys and values; the next request placed in that row, with a shorter
+    prompt beside a longer one, attends over those positions masked: they must have been cleared."""
+    long = Request(prompt_ids=list(range(1, 51)), max_new_tokens=40, ignore_eos=True)
+    expected = [_solo(eng, []), eng.generate([long])[0].token_ids]
+    running = eng.submit(long)
+    next(iter(running))
+    with pytest.raises(AdapterFault):
+        eng.generate([Request(prompt_ids=list(range(100, 140)), adapters=[("lora4", 1e30)], max_new_tokens=4)])
+    assert _solo(eng, []) == expected[0]  # takes the faulted request's row
+    assert running.result(timeout=60).token_ids == expected[1]
