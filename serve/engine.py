@@ -23,6 +23,7 @@ from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, loa
 from hotswap.errors import AdapterFault, CapacityExceeded, EngineClosed, HotswapError, InvalidArgument, clip_message
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, decoder_linears
+from hotswap.serve.config import DTYPES, EngineConfig
 from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
 from hotswap.serve.proxy import ProxyBank, ProxyRow
@@ -32,34 +33,9 @@ from hotswap.serve.types import EngineObserver, Request, Result, Timings
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONTEXT_METHODS = ("prefix", "prompt")  # change the row's context, so at most one per request, weight 1
 UNHEALTHY_AFTER = 3  # steps failing in a row (for no request's fault) before the engine reports unhealthy
 MAX_BACKOFF_S = 2.0  # longest pause after a failed step
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 32  # rows decoded together
-    max_resident: int = 16  # adapter slots ready for the batched ops
-    max_seq_len: int = 1024  # per row: prefix + virtual tokens + prompt + generated
-    max_queue: int = 1024  # waiting requests; more -> CapacityExceeded
-    max_adapters_per_request: int = 8  # length of a weighted adapter list
-    max_rank: int = 64  # largest LoRA rank served; slot tables hold max_resident x (largest rank loaded)
-    host_cache_bytes: int = 2 << 30  # loaded adapters kept in host RAM (beyond the resident ones)
-    device: str = "cpu"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    # CPU intra-op threads for prefill (compute-bound: all cores) and decode (memory-bound: on small
-    # batches extra threads add fork/join cost to every small op and barely speed up the big ones).
-    prefill_threads: int = 0  # 0 = torch's default (all cores)
-    decode_threads: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request", "max_rank"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in _DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
 
 
 class RequestHandle:
@@ -149,7 +125,7 @@ class Engine:
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.base_path = Path(base)
         self.base_fingerprint = fingerprint(self.base_path)
-        self.model = load_model(self.base_path, dtype=_DTYPES[self.config.dtype], device=self.config.device)
+        self.model = load_model(self.base_path, dtype=DTYPES[self.config.dtype], device=self.config.device)
         self.tokenizer = bundled_tokenizer(self.base_path)
         cfg = self.model.config
         self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))
@@ -213,7 +189,7 @@ class Engine:
         """Validate and resolve a request (adapter refs -> exact versions for this base)."""
         if len(request.adapters) > self.config.max_adapters_per_request:
             raise InvalidArgument(f"at most {self.config.max_adapters_per_request} adapters per request")
-        top = float(torch.finfo(_DTYPES[self.config.dtype]).max)
+        top = float(torch.finfo(DTYPES[self.config.dtype]).max)
         vocab = self.model.config.vocab_size
         if any(t >= vocab for t in request.stop_token_ids):
             raise InvalidArgument(f"stop_token_ids must be below the vocabulary size {vocab}")

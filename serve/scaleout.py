@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ from hotswap.client import MODEL_ID_KEY
 from hotswap.errors import HotswapError, InvalidArgument, PermissionDenied, clip_message, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
-from hotswap.serve.engine import Engine, EngineConfig
+from hotswap.serve.config import APP, EngineConfig, RayOptions
+from hotswap.serve.engine import Engine
 from hotswap.serve.metrics import UNRESOLVED, Metrics
 from hotswap.serve.server import (
     SERVICES,
@@ -52,7 +52,6 @@ from hotswap.v1 import hotswap_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-APP = "hotswap"  # the Ray Serve application (gRPC metadata "application" when a cluster runs several)
 # Trailing metadata of every answer: which replica answered, where the request's first adapter was there
 # when it arrived (resident, host or registry: Engine.cache_tier), and how many adapters that replica has
 # loaded from the registry so far.
@@ -62,28 +61,6 @@ SERVICER_FUNCTIONS = [
     "hotswap.v1.hotswap_pb2_grpc.add_AdaptersServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    app: str = APP  # the Ray Serve application's name (clients send it as "application" if there are several)
-    replicas: int = 2
-    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a cluster
-    grpc_port: int = 9000  # Ray Serve's gRPC proxy (every node with a replica runs one)
-    http_port: int = 8000  # Ray Serve always runs its HTTP proxy too (hotswap serves nothing on it)
-    replica_cpus: float = 1.0  # Ray CPUs reserved per replica
-    # Adapters a replica keeps (Ray's multiplexed cache: the engine's resident slots plus its host RAM tier);
-    # Ray routes an adapter to the replica keeping it, and unloads the least recently used beyond this.
-    adapters_per_replica: int = 64
-    route_by_adapter: bool = True  # False: Ray's adapter-blind routing (each engine loads on demand): a baseline
-
-    def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
-        if self.replica_cpus < 0:
-            raise InvalidArgument(f"replica_cpus must be >= 0, got {self.replica_cpus}")
-        if self.adapters_per_replica < 1:
-            raise InvalidArgument(f"adapters_per_replica must be >= 1, got {self.adapters_per_replica}")
 
 
 @contextmanager

@@ -19,8 +19,6 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -31,7 +29,6 @@ from hotswap.errors import (
     GRPC_ERROR_KEY,
     DeadlineExceeded,
     HotswapError,
-    InvalidArgument,
     PermissionDenied,
     ServerUnavailable,
     clip_message,
@@ -39,7 +36,8 @@ from hotswap.errors import (
 )
 from hotswap.registry import AdapterRef, Registry
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
-from hotswap.serve.engine import Engine, EngineConfig, RequestHandle
+from hotswap.serve.config import ServerConfig
+from hotswap.serve.engine import Engine, RequestHandle
 from hotswap.serve.metrics import UNRESOLVED, Metrics
 from hotswap.serve.types import Request, Result
 from hotswap.v1 import hotswap_pb2 as pb
@@ -53,30 +51,6 @@ _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
-
-
-@dataclass
-class ServerConfig:
-    base: Path
-    registry: str
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port (see Server.port)
-    metrics_port: int | None = 9090  # None: no /metrics endpoint; 0: any free port
-    auth: Path | None = None  # tokens file (serve/auth.py); None means no auth, which needs no_auth=True
-    no_auth: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    grace_seconds: float = 30.0  # shutdown: how long in-flight requests may take to finish
-    max_adapter_labels: int = 100
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def __post_init__(self) -> None:
-        if (self.auth is None) == (not self.no_auth):
-            raise InvalidArgument("choose --auth TOKENS_FILE or, explicitly, --no-auth")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
-        if self.grace_seconds < 0:
-            raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
 
 
 def status_of(err: HotswapError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:

@@ -374,7 +374,7 @@ def scale_out(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     import ray
 
     from hotswap.serve import EngineConfig, scaleout
-    from hotswap.serve.server import ServerConfig
+    from hotswap.serve.config import ServerConfig
 
     w = fx.workload
     n = max(adapter_counts)

@@ -41,7 +41,8 @@ from hotswap.client import AdapterArg, Client
 from hotswap.errors import HotswapError, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
-from hotswap.serve.server import Server, ServerConfig
+from hotswap.serve.config import ServerConfig
+from hotswap.serve.server import Server
 
 log = logging.getLogger(__name__)
 

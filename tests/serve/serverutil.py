@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotswap.client import Client
 from hotswap.serve import EngineConfig
-from hotswap.serve.server import Server, ServerConfig
+from hotswap.serve.config import ServerConfig
+from hotswap.serve.server import Server
 
 ACME, GLOBEX, ADMIN = "acme-secret-token", "globex-secret-token", "admin-secret-token"
 PROMPT = "the quick brown fox"

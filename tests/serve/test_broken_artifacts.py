@@ -207,7 +207,9 @@ CASES = [
         UnsupportedAdapter,
     ),
     Case("lora-truncated", "lora", truncate, named(WEIGHTS), scan_refuses=True),
-    Case("prefix-other-base", "prefix-small", None, named("adapter_config.json num_layers is 1; this base has 2 layers")),
+    Case(
+        "prefix-other-base", "prefix-small", None, named("adapter_config.json num_layers is 1; this base has 2 layers")
+    ),
     Case(
         "prefix-num-layers",
         "prefix",

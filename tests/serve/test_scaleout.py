@@ -28,7 +28,7 @@ from hotswap.errors import (
 )
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
-from hotswap.serve.server import ServerConfig
+from hotswap.serve.config import ServerConfig
 from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_loras
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc

@@ -30,7 +30,8 @@ from hotswap.errors import (
     Unauthenticated,
 )
 from hotswap.serve import Engine, EngineConfig, Request
-from hotswap.serve.server import Server, ServerConfig
+from hotswap.serve.config import ServerConfig
+from hotswap.serve.server import Server
 from tests.serve.serverutil import ACME, ADMIN, GLOBEX, PROMPT, client, make_server, scrape, wait_idle
 
 # -- correctness ----------------------------------------------------------------------------------
