@@ -1,31 +1,33 @@
-"""The batch plan, and the multi-adapter linear layer that reads it.
+"""The batch plan, the multi-adapter linear layer that reads it, and the slot kinds it holds.
 
 At start-up every linear layer of the base's decoder blocks is wrapped once by
 :class:`MultiAdapterLinear`. It keeps the base layer untouched (weights never change) and, per
-resident adapter slot, that adapter's delta for this layer: LoRA factors (scaling folded in),
-DoRA's per-output scale, a BitFit bias. Before each forward the engine sets the shared
-:class:`BatchPlan` (which slots, with which weights, each row uses); every wrapped layer then adds
-its batch's deltas with the batched ops of :mod:`hotswap.serve.ops`.
+resident adapter slot, that adapter's delta for this layer, held by *slot kinds*: one
+:class:`SlotKind` per kind of delta (LoRA factors with DoRA's scale, a bias, a sparse ΔW, a bottleneck
+module, IA³ scales...). A method's loader returns, per module, a :class:`LinearDelta` whose parts are
+keyed by kind name; the layer creates a kind the first time one of its parts is installed, so the
+layer never names a method. Before each forward the engine sets the shared :class:`BatchPlan` (which
+slots, with which weights, each row uses); each kind gathers its rows once per plan and adds its
+delta with its batched op.
+
+Kinds register once (:func:`register_kind`); the LoRA and bias kinds, shared by several methods, live
+here, a method's own kind lives in its folder (``hotswap.methods.<method>``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from hotswap.serve.ops import (
-    Bottleneck,
-    bottleneck_apply,
-    gather_bottleneck,
     gather_rows,
-    gather_sparse,
     gather_unique,
     lora_apply,
     lora_apply_unique,
     rank_truncation,
-    sparse_apply,
     weighted_rows,
 )
 
@@ -65,24 +67,178 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class LinearDelta:
-    """One adapter's delta for one linear layer, ready to install in a slot."""
+    """One adapter's delta for one linear layer, ready to install in a slot: payloads keyed by slot kind name
+    (e.g. ``{"lora": LoraFactors(...)}``; a method may use several kinds on one layer)."""
 
-    A: torch.Tensor | None = None  # (r, in)
-    B: torch.Tensor | None = None  # (r, out): scaling (and DoRA's magnitude scale) folded in
-    dora_scale: torch.Tensor | None = None  # (out,) m / ||W + s B A|| - 1: scales the base output
-    bias: torch.Tensor | None = None  # (out,) added to the output (BitFit)
-    sparse: tuple[torch.Tensor, torch.Tensor] | None = None  # (flat indices into (out, in), values): ΔW
-    bottleneck: Bottleneck | None = None  # an adapter module after (serial) or beside (parallel) the layer
+    parts: dict[str, Any]
 
     @property
     def rank(self) -> int:
-        return 0 if self.A is None else self.A.shape[0]
+        lora = self.parts.get("lora")
+        return 0 if lora is None else lora.A.shape[0]
 
     @property
     def nbytes(self) -> int:
-        parts = (self.A, self.B, self.dora_scale, self.bias, *(self.sparse or ()))
-        extra = self.bottleneck.nbytes if self.bottleneck is not None else 0
-        return extra + sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return sum(_nbytes(p) for p in self.parts.values())
+
+
+def _nbytes(payload: object) -> int:
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, tuple | list):
+        return sum(_nbytes(p) for p in payload)
+    return sum(_nbytes(v) for v in vars(payload).values() if isinstance(v, torch.Tensor | tuple | list))
+
+
+class SlotKind:
+    """One kind of per-slot delta of one layer: its tables, its per-plan gather and its batched apply.
+
+    ``order`` places it among the layer's kinds (applied in increasing order; a kind that reads the whole
+    output, like a serial bottleneck, goes last). A kind may scale the base layer's input per row
+    (:meth:`scale_input`) and add to the output (:meth:`apply`, given the base output and the running one).
+    """
+
+    name: ClassVar[str]
+    order: ClassVar[int] = 50
+
+    def __init__(self, base: nn.Linear, num_slots: int) -> None:
+        self.base, self.num_slots = base, num_slots
+
+    def set(self, slot: int, payload: Any | None) -> None:
+        """Install ``payload`` in ``slot`` (or clear it with None). Never during a forward."""
+        raise NotImplementedError
+
+    def holds(self, slot: int) -> bool:
+        raise NotImplementedError
+
+    def gather(self, plan: BatchPlan, used: list[int]) -> Any:
+        """Per-row state for the plan's rows, given the plan's slots this kind holds (non-empty)."""
+        raise NotImplementedError
+
+    def scale_input(self, x: torch.Tensor, state: Any) -> torch.Tensor:
+        return x
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
+        return y
+
+    def _empty(self, *shape: int) -> torch.Tensor:
+        w = self.base.weight
+        return torch.zeros(self.num_slots + 1, *shape, dtype=w.dtype, device=w.device)
+
+
+_KINDS: dict[str, type[SlotKind]] = {}
+
+
+def register_kind(cls: type[SlotKind]) -> type[SlotKind]:
+    """Register a slot kind by its ``name``; a name registers once."""
+    if cls.name in _KINDS:
+        raise ValueError(f"slot kind {cls.name!r} is already registered")
+    _KINDS[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """LoRA's payload: A (r, in), B (r, out) with the scaling (and DoRA's magnitude scale) folded in, and DoRA's
+    per-output scale m / ||W + s B A|| - 1 (None for plain LoRA), which scales the base output."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    dora_scale: torch.Tensor | None = None
+
+
+@register_kind
+class LoraKind(SlotKind):
+    """LoRA-family deltas (LoRA, DoRA, AdaLoRA/PLoRA/DyLoRA exports): slot tables padded to a common rank."""
+
+    name = "lora"
+    order = 10
+
+    def __init__(self, base: nn.Linear, num_slots: int) -> None:
+        super().__init__(base, num_slots)
+        self.A = self._empty(0, base.in_features)  # (slots+1, R, in)
+        self.B = self._empty(0, base.out_features)  # (slots+1, R, out)
+        self.dora: torch.Tensor | None = None  # (slots+1, out), allocated on the first DoRA adapter
+        self.slot_rank = [0] * (num_slots + 1)
+        self.slot_dora = [False] * (num_slots + 1)
+
+    def set(self, slot: int, payload: LoraFactors | None) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        if self.dora is not None:
+            self.dora[slot].zero_()
+        self.slot_rank[slot], self.slot_dora[slot] = 0, False
+        if payload is None:
+            return
+        r = payload.A.shape[0]
+        if r > self.A.shape[1]:
+            pad = r - self.A.shape[1]
+            self.A = torch.nn.functional.pad(self.A, (0, 0, 0, pad))
+            self.B = torch.nn.functional.pad(self.B, (0, 0, 0, pad))
+        self.A[slot, :r] = payload.A
+        self.B[slot, :r] = payload.B
+        self.slot_rank[slot] = r
+        if payload.dora_scale is not None:
+            if self.dora is None:
+                self.dora = self._empty(self.base.out_features)
+            self.dora[slot] = payload.dora_scale
+            self.slot_dora[slot] = True
+
+    def holds(self, slot: int) -> bool:
+        return self.slot_rank[slot] > 0
+
+    def gather(self, plan: BatchPlan, used: list[int]) -> tuple:
+        assert plan.slots is not None and plan.weights is not None
+        rank = max(self.slot_rank[s] for s in used)
+        # Few distinct adapters for many rows: read each adapter once (dense path); else per row.
+        if plan.ranks is not None:  # DyLoRA rows at a chosen rank: the per-row path truncates
+            slot_ranks = torch.tensor(self.slot_rank, device=plan.slots.device)
+            trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
+            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank, trunc))
+        elif 2 * len(used) <= plan.slots.shape[0]:
+            lora = ("unique", *gather_unique(self.A, self.B, plan.slots, plan.weights, rank, used))
+        else:
+            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank))
+        dora = None
+        if self.dora is not None and any(self.slot_dora[s] for s in used):
+            dora = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
+        return lora, dora
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: tuple) -> torch.Tensor:
+        lora, dora = state
+        if dora is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
+            base_no_bias = base_out if self.base.bias is None else base_out - self.base.bias
+            y = y + dora * base_no_bias
+        if lora[0] == "unique":  # accumulate in place: y is a fresh tensor owned by this forward
+            return lora_apply_unique(x, *lora[1:], out=y)
+        return lora_apply(x, *lora[1:], out=y)
+
+
+@register_kind
+class BiasKind(SlotKind):
+    """Per-row bias deltas (BitFit): a layer without a bias gets one only in the adapter's rows."""
+
+    name = "bias"
+    order = 30
+
+    def __init__(self, base: nn.Linear, num_slots: int) -> None:
+        super().__init__(base, num_slots)
+        self.table = self._empty(base.out_features)  # (slots+1, out)
+        self.slot_set = [False] * (num_slots + 1)
+
+    def set(self, slot: int, payload: torch.Tensor | None) -> None:
+        self.table[slot] = 0 if payload is None else payload
+        self.slot_set[slot] = payload is not None
+
+    def holds(self, slot: int) -> bool:
+        return self.slot_set[slot]
+
+    def gather(self, plan: BatchPlan, used: list[int]) -> torch.Tensor:
+        assert plan.slots is not None and plan.weights is not None
+        return weighted_rows(self.table, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return y + state
 
 
 class MultiAdapterLinear(nn.Module):
@@ -93,30 +249,9 @@ class MultiAdapterLinear(nn.Module):
         self.base = base
         self.plan = plan
         self.num_slots = num_slots  # resident slots; tables have num_slots + 1 rows (slot 0 = zero)
-        w = base.weight
-        self.A = torch.zeros(num_slots + 1, 0, base.in_features, dtype=w.dtype, device=w.device)
-        self.B = torch.zeros(num_slots + 1, 0, base.out_features, dtype=w.dtype, device=w.device)
-        self.dora: torch.Tensor | None = None  # (slots+1, out), allocated on first DoRA adapter
-        self.bias: torch.Tensor | None = None  # (slots+1, out), allocated on first BitFit adapter
-        self.slot_rank = [0] * (num_slots + 1)
-        self.slot_dora = [False] * (num_slots + 1)
-        self.slot_bias = [False] * (num_slots + 1)
-        self.sparse: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> sparse ΔW (Child-tuning, FishMask)
-        self.bottlenecks: dict[int, Bottleneck] = {}  # slot -> bottleneck adapter module
+        self.kinds: dict[str, SlotKind] = {}  # created on first install, kept in application order
         self._cached_version = -1
-        self._rows: tuple = (None,) * 5  # (lora path + factors, dora rows, bias rows, sparse, bottleneck groups)
-
-    # -- slot management (engine thread, between steps) ------------------------------------------
-    def _grow_rank(self, rank: int) -> None:
-        pad = rank - self.A.shape[1]
-        self.A = torch.nn.functional.pad(self.A, (0, 0, 0, pad))
-        self.B = torch.nn.functional.pad(self.B, (0, 0, 0, pad))
-
-    def _table(self, attr: str) -> torch.Tensor:
-        if getattr(self, attr) is None:
-            w = self.base.weight
-            setattr(self, attr, torch.zeros(self.num_slots + 1, self.base.out_features, dtype=w.dtype, device=w.device))
-        return getattr(self, attr)
+        self._states: list[tuple[SlotKind, Any]] = []
 
     # Slot tables are ordinary tensors even when written from the engine's inference-mode loop, so
     # any later write (forward_logits, unload) can update them in place.
@@ -125,90 +260,38 @@ class MultiAdapterLinear(nn.Module):
     def set_slot(self, slot: int, delta: LinearDelta | None) -> None:
         """Install (or with ``None`` clear) one adapter's delta in ``slot``. Never during a forward."""
         assert 1 <= slot <= self.num_slots
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        for attr in ("dora", "bias"):
-            if getattr(self, attr) is not None:
-                getattr(self, attr)[slot].zero_()
-        self.slot_rank[slot], self.slot_dora[slot], self.slot_bias[slot] = 0, False, False
-        self.sparse.pop(slot, None)
-        self.bottlenecks.pop(slot, None)
-        if delta is not None:
-            if delta.bottleneck is not None:
-                w, bn = self.base.weight, delta.bottleneck
-                moved = [t.to(device=w.device, dtype=w.dtype) for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
-                self.bottlenecks[slot] = Bottleneck(*moved, activation=bn.activation, serial=bn.serial)
-            if delta.sparse is not None:
-                idx, val = delta.sparse
-                w = self.base.weight
-                self.sparse[slot] = (idx.to(w.device), val.to(device=w.device, dtype=w.dtype))
-            if delta.A is not None:
-                r = delta.rank
-                if r > self.A.shape[1]:
-                    self._grow_rank(r)
-                self.A[slot, :r] = delta.A
-                self.B[slot, :r] = delta.B
-                self.slot_rank[slot] = r
-            if delta.dora_scale is not None:
-                self._table("dora")[slot] = delta.dora_scale
-                self.slot_dora[slot] = True
-            if delta.bias is not None:
-                self._table("bias")[slot] = delta.bias
-                self.slot_bias[slot] = True
+        parts = delta.parts if delta is not None else {}
+        for name in parts:
+            if name not in self.kinds:
+                if name not in _KINDS:
+                    raise ValueError(f"unknown slot kind {name!r} (registered: {', '.join(sorted(_KINDS))})")
+                self.kinds[name] = _KINDS[name](self.base, self.num_slots)
+                self.kinds = dict(sorted(self.kinds.items(), key=lambda kv: kv[1].order))
+        for name, kind in self.kinds.items():
+            kind.set(slot, parts.get(name))
         self._cached_version = -1
 
-    # -- forward ---------------------------------------------------------------------------------
-    def _batch_rows(self) -> tuple:
-        """Gathered per-row factors for the current plan, computed once per plan version."""
+    def _batch_states(self) -> list[tuple[SlotKind, Any]]:
+        """Each kind's gathered rows for the current plan, computed once per plan version."""
         plan = self.plan
         if self._cached_version != plan.version:
-            lora = dora_rows = bias_rows = None
-            with_lora = sorted(s for s in plan.used if self.slot_rank[s])
-            if with_lora:
-                rank = max(self.slot_rank[s] for s in with_lora)
-                # Few distinct adapters for many rows: read each adapter once (dense path); else per row.
-                if plan.ranks is not None:  # DyLoRA rows at a chosen rank: the per-row path truncates
-                    slot_ranks = torch.tensor(self.slot_rank, device=plan.slots.device)
-                    trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
-                    lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank, trunc))
-                elif 2 * len(with_lora) <= plan.slots.shape[0]:
-                    lora = ("unique", *gather_unique(self.A, self.B, plan.slots, plan.weights, rank, with_lora))
-                else:
-                    lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank))
-            if any(self.slot_dora[s] for s in plan.used):
-                dora_rows = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
-            if any(self.slot_bias[s] for s in plan.used):
-                bias_rows = weighted_rows(self.bias, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
-            with_sparse = sorted(s for s in plan.used if s in self.sparse)
-            sparse = None
-            if with_sparse:
-                b = self.base
-                sparse = gather_sparse(
-                    self.sparse, with_sparse, b.out_features, b.in_features, plan.slots, plan.weights
-                )
-            with_bottleneck = sorted(s for s in plan.used if s in self.bottlenecks)
-            groups = gather_bottleneck(self.bottlenecks, with_bottleneck, plan.slots, plan.weights) or None
-            self._rows = (lora, dora_rows, bias_rows, sparse, groups)
+            self._states = []
+            for kind in self.kinds.values():
+                used = sorted(s for s in plan.used if kind.holds(s))
+                if used:
+                    self._states.append((kind, kind.gather(plan, used)))
             self._cached_version = plan.version
-        return self._rows
+        return self._states
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (Bt, T, out)
         if not self.plan.used:
-            return y
-        lora, dora_rows, bias_rows, sparse, groups = self._batch_rows()
-        if dora_rows is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
-            base_no_bias = y if self.base.bias is None else y - self.base.bias
-            y = y + dora_rows * base_no_bias
-        if lora is not None:  # accumulate in place into y, a fresh tensor owned by this call
-            if lora[0] == "unique":
-                lora_apply_unique(x, *lora[1:], out=y)
-            else:
-                lora_apply(x, *lora[1:], out=y)
-        if sparse is not None:
-            sparse_apply(x, sparse, out=y)
-        if bias_rows is not None:
-            y = y + bias_rows
-        if groups is not None:  # last: a serial bottleneck reads the row's whole output
-            bottleneck_apply(x, y, groups)
+            return self.base(x)
+        states = self._batch_states()
+        x_base = x
+        for kind, state in states:
+            x_base = kind.scale_input(x_base, state)
+        base_out = self.base(x_base)  # (Bt, T, out)
+        y = base_out
+        for kind, state in states:
+            y = kind.apply(x, base_out, y, state)
         return y

@@ -8,7 +8,7 @@ rows join and leave exactly as in the base. The small models see only the row's 
 and generated), at their own positions: a prefix or prompt-tuning adapter of the same row is the
 base's context, not theirs. Different proxy adapters are different networks, so the batch is grouped
 by adapter (one small-model forward per proxy adapter present, over all its rows); no engine we
-compete with serves proxy-tuning, hence ours. Reference: :mod:`hotswap.serve.ops.proxy_ref`.
+compete with serves proxy-tuning, hence ours. Reference: :mod:`hotswap.methods.proxy.ops_ref`.
 """
 
 from __future__ import annotations

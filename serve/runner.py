@@ -49,6 +49,7 @@ class Runner:
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @torch.inference_mode()  # a runner made inside the engine's loop holds inference tensors
     def clear_row(self, row: int, end: int) -> None:
         """Zero cache positions [0, end) of ``row`` (a finished row's keys/values never reach the next one)."""
         self.k_cache[:, row, :, :end] = 0

@@ -1,32 +1,25 @@
-"""hotswap.train: fine-tune adapters on a frozen base (``train``), and synthetic adapters for tests and
-benchmarks; publishes only through hotswap.registry."""
+"""hotswap.train: fine-tune adapters on a frozen base (``train``); publishes only through hotswap.registry.
+
+The methods themselves (options, training, artifacts, and the synthetic artifacts tests and benchmarks use)
+live in their folders under ``hotswap.methods``; the synthetic writers are re-exported here for convenience."""
 
 from __future__ import annotations
 
+from hotswap.methods.bitfit import BitFitOptions, random_bitfit, random_bitfits
+from hotswap.methods.bottleneck import random_bottlenecks
+from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.lora import LoraOptions, RandomLoraConfig, random_lora, random_loras
+from hotswap.methods.prefix import VirtualTokenOptions, random_prefix, random_prefixes
+from hotswap.methods.prompt import random_prompt, random_prompts
+from hotswap.methods.proxy import random_proxies
+from hotswap.methods.sparse import random_sparse, random_sparses
 from hotswap.train.data import BUILTIN_TASKS, Dataset, Example, load_data
-from hotswap.train.methods import METHODS, BitFitOptions, LoraOptions, VirtualTokenOptions
-from hotswap.train.synthetic import (
-    DEFAULT_TARGETS,
-    RandomLoraConfig,
-    random_bitfit,
-    random_bitfits,
-    random_bottlenecks,
-    random_lora,
-    random_loras,
-    random_prefix,
-    random_prefixes,
-    random_prompt,
-    random_prompts,
-    random_proxies,
-    random_sparse,
-    random_sparses,
-)
+from hotswap.train.methods import trainable_methods
 from hotswap.train.trainer import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "BUILTIN_TASKS",
     "DEFAULT_TARGETS",
-    "METHODS",
     "BitFitOptions",
     "Dataset",
     "Example",
@@ -50,4 +43,5 @@ __all__ = [
     "random_sparse",
     "random_sparses",
     "train",
+    "trainable_methods",
 ]

@@ -32,7 +32,7 @@ from hotswap.registry.fsutil import building_dir
 from hotswap.serve.adapters import base_checker
 from hotswap.train.curve import Point, write_csv, write_png
 from hotswap.train.data import BUILTIN_PREFIX, Dataset, Example, TextCodec, load_data
-from hotswap.train.methods import METHODS, AttachContext, enable_gradient_checkpointing, method_options
+from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options, trainable_methods
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. rank, alpha)
     steps: int | None = None  # optimizer steps; default 200 unless epochs is given
     epochs: float | None = None  # passes over the training data (instead of steps)
-    lr: float | None = None  # default: the method's (METHODS[method].lr)
+    lr: float | None = None  # default: the method's (the method's spec)
     batch_size: int = 16
     seed: int = 0
     eval_every: int = 50  # steps between evaluations (and at the end)
@@ -63,7 +63,7 @@ class TrainConfig:
             raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
         if self.lr is not None and not self.lr > 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
-        if self.gradient_checkpointing and not METHODS[self.method].checkpointing:
+        if self.gradient_checkpointing and not trainable_methods()[self.method].checkpointing:
             raise InvalidArgument(
                 f"{self.method} cannot train with gradient checkpointing (its virtual tokens reach the layers "
                 "through the KV cache, which checkpointed layers drop)"
@@ -178,7 +178,7 @@ def train(
     reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push or parent else None
     parent_manifest, parent_dir = None, None
     if parent is not None and reg is not None:
-        if METHODS[config.method].resume is None:
+        if trainable_methods()[config.method].resume is None:
             raise InvalidArgument(
                 f"{config.method} cannot continue from a parent version (it restructures the adapter)"
             )
@@ -205,16 +205,16 @@ def train(
     per_epoch = -(-len(train_ds.examples) // config.batch_size)
     steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
     if parent_dir is not None:
-        trainable = METHODS[config.method].resume(model, parent_dir)
+        trainable = trainable_methods()[config.method].resume(model, parent_dir)
     else:
-        trainable = METHODS[config.method].attach(model, options, AttachContext(steps, first_losses))
+        trainable = trainable_methods()[config.method].attach(model, options, AttachContext(steps, first_losses))
     model = trainable.model.to(config.device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    lr = config.lr or METHODS[config.method].lr
+    lr = config.lr or trainable_methods()[config.method].lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))
     eval_loss_start, eval_acc_start = evaluate(model, eval_ds, config.batch_size, config.device)

@@ -18,22 +18,14 @@ import torch
 from peft import PeftModel
 
 from hotswap.basemodel import build_model, fingerprint, load_model, save_model
+from hotswap.methods import RandomKnobs, registered
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.train import (
-    RandomLoraConfig,
-    random_bitfits,
-    random_bottlenecks,
-    random_loras,
-    random_prefixes,
-    random_prompts,
-    random_proxies,
-    random_sparses,
-)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "dora", "bitfit", "prefix", "prompt", "bottleneck", "fishmask", "child-tuning", "proxy")
+# every registered method with synthetic artifacts (the LoRA-format exports of AdaLoRA, DyLoRA, PLoRA are LoRA here)
+METHODS = tuple(name for name, spec in registered().items() if spec.random is not None)
 
 
 @dataclass(frozen=True)
@@ -109,23 +101,8 @@ class Fixtures:
         if missing:
             outs = {self.root / "artifacts" / names[i]: 1000 * METHODS.index(method) + i for i in missing}
             w = self.workload
-            if method in ("lora", "dora"):
-                config = RandomLoraConfig(rank=w.rank, alpha=w.alpha, use_dora=method == "dora")
-                random_loras(self.base, outs, config)
-            elif method == "bitfit":
-                random_bitfits(self.base, outs)
-            elif method == "prefix":
-                random_prefixes(self.base, outs, num_virtual_tokens=16)
-            elif method == "prompt":
-                random_prompts(self.base, outs, num_virtual_tokens=16)
-            elif method == "bottleneck":
-                random_bottlenecks(self.base, outs, bottleneck_dim=16)
-            elif method in ("fishmask", "child-tuning"):  # each at its method's default density
-                random_sparses(self.base, outs, method, density=0.005 if method == "fishmask" else 0.2)
-            elif method == "proxy":  # experts tuned from one small model (their shared anti-expert)
-                random_proxies(self.proxy_small(), outs)
-            else:
-                raise ValueError(f"unknown method {method!r}")
+            knobs = RandomKnobs(rank=w.rank, alpha=w.alpha, small=self.proxy_small)
+            registered()[method].random(self.base, outs, knobs)  # type: ignore[misc]
             for out in outs:
                 self.registry.publish(out, out.name, base_fingerprint=self.fingerprint)
         return names

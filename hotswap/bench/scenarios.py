@@ -35,6 +35,7 @@ from hotswap.bench.common import (
 from hotswap.bench.soak import soak
 from hotswap.bench.training import train_bench
 from hotswap.client import MODEL_ID_KEY, Client, build_request
+from hotswap.methods import registered
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
         runs |= {label: partial(engine.generate, r) for label, r in reqs.items()}
         seconds = _interleaved(runs, w.repeats)
         diffs = {}
-        for method in ("lora", "dora", "prefix", "prompt"):  # PEFT has these; BitFit is checked in the tests
+        for method in (m for m in METHODS if registered()[m].peft):  # PEFT loads these; the rest: the tests
             peft = fx.peft(per_method[method][:CHECK_ROWS])
             diffs[method] = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
     rows = []

@@ -33,21 +33,13 @@ from typing import Any
 import torch
 
 FULL = "full"
-METHODS = (
-    FULL,
-    "lora",
-    "dora",
-    "adalora",
-    "dylora",
-    "plora",
-    "bitfit",
-    "prefix",
-    "prompt",
-    "bottleneck",
-    "fishmask",
-    "child-tuning",
-    "proxy",
-)
+
+
+def methods() -> tuple[str, ...]:
+    """Full fine-tuning, then every registered trainable method."""
+    from hotswap.train import trainable_methods
+
+    return (FULL, *trainable_methods())
 
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
@@ -64,8 +56,7 @@ def measure(
     """One method's figures (run inside the worker process)."""
     from hotswap.basemodel import load_model
     from hotswap.train.data import Example
-    from hotswap.train.methods import METHODS as TRAIN_METHODS
-    from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options
+    from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options, trainable_methods
     from hotswap.train.trainer import token_losses
 
     baseline = _rss_bytes()
@@ -85,7 +76,7 @@ def measure(
             return (token_losses(m, examples, device)[0].mean() for _ in range(n))
 
         context = AttachContext(steps, losses)
-        trainable = TRAIN_METHODS[method].attach(model, method_options(method, options), context)
+        trainable = trainable_methods()[method].attach(model, method_options(method, options), context)
         model = trainable.model.to(device)
     if checkpointing:
         enable_gradient_checkpointing(model)
@@ -122,13 +113,13 @@ def measure(
 def train_bench(base: str, batch: int, length: int, steps: int, device: str, small_model: str) -> list[dict[str, Any]]:
     """Every method in its own process, without and with gradient checkpointing; ratios against full
     fine-tuning from the same run and mode. ``small_model``: the checkpoint proxy-tuning fine-tunes."""
-    from hotswap.train.methods import METHODS as TRAIN_METHODS
+    from hotswap.train.methods import trainable_methods
 
-    rows = [_run_worker(method, base, batch, length, steps, device, small_model, False) for method in METHODS]
+    rows = [_run_worker(method, base, batch, length, steps, device, small_model, False) for method in methods()]
     checkpointed = {
         method: _run_worker(method, base, batch, length, steps, device, small_model, True)
-        for method in METHODS
-        if method == FULL or TRAIN_METHODS[method].checkpointing
+        for method in methods()
+        if method == FULL or trainable_methods()[method].checkpointing
     }
     full, lora, full_ckpt = rows[0], rows[1], checkpointed[FULL]
     for row in rows:

@@ -106,7 +106,7 @@ def test_train(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> 
     cannot be checkpointed). Four methods here: each costs four worker processes."""
     from hotswap.bench import training
 
-    monkeypatch.setattr(training, "METHODS", ("full", "lora", "prefix", "proxy"))
+    monkeypatch.setattr(training, "methods", lambda: ("full", "lora", "prefix", "proxy"))
     rows = _load(run("train", TINY, tmp_path, cache, [0])[0])["rows"]
     assert [r["method"] for r in rows] == ["full", "lora", "prefix", "proxy"]
     full = rows[0]

@@ -36,6 +36,7 @@ from hotswap.errors import (
     UnsupportedAdapter,
     mapping_for,
 )
+from hotswap.methods.proxy.artifact import write_proxy
 from hotswap.registry import Registry
 from hotswap.registry.fsutil import sha256_file
 from hotswap.registry.manifest import MANIFEST_FILE
@@ -51,7 +52,6 @@ from hotswap.train import (
     random_proxies,
     random_sparse,
 )
-from hotswap.train.synthetic import write_proxy
 from tests.conftest import SMALL
 from tests.serve.serverutil import client, make_server, wait_idle
 

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from hotswap.basemodel import build_model, fingerprint, load_model
 from hotswap.errors import ArtifactRejected, UnsupportedAdapter
+from hotswap.methods.proxy.artifact import write_proxy
+from hotswap.methods.proxy.ops_ref import ProxyTuned
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.serve.ops.proxy_ref import ProxyTuned
-from hotswap.train.synthetic import write_proxy
 from tests.conftest import SMALL
 from tests.serve.reference import peft_model, reference_greedy, reference_logits
 
@@ -129,7 +129,7 @@ def test_bottleneck_matches_a_model_with_the_modules(
     engine: Engine, adapters: dict[str, Path], tiny_base: Path, name: str
 ) -> None:
     """Rows with a bottleneck adapter equal a model whose o_proj/down_proj carry the trained modules."""
-    from hotswap.train.bottleneck import BottleneckOptions, attach_bottleneck
+    from hotswap.methods.bottleneck.train import BottleneckOptions, attach_bottleneck
 
     config = json.loads((adapters[name] / "hotswap_config.json").read_text())
     model = load_model(tiny_base)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap.serve.ops import bottleneck, bottleneck_ref, lora, lora_ref, sparse, sparse_ref
+from hotswap.methods.bottleneck import ops as bottleneck
+from hotswap.methods.bottleneck import ops_ref as bottleneck_ref
+from hotswap.methods.sparse import ops as sparse
+from hotswap.methods.sparse import ops_ref as sparse_ref
+from hotswap.serve.ops import lora, lora_ref
 
 # One tolerance table: max |fast - ref| / (max |ref| + 1) per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

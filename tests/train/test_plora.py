@@ -12,10 +12,10 @@ from peft.tuners.lora import LoraLayer
 
 from hotswap.basemodel import load_model
 from hotswap.errors import InvalidArgument
+from hotswap.methods.plora.train import PLoraOptions, offload
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.train import TrainConfig, train
-from hotswap.train.plora import PLoraOptions, offload
 
 PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]
 

@@ -1,10 +1,10 @@
-"""Row-by-row reference for :mod:`hotswap.serve.ops.bottleneck`: plain fp32 loops."""
+"""Row-by-row reference for :mod:`hotswap.methods.bottleneck.ops`: plain fp32 loops."""
 
 from __future__ import annotations
 
 import torch
 
-from hotswap.serve.ops.bottleneck import ACTIVATIONS, Bottleneck
+from hotswap.methods.bottleneck.ops import ACTIVATIONS, Bottleneck
 
 
 def bottleneck_delta(

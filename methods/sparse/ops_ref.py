@@ -1,4 +1,4 @@
-"""Row-by-row reference for :mod:`hotswap.serve.ops.sparse`: densify each delta, plain fp32 loops."""
+"""Row-by-row reference for :mod:`hotswap.methods.sparse.ops`: densify each delta, plain fp32 loops."""
 
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from hotswap.errors import InvalidArgument
-from hotswap.train.export import write_lora_factors
-from hotswap.train.peft_common import attach, lora_config
-from hotswap.train.synthetic import DEFAULT_TARGETS
-from hotswap.train.trainable import PlainSteps
+from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.lora.factors import write_lora_factors
+from hotswap.methods.peft_common import attach, lora_config
+from hotswap.methods.trainable import PlainSteps
 
 EXPORTS = ("stacked", "svd")
 
@@ -118,7 +118,7 @@ class PLoraTrainable(PlainSteps):
         return u[:, :k] * sigma[:k], vh[:k]
 
     def export(self, out: Path) -> dict[str, float]:
-        """PEFT LoRA files carrying ΔW (see ``hotswap.train.export``)."""
+        """PEFT LoRA files carrying ΔW (see ``hotswap.methods.lora.factors``)."""
         ranks = write_lora_factors(out, self.factors())
         offloads = max((len(v) for v in self.offloaded.values()), default=0)
         return {"plora_offloads": float(offloads), "plora_exported_rank": float(max(ranks.values())), **self.metrics}

@@ -18,9 +18,9 @@ from peft import AdaLoraConfig, PeftModel
 from peft.tuners.adalora.layer import AdaLoraLayer
 
 from hotswap.errors import InvalidArgument
-from hotswap.train.export import write_lora_factors
-from hotswap.train.peft_common import attach
-from hotswap.train.synthetic import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.lora.factors import write_lora_factors
+from hotswap.methods.peft_common import attach
 
 
 @dataclass(frozen=True)

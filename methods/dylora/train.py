@@ -20,9 +20,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from hotswap.errors import InvalidArgument
-from hotswap.train.peft_common import attach, lora_config
-from hotswap.train.synthetic import DEFAULT_TARGETS
-from hotswap.train.trainable import PlainSteps
+from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.peft_common import attach, lora_config
+from hotswap.methods.trainable import PlainSteps
 
 
 @dataclass(frozen=True)

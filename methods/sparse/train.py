@@ -14,7 +14,7 @@ weight decay never moves a weight whose gradient is always zero, so untouched we
 (tested). The optimizer keeps dense moments for the target matrices: memory like full fine-tuning of
 those layers (a sparse optimizer would fix that; not needed at the sizes served here).
 
-Artifact: ``hotswap.train.synthetic.write_sparse`` (flat indices + values per linear).
+Artifact: ``hotswap.methods.sparse.artifact.write_sparse`` (flat indices + values per linear).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import InvalidArgument
-from hotswap.train.synthetic import DEFAULT_TARGETS, write_sparse
-from hotswap.train.trainable import PlainSteps
+from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.sparse.artifact import write_sparse
+from hotswap.methods.trainable import PlainSteps
+from hotswap.serve.adapters import target_linears
 
 VARIANTS = ("d", "f")
 
@@ -120,11 +122,7 @@ def attach_sparse(
     """Freeze everything but the target linears' weights, pick the mask, and hook the gradients."""
     for p in model.parameters():
         p.requires_grad_(False)
-    weights = {
-        name: module.weight
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name and name.rsplit(".", 1)[-1] in opts.target_modules
-    }
+    weights = {name: module.weight for name, module in target_linears(model, opts.target_modules).items()}
     if not weights:
         raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
     for w in weights.values():

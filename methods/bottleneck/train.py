@@ -4,8 +4,8 @@ linears, o_proj and down_proj), added to the sublayer's output before the residu
 reads the sublayer's output; parallel placement reads its input. The up-projection starts at zero, so
 training starts from the base model exactly. PEFT has no bottleneck adapters, so this is ours.
 
-Artifact: ``hotswap.train.synthetic.write_bottleneck``; the engine serves it per row
-(``hotswap.serve.ops.bottleneck``).
+Artifact: ``hotswap.methods.bottleneck.artifact.write_bottleneck``; the engine serves it per row
+(``hotswap.methods.bottleneck.ops``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from hotswap.errors import InvalidArgument
-from hotswap.serve.ops.bottleneck import ACTIVATIONS
-from hotswap.train.synthetic import BOTTLENECK_TARGETS, write_bottleneck
-from hotswap.train.trainable import PlainSteps
+from hotswap.methods.bottleneck.artifact import BOTTLENECK_TARGETS, write_bottleneck
+from hotswap.methods.bottleneck.ops import ACTIVATIONS
+from hotswap.methods.trainable import PlainSteps
+from hotswap.serve.adapters import target_linears
 
 PLACEMENTS = ("serial", "parallel")
 
@@ -84,13 +85,11 @@ def attach_bottleneck(model: nn.Module, opts: BottleneckOptions) -> BottleneckTr
     for p in model.parameters():
         p.requires_grad_(False)
     modules = {}
-    for name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and ".layers." in full and child_name in opts.target_modules:
-                wrapped = BottleneckLinear(child, opts.bottleneck_dim, opts.activation, opts.placement == "serial")
-                setattr(parent, child_name, wrapped)
-                modules[full] = wrapped
+    for full, child in target_linears(model, opts.target_modules).items():
+        parent, _, child_name = full.rpartition(".")
+        wrapped = BottleneckLinear(child, opts.bottleneck_dim, opts.activation, opts.placement == "serial")
+        setattr(model.get_submodule(parent), child_name, wrapped)
+        modules[full] = wrapped
     if not modules:
         raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
     return BottleneckTrainable(model, opts, modules)

@@ -1,0 +1,39 @@
+"""The bottleneck slot kind: each slot's adapter module at one layer, the batch's adapters stacked along the
+bottleneck like LoRA ranks (:mod:`hotswap.methods.bottleneck.ops`). Applied last: a serial bottleneck reads
+the row's whole output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hotswap.methods.bottleneck.ops import Bottleneck, bottleneck_apply, gather_bottleneck
+from hotswap.serve.layers import BatchPlan, SlotKind, register_kind
+
+
+@register_kind
+class BottleneckKind(SlotKind):
+    name = "bottleneck"
+    order = 100
+
+    def __init__(self, base: nn.Linear, num_slots: int) -> None:
+        super().__init__(base, num_slots)
+        self.entries: dict[int, Bottleneck] = {}
+
+    def set(self, slot: int, payload: Bottleneck | None) -> None:
+        self.entries.pop(slot, None)
+        if payload is not None:
+            w = self.base.weight
+            moved = [t.to(device=w.device, dtype=w.dtype) for t in (payload.down, payload.down_bias, payload.up,
+                                                                      payload.up_bias)]  # fmt: skip
+            self.entries[slot] = Bottleneck(*moved, activation=payload.activation, serial=payload.serial)
+
+    def holds(self, slot: int) -> bool:
+        return slot in self.entries
+
+    def gather(self, plan: BatchPlan, used: list[int]) -> list:
+        assert plan.slots is not None and plan.weights is not None
+        return gather_bottleneck(self.entries, used, plan.slots, plan.weights)
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: list) -> torch.Tensor:
+        return bottleneck_apply(x, y, state)

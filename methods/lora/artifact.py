@@ -1,0 +1,118 @@
+"""LoRA and DoRA artifacts: PEFT's own files (``adapter_config.json`` + ``adapter_model.safetensors``). The reader
+also serves every method published in PEFT's LoRA format (AdaLoRA, PLoRA, DyLoRA exports); the writers make
+random ones for tests and benchmarks (``factors.py`` writes LoRA files from per-layer factors)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+
+from hotswap.errors import ArtifactRejected, InvalidArtifact, UnsupportedAdapter
+from hotswap.methods.common import DEFAULT_TARGETS, PathLike, save_variants
+from hotswap.registry import PEFT_CONFIG
+from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_json, read_tensors, target_linear
+from hotswap.serve.layers import LinearDelta, LoraFactors
+
+_PEFT_PREFIX = "base_model.model."
+# -- LoRA family (LoRA, DoRA, and anything published in PEFT's LoRA format) --------------------------
+_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapter:
+    peft_type = read_json(path, PEFT_CONFIG, ref).get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedAdapter(
+            f"{ref}: PEFT type {peft_type} is not served on the LoRA path; publish LoRA-format files "
+            "(hotswap train exports AdaLoRA that way)"
+        )
+    config = LoraConfig.from_pretrained(str(path))
+    if config.bias != "none" or getattr(config, "lora_bias", False):
+        raise UnsupportedAdapter(f"{ref}: LoRA bias={config.bias!r} is not served; use bias='none'")
+    tensors = {k.removeprefix(_PEFT_PREFIX): v for k, v in read_tensors(path, ref, base).items()}
+    modules: set[str] = set()
+    for key in tensors:
+        module, _, part = key.partition(".lora_")
+        if not part or f"lora_{part}" not in _LORA_PARTS:
+            raise ArtifactRejected(f"{ref}: unexpected tensor {key!r} (a LoRA artifact holds {', '.join(_LORA_PARTS)})")
+        target_linear(ref, module, key, base)
+        modules.add(module)
+    out = LoadedAdapter(ref=ref, method=method)
+    for module in sorted(modules):
+        linear = base.linears[module]
+        try:
+            a = tensors[f"{module}.lora_A.weight"].float()  # (r, in)
+            b = tensors[f"{module}.lora_B.weight"].float()  # (out, r)
+        except KeyError as e:
+            raise ArtifactRejected(f"{ref}: {module} lacks tensor {e.args[0]!r}") from None
+        # PEFT matches rank/alpha patterns against the module's full name in the base model.
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ArtifactRejected(f"{ref}: {module}'s rank in {PEFT_CONFIG} must be a positive integer, got {r!r}")
+        check_shape(ref, f"{module}.lora_A.weight", a, (r, linear.in_features))
+        check_shape(ref, f"{module}.lora_B.weight", b, (linear.out_features, r))
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        b_scaled = (b * scaling).T.contiguous()  # (r, out)
+        dora_scale = None
+        magnitude = tensors.get(f"{module}.lora_magnitude_vector")
+        if magnitude is not None:
+            check_shape(ref, f"{module}.lora_magnitude_vector", magnitude, (linear.out_features,))
+            # DoRA (PEFT's DoraLinearLayer): y = W x + (m/n - 1) * W x + (m/n) * s B A x, n = ||W + s B A||
+            # per output row, computed once here in fp32; m/n is folded into B.
+            weight = linear.weight.float() + scaling * (b @ a)  # (out, in)
+            mag_scale = magnitude.float() / torch.linalg.norm(weight, dim=1)  # (out,)
+            if not torch.isfinite(mag_scale).all():
+                raise ArtifactRejected(f"{ref}: {module}'s DoRA scale is not finite (a zero-norm weight row)")
+            b_scaled = b_scaled * mag_scale[None, :]
+            dora_scale = (mag_scale - 1).to(base.dtype)
+        out.linear[module] = LinearDelta({"lora": LoraFactors(a.to(base.dtype), b_scaled.to(base.dtype), dora_scale)})
+    if not out.linear:
+        raise ArtifactRejected(f"{ref}: no LoRA tensors found in {WEIGHTS}")
+    return out
+
+
+@dataclass(frozen=True)
+class RandomLoraConfig:
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # scaling numerator: delta = (alpha / r) * B @ A
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # module name suffixes to adapt
+    use_dora: bool = False  # DoRA: add PEFT's magnitude vector (random around the base column norms)
+    seed: int = 0  # fixes A, B (and DoRA magnitudes) for random_lora
+    init_std: float = 0.02  # std of the random A and B entries
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise InvalidArtifact(f"rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise InvalidArtifact("target_modules must name at least one module")
+
+
+def random_loras(base: PathLike, outs: Mapping[PathLike, int], config: RandomLoraConfig) -> list[Path]:
+    """PEFT LoRA (or DoRA) adapters for the base at ``base``: one per (directory, seed), random A and B."""
+    peft_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=list(config.target_modules),
+        use_dora=config.use_dora,
+        lora_dropout=0.0,
+        bias="none",
+    )
+
+    def fill(name: str, param: torch.Tensor, initial: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(param.shape, generator=gen)
+        if "lora_magnitude_vector" in name:  # around PEFT's init, the base's column norms
+            return initial * (1.0 + 0.1 * noise)
+        return noise * config.init_std
+
+    return save_variants(base, peft_config, outs, fill)
+
+
+def random_lora(base: PathLike, out_dir: PathLike, config: RandomLoraConfig) -> Path:
+    """One random LoRA/DoRA adapter (seed ``config.seed``)."""
+    return random_loras(base, {out_dir: config.seed}, config)[0]

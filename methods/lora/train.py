@@ -1,0 +1,31 @@
+"""LoRA and DoRA training: PEFT does the method; the artifact is its ``save_pretrained`` output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hotswap.errors import InvalidArgument
+from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.peft_common import PeftTrainable, attach_peft, lora_config
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A"})
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input while training"})
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise InvalidArgument(f"rank must be >= 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidArgument(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def attach_lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> PeftTrainable:
+    return attach_peft(
+        model, lora_config(opts.rank, opts.alpha, opts.target_modules, lora_dropout=opts.dropout, use_dora=dora)
+    )

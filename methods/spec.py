@@ -1,0 +1,64 @@
+"""What a method is to the rest of hotswap: one :class:`MethodSpec`, registered once.
+
+Everything outside a method's folder (the serving loader dispatch, request validation, ``hotswap train``
+options, benchmark fixtures, the tests' every-method batches) reads this registry and never names a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# (artifact dir, exact ref "name@3", method name, hotswap.serve.adapters.BaseInfo) -> LoadedAdapter
+Loader = Callable[[Path, str, str, Any], Any]
+
+
+@dataclass(frozen=True)
+class RandomKnobs:
+    """What a benchmark or test fixes for every method's synthetic artifacts."""
+
+    rank: int = 16  # LoRA-like ranks
+    alpha: float = 32.0
+    small: Callable[[], Path] | None = None  # a small checkpoint sharing the base's vocabulary (proxy-tuning)
+
+
+# (base checkpoint dir, {out dir: seed}, knobs) -> the artifact dirs written, random non-zero weights
+RandomArtifacts = Callable[[Path, Mapping[Path, int], RandomKnobs], list[Path]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # as published in manifests and artifact configs ("lora", "child-tuning", ...)
+    summary: str  # one line for help texts
+    load: Loader  # the serving reader: validates the artifact against the base, returns host tensors
+    options: type | None = None  # training options dataclass (each field's help in its metadata)
+    attach: Callable[..., Any] | None = None  # (model, options, AttachContext) -> Trainable
+    lr: float = 1e-3  # default learning rate for the built-in tasks
+    resume: Callable[[Any, Path], Any] | None = None  # (model, parent artifact dir) -> Trainable
+    checkpointing: bool = True  # trains with gradient checkpointing
+    random: RandomArtifacts | None = None  # synthetic artifacts with random non-zero weights (tests, benchmarks)
+    context: bool = False  # changes the row's context (prefix/prompt): one per request, weight 1
+    ranked: bool = False  # a request may ask for a lower rank (DyLoRA)
+    peft: bool = False  # the artifact is PEFT's own format (PeftModel.from_pretrained loads it)
+
+    @property
+    def trainable(self) -> bool:
+        return self.attach is not None
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Register one method; a name registers once."""
+    if spec.name in _METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def registered() -> Mapping[str, MethodSpec]:
+    """Every registered method by name, in registration order."""
+    return _METHODS
