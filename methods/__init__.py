@@ -13,6 +13,7 @@ from hotswap.methods import (
     bitfit,
     bottleneck,
     dylora,
+    ia3,
     lora,
     plora,
     prefix,
@@ -34,5 +35,6 @@ register(bottleneck.BOTTLENECK)
 register(prefix.PREFIX)
 register(prompt.PROMPT)
 register(proxy.PROXY)
+register(ia3.IA3)
 
 __all__ = ["MethodSpec", "RandomKnobs", "register", "registered"]

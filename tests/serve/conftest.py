@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hotswap.basemodel import fingerprint, load_model
+from hotswap.methods.ia3 import random_ia3s
 from hotswap.registry import Registry
 from hotswap.serve import Engine
 from hotswap.serve.server import Server
@@ -88,6 +89,7 @@ def adapters(tiny_base: Path, small_base: Path, tmp_path_factory: pytest.TempPat
         )[0],
         "proxy": random_proxies(small_base, {d / "proxy": 15}, alpha=1.5, std=0.3)[0],
         "proxy2": random_proxies(small_base, {d / "proxy2": 16}, alpha=1.5, std=0.3)[0],
+        "ia3": random_ia3s(tiny_base, {d / "ia3": 17})[0],
     }
 
 
@@ -103,7 +105,7 @@ def registry_path(tiny_base: Path, adapters: dict[str, Path], tmp_path_factory: 
 
 @pytest.fixture(scope="module")
 def engine(tiny_base: Path, registry_path: Path) -> Iterator[Engine]:
-    with Engine(tiny_base, registry_path, max_batch=16, max_resident=16, max_seq_len=128) as eng:
+    with Engine(tiny_base, registry_path, max_batch=20, max_resident=20, max_seq_len=128) as eng:
         yield eng
 
 

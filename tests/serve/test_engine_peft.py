@@ -11,7 +11,7 @@ from hotswap.basemodel import load_model
 from hotswap.serve import Engine, Request
 from tests.serve.reference import peft_model, reference_greedy, reference_logits
 
-PEFT_METHODS = ["lora4", "lora8qv", "pattern", "rslora", "dropout", "dora", "prefix", "prompt"]
+PEFT_METHODS = ["lora4", "lora8qv", "pattern", "rslora", "dropout", "dora", "prefix", "prompt", "ia3"]
 PROMPTS = {name: [(7 * i + 3 * j) % 250 + 1 for j in range(3 + i)] for i, name in enumerate([*PEFT_METHODS, "base"])}
 
 
