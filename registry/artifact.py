@@ -25,16 +25,14 @@ _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _ZIP_MAGIC = b"PK\x03\x04"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
-# PEFT's peft_type -> hotswap method name.
+# PEFT's peft_type -> hotswap method name, for the PEFT methods hotswap trains and serves (PEFT's format
+# knowledge: the registry stays free of model code, so it does not import hotswap.methods).
 _PEFT_METHODS = {
     "LORA": "lora",
     "ADALORA": "adalora",
     "PREFIX_TUNING": "prefix",
     "PROMPT_TUNING": "prompt",
-    "P_TUNING": "p-tuning",
     "IA3": "ia3",
-    "LOHA": "loha",
-    "LOKR": "lokr",
 }
 
 

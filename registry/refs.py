@@ -85,9 +85,6 @@ class AdapterRef:
         """``tenant/name`` or ``name``: the adapter's identity without a version selector."""
         return f"{self.tenant}/{self.name}" if self.tenant else self.name
 
-    def unversioned(self) -> AdapterRef:
-        return AdapterRef(name=self.name, tenant=self.tenant)
-
     def at(self, version: int) -> AdapterRef:
         return AdapterRef(name=self.name, tenant=self.tenant, version=version)
 
