@@ -23,6 +23,7 @@ COPY hotswap ./hotswap
 COPY registry ./registry
 COPY train ./train
 COPY serve ./serve
+COPY methods ./methods
 # The build generates the gRPC stubs from proto/ (setup.py).
 RUN pip install ".[${EXTRAS}]" && useradd --create-home --uid 1000 hotswap \
     && mkdir -p /data/registry /models /etc/hotswap && chown -R hotswap /data

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: build a small base model, train two adapters and publish them to a local registry,
-# list them, show a manifest, move an alias, pull a verified copy, then serve both over gRPC, query
-# them concurrently, show their /metrics lines and stop the server. Re-runnable: starts clean.
+# `make demo`: build a small base model, train two adapters and publish them to a local registry, push
+# a third made outside training, list them, show a manifest, move an alias, pull a verified copy, then
+# serve over gRPC, query two adapters concurrently, show their /metrics lines and stop the server.
+# Re-runnable: starts clean.
 set -euo pipefail
 D=demo
 rm -rf "$D"
@@ -20,6 +21,10 @@ step "Train a DoRA adapter for tenant acme on a small JSONL file (tenant adapter
 step "Train math again with another seed: version 2" \
   hotswap train --method lora --base "$D/base" --data builtin:mapping --steps 200 --seed 1 --push math \
   --out "$D/runs/math-s1" --quiet
+step "Make a random LoRA adapter outside training (a PEFT directory naming its base)" \
+  hotswap adapter random --base "$D/base" --out "$D/random" --rank 4
+step "Publish it: push checks it against the base its adapter_config.json names (or --base DIR)" \
+  hotswap push "$D/random" --name noise
 step "List the registry" hotswap list
 step "Versions of math" hotswap versions math
 step "Show the manifest behind math:prod" hotswap show math:prod

@@ -66,15 +66,24 @@ def test_rayservice_manifest_matches_the_image_and_the_server() -> None:
     module, attr = app["import_path"].split(":")
     assert module == scaleout.__name__ and getattr(scaleout, attr) is scaleout.build_app
     assert isinstance(scaleout.build_app(app["args"]), Application)
-    with pytest.raises(InvalidArgument, match="unknown hotswap application args"):
+    with pytest.raises(InvalidArgument, match=r"hotswap application args: unknown keys \['max_batchh'\]"):
         scaleout.build_app({**app["args"], "max_batchh": 3})
+    with pytest.raises(InvalidArgument, match=r"unknown keys \['port'\]"):  # the Serve config's grpc_options
+        scaleout.build_app({**app["args"], "port": 9001})
 
 
 def test_shipped_serve_config_is_accepted() -> None:
-    from hotswap.cli import SERVE_DEFAULTS
+    """deploy/serve.toml (the image's settings) builds the server's configuration, key by key."""
+    from hotswap.cli import build_parser
+    from hotswap.cli.serve import configs
 
-    config = tomllib.loads((ROOT / "deploy" / "serve.toml").read_text())
-    assert set(config) - {"registry"} <= set(SERVE_DEFAULTS)
+    args = build_parser().parse_args(["serve", "--config", str(ROOT / "deploy" / "serve.toml")])
+    args.registry, args.registry_given = "unused", False
+    command, config, _ = configs(args)
+    shipped = tomllib.loads((ROOT / "deploy" / "serve.toml").read_text())
+    assert str(config.base) == shipped["base"] and config.registry == shipped["registry"]
+    assert (config.port, config.metrics_port, config.engine.max_queue) == (50051, 9090, shipped["max_queue"])
+    assert not command.ray
 
 
 @pytest.mark.slow

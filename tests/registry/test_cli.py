@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from hotswap.basemodel import fingerprint
 from hotswap.cli import main
 from hotswap.registry import Registry
+from hotswap.train import RandomLoraConfig, random_lora
 
 MakeArtifact = Callable[..., Path]
 
@@ -32,9 +34,10 @@ def test_push_list_versions_show_alias_pull(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, make_artifact: MakeArtifact
 ) -> None:
     reg = str(tmp_path / "reg")
-    code, out, _ = run(capsys, "--registry", reg, "push", str(make_artifact()), "--name", "math", "--alias", "prod")
+    push = ("--registry", reg, "push", "--no-base")  # registry-only artifacts: no base to check them against
+    code, out, _ = run(capsys, *push, str(make_artifact()), "--name", "math", "--alias", "prod")
     assert code == 0 and "published math@1" in out and "prod" in out
-    assert run(capsys, "--registry", reg, "push", str(make_artifact(seed=1)), "--name", "math")[0] == 0
+    assert run(capsys, *push, str(make_artifact(seed=1)), "--name", "math")[0] == 0
     code, out, _ = run(capsys, "--registry", reg, "list")
     assert code == 0 and "math" in out and "prod=1" in out
     code, out, _ = run(capsys, "--registry", reg, "versions", "math")
@@ -57,7 +60,7 @@ def test_errors_are_one_line_with_exit_codes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, make_artifact: MakeArtifact
 ) -> None:
     reg = str(tmp_path / "reg")
-    run(capsys, "--registry", reg, "push", str(make_artifact()), "--name", "math")
+    run(capsys, "--registry", reg, "push", "--no-base", str(make_artifact()), "--name", "math")
 
     code, _, err = run(capsys, "--registry", reg, "show", "../etc")
     assert code == 2
@@ -71,7 +74,7 @@ def test_errors_are_one_line_with_exit_codes(
 
     pickled = make_artifact()
     (pickled / "extra.pt").write_bytes(b"\x80\x04x")
-    code, _, err = run(capsys, "--registry", reg, "push", str(pickled), "--name", "math")
+    code, _, err = run(capsys, "--registry", reg, "push", "--no-base", str(pickled), "--name", "math")
     assert code == 2 and "pickle" in err
     assert_one_line_error(err)
 
@@ -92,3 +95,31 @@ def test_console_entry_point_exit_code(tmp_path: Path) -> None:
     )
     assert proc.returncode == 3
     assert proc.stderr.startswith("hotswap: error:") and "Traceback" not in proc.stderr
+
+
+def test_push_needs_a_base(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, make_artifact: MakeArtifact, tiny_base: Path
+) -> None:
+    """Without --base, push takes the base the adapter's config names (PEFT's base_model_name_or_path) if it is a
+    local checkpoint; else it refuses in one line, unless --no-base asks for a registry-only version."""
+    reg = str(tmp_path / "reg")
+    code, _, err = run(capsys, "--registry", reg, "push", str(make_artifact()), "--name", "math")
+    assert code == 2 and "names no base" in err and "--base PATH" in err and "--no-base" in err
+    assert_one_line_error(err)
+    hub_base = make_artifact(base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+    code, _, err = run(capsys, "--registry", reg, "push", str(hub_base), "--name", "math")
+    assert code == 2 and "'HuggingFaceTB/SmolLM2-135M', which is not a checkpoint directory here" in err
+    assert_one_line_error(err)
+    assert Registry(reg).list() == []  # nothing written
+
+    lora = random_lora(tiny_base, tmp_path / "lora", RandomLoraConfig(rank=4))  # its config names tiny_base
+    code, out, _ = run(capsys, "--registry", reg, "push", str(lora), "--name", "math")
+    assert code == 0 and "published math@1" in out
+    assert Registry(reg).resolve("math@1").base_fingerprint == fingerprint(tiny_base)
+    code, _, err = run(capsys, "--registry", reg, "push", str(make_artifact()), "--name", "math", "--base",
+                       str(tiny_base))  # fmt: skip
+    # checked against the given base: a lone lora_A is refused (earlier lines: transformers' bar, in-process only)
+    assert code == 16 and err.splitlines()[-1].startswith("hotswap: error: ") and "lora_B" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--registry", reg, "push", str(lora), "--name", "math", "--base", str(tiny_base), "--no-base"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

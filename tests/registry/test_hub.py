@@ -221,9 +221,10 @@ def test_cli_push_pull_and_mirror(
     from hotswap.cli import main
 
     local = str(tmp_path / "local")
-    assert main(["--registry", local, "push", str(artifacts["lora"]), "--name", "tone", "--alias", "prod"]) == 0
-    assert main(["--registry", local, "push", str(artifacts["dora"]), "--name", "tone"]) == 0
-    assert main(["--registry", local, "push", str(artifacts["bitfit"]), "--name", "acme/secret"]) == 0
+    push = ["--registry", local, "push", "--no-base"]
+    assert main([*push, str(artifacts["lora"]), "--name", "tone", "--alias", "prod"]) == 0
+    assert main([*push, str(artifacts["dora"]), "--name", "tone"]) == 0
+    assert main([*push, str(artifacts["bitfit"]), "--name", "acme/secret"]) == 0
     capsys.readouterr()
     assert main(["mirror", local, "hf://team"]) == 0
     assert "3 version(s) copied" in capsys.readouterr().out
@@ -240,5 +241,6 @@ def test_cli_push_pull_and_mirror(
     back = str(tmp_path / "back")
     assert main(["mirror", "hf://team", back, "tone"]) == 0  # Hub -> local, one name
     assert [m.version for m in Registry(back).versions("tone")] == [1, 2]
-    assert main(["--registry", "hf://team", "push", str(artifacts["lora"]), "--name", "x", "--token", OTHER]) == 12
+    refused = ["--registry", "hf://team", "push", "--no-base", str(artifacts["lora"]), "--name", "x", "--token", OTHER]
+    assert main(refused) == 12
     assert "refused the token" in capsys.readouterr().err

@@ -112,7 +112,7 @@ def _big_artifact(out: Path) -> Path:
 def _kill_push_mid_write(root: Path, src: Path, at_files: int) -> tuple[int, int]:
     """Run ``hotswap push src`` and SIGKILL it once its staging directory holds ``at_files`` entries.
     Returns (its pid, entries seen when killed: fewer than the artifact's files means mid-copy; -1: it finished)."""
-    proc = subprocess.Popen([*CLI, "push", str(src), "--name", "big", "--registry", str(root)],
+    proc = subprocess.Popen([*CLI, "push", str(src), "--name", "big", "--registry", str(root), "--no-base"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline, seen = time.monotonic() + 60, -1
     try:
@@ -220,7 +220,7 @@ def test_sigkill_server_and_publisher_mid_traffic(text_base: Path, tmp_path: Pat
     for name, src in sources.items():
         reg.publish(src, name, base_fingerprint=fp, aliases=["prod"] if name == "lora" else [])
     big = _big_artifact(art / "big")
-    assert cli.main(["push", str(big), "--name", "big", "--registry", str(root)]) == 0  # big@1
+    assert cli.main(["push", str(big), "--name", "big", "--registry", str(root), "--no-base"]) == 0  # big@1
 
     port = _free_port()
     target = f"127.0.0.1:{port}"
@@ -251,7 +251,7 @@ def test_sigkill_server_and_publisher_mid_traffic(text_base: Path, tmp_path: Pat
         assert any(0 < seen <= BIG_SHARDS for _, seen in kills), kills  # at least one landed mid-write (copying)
         big_latest = 1 + sum(seen < 0 for _, seen in kills)  # a push that finished before its kill counts
         assert [m.version for m in reg.versions("big")] == list(range(1, big_latest + 1))  # no partial version
-        assert cli.main(["push", str(big), "--name", "big", "--registry", str(root)]) == 0
+        assert cli.main(["push", str(big), "--name", "big", "--registry", str(root), "--no-base"]) == 0
         big_latest += 1
         assert [m.version for m in reg.versions("big")] == list(range(1, big_latest + 1))
         assert not [p for pid, _ in kills for p in (root / ".staging").glob(f"{pid}-*")]  # the dead pushes' leftovers

@@ -1,0 +1,53 @@
+"""``hotswap bench``: run a benchmark scenario, print its Markdown table, write its JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hotswap.cli.common import AddCommand, positive_float, positive_int
+from hotswap.errors import InvalidArgument
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hotswap.bench import DEFAULT_MODELS, run
+    from hotswap.bench.common import Workload
+
+    try:
+        counts = [int(n) for n in args.adapters.split(",")] if args.adapters else None
+    except ValueError:
+        raise InvalidArgument(f"--adapters must be comma-separated integers, got {args.adapters!r}") from None
+    workload = Workload(
+        model=args.model or DEFAULT_MODELS.get(args.scenario, "smollm2-135m"),
+        batch=args.batch,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        rank=args.rank,
+        repeats=args.repeats,
+        requests=args.requests,
+        soak_seconds=args.minutes * 60,
+        device=args.device,
+    )
+    path, table = run(args.scenario, workload, args.out, args.cache, counts)
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    help_ = "run a benchmark scenario (see README, Benchmarks): Markdown table + JSON"
+    sp = add("bench", cmd_bench, help_, registry=False, hub=False)  # its registries live in --cache
+    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train", "scale-out", "soak"))
+    sp.add_argument("--out", type=Path, default=Path("bench-results"))
+    sp.add_argument("--cache", type=Path, default=Path("bench-results/.cache"), help="built bases and adapters")
+    sp.add_argument("--device", default="cpu", help="cpu or cuda")
+    sp.add_argument("--model", help="base preset (default smollm2-135m, workload W1; tiny for soak)")
+    sp.add_argument("--batch", type=positive_int, default=16)
+    sp.add_argument("--prompt", type=positive_int, default=64)
+    sp.add_argument("--new-tokens", type=positive_int, default=32)
+    sp.add_argument("--rank", type=positive_int, default=16)
+    sp.add_argument("--repeats", type=positive_int, default=3)
+    sp.add_argument("--requests", type=positive_int, default=3000, help="scale-out: requests replayed per routing")
+    sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
+    soak_help = "soak: minutes of traffic (default 5; fractions allowed, e.g. 0.05 = 3 s for a smoke run)"
+    sp.add_argument("--minutes", type=positive_float, default=5.0, help=soak_help)

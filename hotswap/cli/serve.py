@@ -1,0 +1,158 @@
+"""``hotswap serve`` (one gRPC server, or Ray Serve replicas with ``--ray``).
+
+Its flags and ``--config`` TOML keys are generated from the serving dataclasses (``ServerConfig`` with its
+``EngineConfig``, ``RayOptions``) and :class:`ServeCommand` by field name (:mod:`hotswap.serve.settings`):
+a field's help is its metadata, its default the dataclass's; flags win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hotswap.cli.common import AddCommand
+from hotswap.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import threading
+
+    from hotswap.serve.config import RayOptions, ServerConfig
+    from hotswap.serve.settings import Setting
+
+
+@dataclass(frozen=True)
+class ServeCommand:
+    """hotswap serve."""
+
+    ray: bool = field(default=False, metadata={"help": "serve on Ray Serve replicas (pip install 'hotswap[ray]')"})
+    log_level: str = field(
+        default="info", metadata={"help": "hotswap's log level", "choices": ("debug", "info", "warning", "error")}
+    )
+
+
+def settings() -> dict[str, Setting]:
+    """Every setting of ``hotswap serve`` by field name (``registry`` is the global ``--registry``)."""
+    from hotswap.serve.settings import SERVE_CONFIGS, settings_of
+
+    return settings_of(ServeCommand, *SERVE_CONFIGS)
+
+
+def _add_setting_flags(sp: argparse.ArgumentParser) -> None:
+    """One flag per setting, grouped by dataclass; unset flags leave no attribute (the file or default applies)."""
+    groups: dict[type, Any] = {}
+    for s in settings().values():
+        if s.name == "registry":
+            continue
+        if s.owner not in groups:
+            groups[s.owner] = sp.add_argument_group((s.owner.__doc__ or "").split("\n")[0].rstrip("."))
+        shown = not any(s.default is hidden for hidden in (None, False, dataclasses.MISSING))
+        notes = [f"default: {s.default}"] if shown else []
+        if s.alias != s.name:
+            notes.append(f"key {s.name}")
+        kwargs: dict[str, Any] = {"dest": s.name, "default": argparse.SUPPRESS}
+        kwargs["help"] = s.help + (f" ({'; '.join(notes)})" if notes else "")
+        if s.kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if s.default else "store_true"
+        else:
+            kwargs.update(type=s.kind, choices=s.choices)
+            if s.choices is None:
+                kwargs["metavar"] = s.flag.upper().replace("-", "_")
+        groups[s.owner].add_argument(f"--{s.flag}", **kwargs)
+
+
+def _values(args: argparse.Namespace, known: dict[str, Setting]) -> dict[str, Any]:
+    """Settings by field name: flags over the --config file (the dataclasses' defaults fill in the rest)."""
+    from hotswap.serve.settings import normalize
+
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            from_file = tomllib.loads(Path(args.config).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidArgument(f"config {args.config} is not valid TOML: {e}") from None
+        values = normalize(from_file, known, f"config {args.config}")
+    values.update({name: getattr(args, name) for name in known if name != "registry" and hasattr(args, name)})
+    if args.registry_given or "registry" not in values:
+        values["registry"] = args.registry
+    return values
+
+
+def configs(args: argparse.Namespace) -> tuple[ServeCommand, ServerConfig, RayOptions]:
+    """The command's, the server's and Ray's settings from the parsed flags and the --config file."""
+    from hotswap.serve.config import RayOptions, ServerConfig
+    from hotswap.serve.settings import build
+
+    values = _values(args, settings())
+    if "base" not in values:
+        raise InvalidArgument("serve needs --base PATH (or base = ... in --config)")
+    command = build(ServeCommand, values, "serve")
+    return command, build(ServerConfig, values, "serve"), build(RayOptions, values, "serve")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from hotswap.serve.server import Server
+
+    command, config, options = configs(args)
+    logging.getLogger("hotswap").setLevel(command.log_level.upper())
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    if command.ray:
+        return _serve_ray(config, options, stop)
+    server = Server(config).open()
+    try:
+        server.load()
+    except BaseException:
+        server.stop(grace=0)
+        raise
+    metrics = f", metrics http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"hotswap: serving {config.base} on {config.host}:{server.port}{metrics}", flush=True)
+    while not stop.wait(0.2):  # the signal handler runs between waits
+        pass
+    print(f"hotswap: shutting down (grace {config.grace_seconds:g} s)", flush=True)
+    server.stop()
+    return 0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def _serve_ray(config: ServerConfig, options: RayOptions, stop: threading.Event) -> int:
+    """``serve --ray``: deploy on Ray Serve, wait for SIGTERM/SIGINT, then delete the application."""
+    try:
+        from hotswap.serve import scaleout
+    except ImportError as e:
+        raise InvalidArgument(f"--ray needs the ray extra (pip install 'hotswap[ray]'): {e}") from None
+    if config.tls_cert is not None:
+        raise InvalidArgument("--ray serves through Ray Serve's gRPC proxy, which has no TLS: terminate TLS before it")
+    options = dataclasses.replace(options, grpc_port=config.port)  # --port is the gRPC proxy's
+    scaleout.start(config, options)
+    _stop_on_signals(stop)  # ray.init installed its own handlers
+    print(f"hotswap: serving {config.base} on Ray Serve, {options.replicas} replicas, "
+          f"gRPC proxy port {options.grpc_port}", flush=True)  # fmt: skip
+    while not stop.wait(0.2):  # the signal handler runs between waits
+        pass
+    print("hotswap: shutting down (deleting the Ray Serve application)", flush=True)
+    scaleout.stop()
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    sp = add("serve", cmd_serve, "serve the base and the registry's adapters over gRPC (until SIGTERM/SIGINT)")
+    sp.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file with any of the settings below, keyed by name with underscores (max_batch = 64; a renamed "
+        "flag notes its key); flags win",
+    )
+    sp.defer(_add_setting_flags)
