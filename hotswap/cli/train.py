@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from hotswap.cli.common import AddCommand, positive_int
@@ -50,30 +53,13 @@ def cmd_adapter_random(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hotswap.train import TrainConfig, train
 
-    given = {
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "dropout": args.dropout,
-        "target_modules": tuple(t for t in args.targets.split(",") if t) if args.targets else None,
-        "num_virtual_tokens": args.virtual_tokens,
-        "init_rank": args.init_rank,
-        "target_rank": args.target_rank,
-        "orth_reg_weight": args.orth_reg_weight,
-        "bottleneck_dim": args.bottleneck_dim,
-        "activation": args.activation,
-        "placement": args.placement,
-        "density": args.density,
-        "fisher_batches": args.fisher_batches,
-        "variant": args.variant,
-        "period": args.period,
-        "momentum": args.momentum,
-        "export": args.plora_export,
-        "svd_rank": args.svd_rank,
-        "small_model": str(args.small_model) if args.small_model else None,
-    }
     config = TrainConfig(
         method=args.method,
-        options={k: v for k, v in given.items() if v is not None},
+        options={
+            key.removeprefix(_OPTION): value
+            for key, value in vars(args).items()
+            if key.startswith(_OPTION) and value is not None
+        },
         steps=args.steps,
         epochs=args.epochs,
         lr=args.lr,
@@ -151,11 +137,6 @@ def _add_adapter(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(add: AddCommand) -> None:
     sp = add("train", cmd_train, "train an adapter on a frozen base, evaluate it, and optionally publish it")
-    sp.add_argument(
-        "--method",
-        required=True,
-        help="lora, dora, adalora, dylora, plora, bitfit, prefix, prompt, bottleneck, fishmask, child-tuning or proxy",
-    )
     sp.add_argument("--base", required=True, type=Path, help="base checkpoint directory")
     sp.add_argument("--data", required=True, help="JSONL file or builtin:TASK (mapping, reverse, modadd)")
     sp.add_argument("--eval", help="evaluation data (default: a fresh draw of a built-in task, else every 10th record)")
@@ -176,27 +157,62 @@ def _add_train(add: AddCommand) -> None:
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower"
     )
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_method_options(sp)
+    sp.defer(_add_method_options)  # the methods' options dataclasses come with torch: only for `train`
+
+
+_OPTION = "method_option."  # namespace prefix of the method options' destinations
 
 
 def _add_method_options(sp: argparse.ArgumentParser) -> None:
-    """The methods' options (``TrainConfig.options``); each method reads its own and has its defaults."""
-    sp.add_argument("--rank", type=positive_int, help="lora/dora/dylora/plora: rank r (default 8)")
-    sp.add_argument("--alpha", type=float, help="lora-family: alpha (default 16); proxy: offset strength (1)")
-    sp.add_argument("--dropout", type=float, help="lora/dora: dropout (default 0)")
-    sp.add_argument("--targets", help="comma-separated module names (default: all seven linears of a block)")
-    sp.add_argument("--virtual-tokens", dest="virtual_tokens", type=positive_int, help="prefix/prompt (default 8)")
-    sp.add_argument("--init-rank", type=positive_int, help="adalora: starting rank of every layer (12)")
-    sp.add_argument("--target-rank", type=positive_int, help="adalora: average final rank (8)")
-    sp.add_argument("--orth-reg-weight", type=float, help="adalora: orthogonality penalty (0.5)")
-    sp.add_argument("--bottleneck-dim", type=positive_int, help="bottleneck: hidden size m (default 16)")
-    sp.add_argument("--activation", choices=("relu", "gelu", "silu"), help="bottleneck: nonlinearity (relu)")
-    sp.add_argument("--placement", choices=("serial", "parallel"), help="bottleneck: after or beside the sublayer")
-    sp.add_argument("--density", type=float, help="fishmask/child-tuning: share of weights trained (0.005/0.2)")
-    sp.add_argument("--fisher-batches", type=positive_int, help="fishmask/child-tuning: batches for Fisher (8)")
-    sp.add_argument("--variant", choices=("d", "f"), help="child-tuning: d = Fisher-selected (default), f = random")
-    sp.add_argument("--period", type=positive_int, help="plora: steps between offloads into the backbone (50)")
-    sp.add_argument("--momentum", type=float, help="plora: share of A, B kept at each offload (default 0)")
-    sp.add_argument("--plora-export", choices=("stacked", "svd"), help="plora: exact stacked factors or SVD")
-    sp.add_argument("--svd-rank", type=positive_int, help="plora with --plora-export svd: rank kept (default r)")
-    sp.add_argument("--small-model", type=Path, help="proxy: small checkpoint sharing the base's vocabulary")
+    """One flag per option field of every trainable method (``TrainConfig.options``), generated from the methods'
+    options dataclasses: a field's help and choices come from its metadata, its flag from the name (or the
+    metadata's ``flag``); a field several methods share is one flag. Each method reads its own, with its
+    defaults; a flag that does not belong to the method is refused by ``TrainConfig``."""
+    from hotswap.train import trainable_methods
+
+    methods = trainable_methods()
+    sp.add_argument("--method", required=True, choices=list(methods), help="; ".join(
+        f"{name}: {spec.summary}" for name, spec in methods.items()))  # fmt: skip
+    owners: dict[str, list[tuple[str, dataclasses.Field, type]]] = {}
+    for method, spec in methods.items():
+        hints = typing.get_type_hints(spec.options)
+        for f in dataclasses.fields(spec.options):
+            owners.setdefault(f.name, []).append((method, f, hints[f.name]))
+    group = sp.add_argument_group("method options (each method takes its own; defaults per method)")
+    for name, uses in owners.items():
+        _, f, hint = uses[0]
+        flag = f.metadata.get("flag", name).replace("_", "-")
+        defaults = ", ".join(f"{m} {_shown(g.default)}" for m, g, _ in uses)
+        group.add_argument(
+            f"--{flag}",
+            dest=f"{_OPTION}{name}",
+            metavar=None if "choices" in f.metadata else flag.upper().replace("-", "_"),
+            type=_parser_for(hint),
+            choices=f.metadata.get("choices"),
+            help=f"{_helps(name, uses)} (default: {defaults})",
+        )
+
+
+def _helps(name: str, uses: list[tuple[str, dataclasses.Field, type]]) -> str:
+    """The field's help; where methods sharing the flag describe it differently, each method's."""
+    by_text: dict[str, list[str]] = {}
+    for method, f, _ in uses:
+        by_text.setdefault(f.metadata.get("help", name), []).append(method)
+    if len(by_text) == 1:
+        return next(iter(by_text))
+    return "; ".join(f"{'/'.join(methods)}: {text}" for text, methods in by_text.items())
+
+
+def _shown(default: object) -> str:
+    if default in (None, ""):
+        return "unset"
+    return ",".join(default) if isinstance(default, tuple) else str(default)
+
+
+def _parser_for(hint: object) -> Callable[[str], object]:
+    """The argparse type of an options field: comma-separated names for tuples, the scalar type otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args and typing.get_origin(hint) is not tuple else hint
+    if typing.get_origin(hint) is tuple:
+        return lambda text: tuple(t for t in text.split(",") if t)
+    return {int: int, float: float}.get(base, str)  # type: ignore[arg-type]

@@ -25,11 +25,13 @@ from hotswap.methods.peft_common import attach
 
 @dataclass(frozen=True)
 class AdaLoraOptions:
-    init_rank: int = 12  # every layer starts at this rank
-    target_rank: int = 8  # average rank per layer once the budget is final
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
-    orth_reg_weight: float = 0.5
+    init_rank: int = field(default=12, metadata={"help": "starting rank of every layer"})
+    target_rank: int = field(default=8, metadata={"help": "average rank per layer once the budget is final"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator of the update"})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+    )
+    orth_reg_weight: float = field(default=0.5, metadata={"help": "weight of the orthogonality penalty"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.target_rank <= self.init_rank:

@@ -21,7 +21,7 @@ from hotswap.serve.adapters import target_linears
 @dataclass(frozen=True)
 class BitFitOptions:
     target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers whose bias trains"}
+        default=DEFAULT_TARGETS, metadata={"help": "linear layers whose bias trains", "flag": "targets"}
     )
 
 

@@ -27,10 +27,15 @@ PLACEMENTS = ("serial", "parallel")
 
 @dataclass(frozen=True)
 class BottleneckOptions:
-    bottleneck_dim: int = 16
-    activation: str = "relu"
-    placement: str = "serial"
-    target_modules: tuple[str, ...] = field(default=BOTTLENECK_TARGETS)
+    bottleneck_dim: int = field(default=16, metadata={"help": "hidden size m of each module"})
+    activation: str = field(default="relu", metadata={"help": "nonlinearity", "choices": tuple(ACTIVATIONS)})
+    placement: str = field(
+        default="serial",
+        metadata={"help": "after (serial) or beside (parallel) the sublayer", "choices": ("serial", "parallel")},
+    )
+    target_modules: tuple[str, ...] = field(
+        default=BOTTLENECK_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+    )
 
     def __post_init__(self) -> None:
         if self.bottleneck_dim < 1:

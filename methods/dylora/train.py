@@ -27,9 +27,11 @@ from hotswap.methods.trainable import PlainSteps
 
 @dataclass(frozen=True)
 class DyLoraOptions:
-    rank: int = 8  # the maximum rank r
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    rank: int = field(default=8, metadata={"help": "the maximum rank r (any lower one serves)"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: alpha / b at rank b"})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:

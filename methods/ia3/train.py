@@ -14,7 +14,9 @@ from hotswap.methods.peft_common import PeftTrainable, attach_peft
 
 @dataclass(frozen=True)
 class IA3Options:
-    target_modules: tuple[str, ...] = field(default=IA3_TARGETS, metadata={"help": "linear layers IA3 scales"})
+    target_modules: tuple[str, ...] = field(
+        default=IA3_TARGETS, metadata={"help": "linear layers IA3 scales", "flag": "targets"}
+    )
     feedforward_modules: tuple[str, ...] = field(
         default=IA3_FEEDFORWARD, metadata={"help": "of those, the ones whose input (not output) is scaled"}
     )

@@ -15,7 +15,9 @@ from hotswap.methods.peft_common import PeftTrainable, attach_peft, lora_config
 class LoraOptions:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A"})
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt"})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+    )
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input while training"})
 
     def __post_init__(self) -> None:

@@ -33,13 +33,19 @@ EXPORTS = ("stacked", "svd")
 
 @dataclass(frozen=True)
 class PLoraOptions:
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
-    period: int = 50  # K: optimizer steps between offloads
-    momentum: float = 0.0  # m in [0, 1)
-    export: str = "stacked"  # "stacked" (exact, rank (T+1)·r) or "svd" (rank svd_rank)
-    svd_rank: int | None = None  # with export="svd"; default r
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A"})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+    )
+    period: int = field(default=50, metadata={"help": "K: optimizer steps between offloads into the backbone"})
+    momentum: float = field(default=0.0, metadata={"help": "m in [0, 1): share of A, B kept at each offload"})
+    export: str = field(
+        default="stacked",
+        metadata={"help": "exact stacked factors (rank (T+1) r) or an SVD truncation", "flag": "plora-export",
+                  "choices": ("stacked", "svd")},
+    )  # fmt: skip
+    svd_rank: int | None = field(default=None, metadata={"help": "with the svd export: rank kept (unset: r)"})
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.period < 1:

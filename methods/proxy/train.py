@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +30,13 @@ from hotswap.methods.trainable import PlainSteps
 
 @dataclass(frozen=True)
 class ProxyOptions:
-    small_model: str = ""  # checkpoint directory of the small model (the anti-expert; the expert starts from it)
-    alpha: float = 1.0  # strength of the offset
+    small_model: str = field(
+        default="",
+        metadata={
+            "help": "small checkpoint sharing the base's vocabulary (the anti-expert; the expert starts from it)"
+        },
+    )
+    alpha: float = field(default=1.0, metadata={"help": "strength of the logit offset"})
 
     def __post_init__(self) -> None:
         if not self.small_model:

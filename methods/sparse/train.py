@@ -38,9 +38,11 @@ VARIANTS = ("d", "f")
 class SparseOptions:
     """FishMask's options."""
 
-    density: float = 0.005  # share of the target weights that train (FishMask's usual 0.5 %)
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
-    fisher_batches: int = 8  # training batches whose squared gradients estimate the Fisher information
+    density: float = field(default=0.005, metadata={"help": "share of the target weights that train"})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+    )
+    fisher_batches: int = field(default=8, metadata={"help": "training batches whose squared gradients give Fisher"})
 
     def __post_init__(self) -> None:
         if not 0 < self.density <= 1:
@@ -51,8 +53,11 @@ class SparseOptions:
 
 @dataclass(frozen=True)
 class ChildTuningOptions(SparseOptions):
-    density: float = 0.2  # the child network's share
-    variant: str = "d"  # "d" (task-driven: Fisher-selected, fixed) or "f" (task-free: Bernoulli per step)
+    density: float = field(default=0.2, metadata={"help": "the child network's share of the weights"})
+    variant: str = field(
+        default="d",
+        metadata={"help": "d: Fisher-selected, fixed; f: task-free Bernoulli per step", "choices": ("d", "f")},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -313,3 +313,33 @@ def test_proxy_refusals(tmp_path: Path, trainable_base: Path, capsys: pytest.Cap
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (in-process: transformers' load bar came first)
     assert last.startswith("hotswap: error: small_model has vocabulary size 100")
     assert not (tmp_path / "cli" / "adapter").exists()
+
+
+def test_cli_train_flags_come_from_the_methods_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every option field of every registered trainable method is a `hotswap train` flag, with its help; a method
+    added as a folder (IA3) gets its flags without touching the CLI."""
+    import dataclasses
+
+    from hotswap.train import trainable_methods
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for spec in trainable_methods().values():
+        assert spec.name in help_text and spec.summary in help_text
+        for f in dataclasses.fields(spec.options):
+            assert f"--{f.metadata.get('flag', f.name).replace('_', '-')}" in help_text, f.name
+            assert " ".join(f.metadata["help"].split()) in help_text, f.name
+
+
+def test_cli_trains_ia3_with_its_own_flags(
+    tmp_path: Path, trainable_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--method", "ia3", "--base", str(trainable_base), "--data", "builtin:mapping", "--steps",
+                 "3", "--targets", "v_proj,down_proj", "--feedforward-modules", "down_proj", "--out",
+                 str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    assert code == 0 and "trained ia3" in capsys.readouterr().out
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "v_proj"] and config["feedforward_modules"] == [
+        "down_proj"
+    ]
