@@ -1,0 +1,190 @@
+"""A submitted request: the handle its caller holds, its checks (:func:`make_job`), and the engine's state of it
+while it waits and runs.
+
+The engine thread reports through the handle's public :meth:`RequestHandle.push`, :meth:`~RequestHandle.finish`
+and :meth:`~RequestHandle.fail`; the caller reads on its own thread (tokens in order, then the end).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from hotswap.basemodel import encode_prompt
+from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument
+from hotswap.registry import Registry
+from hotswap.serve.config import DTYPES, EngineConfig
+from hotswap.serve.detok import Detokenizer
+from hotswap.serve.sampling import RowSampler
+from hotswap.serve.types import Request, Result, Timings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_CONTEXT_METHODS = ("prefix", "prompt")  # change the row's context, so at most one per request, weight 1
+
+
+class RequestHandle:
+    """A submitted request: iterate for token ids as they come, ``result()`` to wait, ``cancel()``."""
+
+    def __init__(self) -> None:
+        self._events: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._done = threading.Event()
+        self._result: Result | None = None
+        self._error: HotswapError | None = None
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[int]:
+        while (tokens := self.next_tokens()) is not None:
+            yield from tokens
+
+    def next_tokens(self) -> list[int] | None:
+        """Wait for the next token, and take every token already produced after it too (a slow reader gets
+        them in one piece); None once the request has finished. Raises the request's error."""
+        tokens: list[int] = []
+        block = True
+        while True:
+            try:
+                kind, value = self._events.get(block=block)
+            except queue.Empty:
+                return tokens
+            if kind == "token":
+                tokens.append(value)  # type: ignore[arg-type]
+                block = False
+            elif kind == "error":
+                raise value  # type: ignore[misc]
+            else:
+                self._events.put((kind, value))  # keep the end for the next call
+                return tokens or None
+
+    def result(self, timeout: float | None = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError("request still running")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (finish_reason 'cancelled'); its row and slots are freed."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # -- the engine's side ---------------------------------------------------------------------------
+    def push(self, token: int) -> None:
+        """One more generated token for the reader."""
+        assert not self.done, "a finished request gets no more tokens"
+        self._events.put(("token", token))
+
+    def finish(self, result: Result) -> None:
+        """The request ended normally (stop, length or cancelled) with ``result``."""
+        self._end(result, None)
+
+    def fail(self, error: HotswapError) -> None:
+        """The request ended with ``error``; the reader gets it after the tokens already pushed."""
+        self._end(None, error)
+
+    def _end(self, result: Result | None, error: HotswapError | None) -> None:
+        assert not self.done, "a request ends once"
+        self._result, self._error = result, error
+        self._events.put(("error", error) if error else ("done", None))
+        self._done.set()
+
+
+@dataclass(eq=False)  # a job is itself: found in the queue and rows by identity
+class Job:
+    """The engine's state of one request, from submit until it ends."""
+
+    req: Request
+    prompt_ids: list[int]
+    adapters: list[tuple[str, float]]  # exact refs ("name@3") and weights
+    handle: RequestHandle
+    sampler: RowSampler
+    detok: Detokenizer  # the generated text, and whether a stop string occurs in it
+    submitted: float
+    row: int = -1
+    slots: list[tuple[int, float]] = field(default_factory=list)
+    position: int = 0  # next cache position to write
+    cache_end: int = 0  # cache positions [0, cache_end) of the row may hold this job's keys/values
+    generated: list[int] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+
+    def finish(self, reason: str) -> None:
+        """End the request with its result (``reason``: stop, length, cancelled); its row must be free already."""
+        self.timings.total_s = time.perf_counter() - self.submitted
+        result = Result(
+            token_ids=list(self.generated),
+            text=self.detok.final_text(),
+            finish_reason=reason,
+            timings=self.timings,
+            prompt_tokens=len(self.prompt_ids),
+            adapters=list(self.adapters),
+        )
+        self.handle.finish(result)
+
+
+def make_job(
+    request: Request,
+    config: EngineConfig,
+    registry: Registry,
+    base_fingerprint: str,
+    vocab: int,
+    tokenizer: PreTrainedTokenizerBase | None,
+    bos_id: int | None,
+) -> Job:
+    """Validate and resolve a request for this base (adapter refs -> exact versions), before it is queued."""
+    if len(request.adapters) > config.max_adapters_per_request:
+        raise InvalidArgument(f"at most {config.max_adapters_per_request} adapters per request")
+    top = float(torch.finfo(DTYPES[config.dtype]).max)
+    if any(t >= vocab for t in request.stop_token_ids):
+        raise InvalidArgument(f"stop_token_ids must be below the vocabulary size {vocab}")
+    adapters, context = [], 0
+    for ref, weight in request.weighted_adapters():
+        if abs(weight) > top:
+            raise InvalidArgument(f"adapter weight for {ref} must be within ±{top:g} ({config.dtype})")
+        manifest = registry.resolve(ref, base_fingerprint=base_fingerprint)
+        if manifest.method in _CONTEXT_METHODS:
+            context += 1
+            if weight != 1.0:
+                raise InvalidArgument(f"{manifest.ref} ({manifest.method}) cannot be weighted; use weight 1")
+        if request.rank is not None and manifest.method != "dylora":
+            raise InvalidArgument(f"rank applies to DyLoRA adapters only; {manifest.ref} is {manifest.method}")
+        adapters.append((manifest.ref, weight))
+    if request.rank is not None and not adapters:
+        raise InvalidArgument("rank applies to DyLoRA adapters only; this request uses the base model")
+    if context > 1:
+        raise InvalidArgument("a request can use at most one prefix- or prompt-tuning adapter")
+    if len({ref for ref, _ in adapters}) > config.max_resident:
+        raise CapacityExceeded(f"a request can use at most max_resident={config.max_resident} adapters")
+    if (request.stop or request.prompt is not None) and tokenizer is None:
+        raise InvalidArgument("text prompts and stop strings need a base with a tokenizer; send prompt_ids")
+    if request.prompt_ids is not None:
+        prompt_ids = list(request.prompt_ids)
+    else:
+        assert tokenizer is not None and request.prompt is not None  # checked just above, and by Request
+        prompt_ids = encode_prompt(tokenizer, request.prompt, bos_id)
+    if max(prompt_ids) >= vocab:
+        raise InvalidArgument(f"prompt_ids contains {max(prompt_ids)}, outside the vocabulary (size {vocab})")
+    if len(prompt_ids) + request.max_new_tokens > config.max_seq_len:
+        raise InvalidArgument(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds "
+            f"max_seq_len {config.max_seq_len}"
+        )
+    return Job(
+        req=request,
+        prompt_ids=prompt_ids,
+        adapters=adapters,
+        handle=RequestHandle(),
+        sampler=RowSampler(request.temperature, request.top_k, request.top_p, request.seed),
+        detok=Detokenizer(tokenizer, request.stop),
+        submitted=time.perf_counter(),
+    )
