@@ -42,6 +42,11 @@ class MethodSpec:
     context: bool = False  # changes the row's context (prefix/prompt): one per request, weight 1
     ranked: bool = False  # a request may ask for a lower rank (DyLoRA)
     peft: bool = False  # the artifact is PEFT's own format (PeftModel.from_pretrained loads it)
+    title: str = ""  # how messages name it ("DyLoRA"); the name when empty
+
+    @property
+    def display(self) -> str:
+        return self.title or self.name
 
     @property
     def trainable(self) -> bool:

@@ -27,8 +27,6 @@ from hotswap.serve.types import Request, Result, Timings
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_CONTEXT_METHODS = ("prefix", "prompt")  # change the row's context, so at most one per request, weight 1
-
 
 class RequestHandle:
     """A submitted request: iterate for token ids as they come, ``result()`` to wait, ``cancel()``."""
@@ -147,22 +145,30 @@ def make_job(
     top = float(torch.finfo(DTYPES[config.dtype]).max)
     if any(t >= vocab for t in request.stop_token_ids):
         raise InvalidArgument(f"stop_token_ids must be below the vocabulary size {vocab}")
+    from hotswap.methods import registered  # what each method allows a request (the method folders say)
+
+    methods = registered()
+    ranked = [spec.display for spec in methods.values() if spec.ranked]
     adapters, context = [], 0
     for ref, weight in request.weighted_adapters():
         if abs(weight) > top:
             raise InvalidArgument(f"adapter weight for {ref} must be within ±{top:g} ({config.dtype})")
         manifest = registry.resolve(ref, base_fingerprint=base_fingerprint)
-        if manifest.method in _CONTEXT_METHODS:
+        spec = methods.get(manifest.method)  # an unknown method is refused when it loads
+        if spec is not None and spec.context:  # it changes the row's context: one per request, weight 1
             context += 1
             if weight != 1.0:
                 raise InvalidArgument(f"{manifest.ref} ({manifest.method}) cannot be weighted; use weight 1")
-        if request.rank is not None and manifest.method != "dylora":
-            raise InvalidArgument(f"rank applies to DyLoRA adapters only; {manifest.ref} is {manifest.method}")
+        if request.rank is not None and not (spec is not None and spec.ranked):
+            raise InvalidArgument(
+                f"rank applies to {'/'.join(ranked)} adapters only; {manifest.ref} is {manifest.method}"
+            )
         adapters.append((manifest.ref, weight))
     if request.rank is not None and not adapters:
-        raise InvalidArgument("rank applies to DyLoRA adapters only; this request uses the base model")
+        raise InvalidArgument(f"rank applies to {'/'.join(ranked)} adapters only; this request uses the base model")
     if context > 1:
-        raise InvalidArgument("a request can use at most one prefix- or prompt-tuning adapter")
+        names = "/".join(name for name, spec in methods.items() if spec.context)
+        raise InvalidArgument(f"a request can use at most one adapter that changes its context ({names})")
     if len({ref for ref, _ in adapters}) > config.max_resident:
         raise CapacityExceeded(f"a request can use at most max_resident={config.max_resident} adapters")
     if (request.stop or request.prompt is not None) and tokenizer is None:

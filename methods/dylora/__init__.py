@@ -8,7 +8,7 @@ from hotswap.methods.spec import MethodSpec
 
 DYLORA = MethodSpec(
     "dylora", "LoRA trained at nested ranks: a request may ask for any rank <= r", load_lora, DyLoraOptions,
-    lambda m, o, _: attach_dylora(m, o), 5e-3, ranked=True,
+    lambda m, o, _: attach_dylora(m, o), 5e-3, ranked=True, title="DyLoRA",
 )  # fmt: skip
 
 __all__ = ["DYLORA", "DyLoraOptions"]
