@@ -130,6 +130,36 @@ class Job:
         self.handle.finish(result)
 
 
+def _resolve_adapters(
+    request: Request, config: EngineConfig, registry: Registry, base_fingerprint: str
+) -> list[tuple[str, float]]:
+    """The request's adapters as exact refs with weights, checked against what their methods allow."""
+    from hotswap.methods import registered  # what each method allows a request (the method folders say)
+
+    methods = registered()
+    ranked = "/".join(spec.display for spec in methods.values() if spec.ranked)
+    top = float(torch.finfo(DTYPES[config.dtype]).max)
+    adapters, context = [], 0
+    for ref, weight in request.weighted_adapters():
+        if abs(weight) > top:
+            raise InvalidArgument(f"adapter weight for {ref} must be within ±{top:g} ({config.dtype})")
+        manifest = registry.resolve(ref, base_fingerprint=base_fingerprint)
+        spec = methods.get(manifest.method)  # an unknown method is refused when it loads
+        if spec is not None and spec.context:  # it changes the row's context: one per request, weight 1
+            context += 1
+            if weight != 1.0:
+                raise InvalidArgument(f"{manifest.ref} ({manifest.method}) cannot be weighted; use weight 1")
+        if request.rank is not None and not (spec is not None and spec.ranked):
+            raise InvalidArgument(f"rank applies to {ranked} adapters only; {manifest.ref} is {manifest.method}")
+        adapters.append((manifest.ref, weight))
+    if request.rank is not None and not adapters:
+        raise InvalidArgument(f"rank applies to {ranked} adapters only; this request uses the base model")
+    if context > 1:
+        names = "/".join(name for name, spec in methods.items() if spec.context)
+        raise InvalidArgument(f"a request can use at most one adapter that changes its context ({names})")
+    return adapters
+
+
 def make_job(
     request: Request,
     config: EngineConfig,
@@ -142,33 +172,9 @@ def make_job(
     """Validate and resolve a request for this base (adapter refs -> exact versions), before it is queued."""
     if len(request.adapters) > config.max_adapters_per_request:
         raise InvalidArgument(f"at most {config.max_adapters_per_request} adapters per request")
-    top = float(torch.finfo(DTYPES[config.dtype]).max)
     if any(t >= vocab for t in request.stop_token_ids):
         raise InvalidArgument(f"stop_token_ids must be below the vocabulary size {vocab}")
-    from hotswap.methods import registered  # what each method allows a request (the method folders say)
-
-    methods = registered()
-    ranked = [spec.display for spec in methods.values() if spec.ranked]
-    adapters, context = [], 0
-    for ref, weight in request.weighted_adapters():
-        if abs(weight) > top:
-            raise InvalidArgument(f"adapter weight for {ref} must be within ±{top:g} ({config.dtype})")
-        manifest = registry.resolve(ref, base_fingerprint=base_fingerprint)
-        spec = methods.get(manifest.method)  # an unknown method is refused when it loads
-        if spec is not None and spec.context:  # it changes the row's context: one per request, weight 1
-            context += 1
-            if weight != 1.0:
-                raise InvalidArgument(f"{manifest.ref} ({manifest.method}) cannot be weighted; use weight 1")
-        if request.rank is not None and not (spec is not None and spec.ranked):
-            raise InvalidArgument(
-                f"rank applies to {'/'.join(ranked)} adapters only; {manifest.ref} is {manifest.method}"
-            )
-        adapters.append((manifest.ref, weight))
-    if request.rank is not None and not adapters:
-        raise InvalidArgument(f"rank applies to {'/'.join(ranked)} adapters only; this request uses the base model")
-    if context > 1:
-        names = "/".join(name for name, spec in methods.items() if spec.context)
-        raise InvalidArgument(f"a request can use at most one adapter that changes its context ({names})")
+    adapters = _resolve_adapters(request, config, registry, base_fingerprint)
     if len({ref for ref, _ in adapters}) > config.max_resident:
         raise CapacityExceeded(f"a request can use at most max_resident={config.max_resident} adapters")
     if (request.stop or request.prompt is not None) and tokenizer is None:
