@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,74 +153,30 @@ def _peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def train(
+def _first_losses(train_ds: Dataset, config: TrainConfig, m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:
+    """The losses of the first ``n`` training batches (methods that estimate Fisher information need them)."""
+    for i in range(n):
+        batch = train_ds.examples[i * config.batch_size : (i + 1) * config.batch_size]
+        if batch:
+            yield token_losses(m, batch, config.device)[0].mean()
+
+
+def _fit(
+    model: torch.nn.Module,
+    trainable: Any,
+    params: list[torch.nn.Parameter],
+    train_ds: Dataset,
+    eval_ds: Dataset,
     config: TrainConfig,
-    base: str | os.PathLike[str],
-    data: str,
-    out: str | os.PathLike[str],
-    *,
-    eval_data: str | None = None,
-    push: str | None = None,
-    registry: Registry | str | os.PathLike[str] | None = None,
-    aliases: tuple[str, ...] | list[str] = (),
-    visibility: str | None = None,
-    description: str = "",
-    parent: str | None = None,
-    quiet: bool = False,
-) -> TrainResult:
-    """Train, evaluate, write ``out/adapter`` and the loss curve, and publish as ``push`` if given.
-
-    ``parent`` (a ref in ``registry``) continues training from that published version; the new version
-    records it as its lineage parent."""
-    base_path, out_dir = Path(base), Path(out)
-    if (out_dir / "adapter").exists():
-        raise InvalidArgument(f"{out_dir / 'adapter'} already exists; train into a new --out directory")
-    options = method_options(config.method, config.options)
-    reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push or parent else None
-    parent_manifest, parent_dir = None, None
-    if parent is not None and reg is not None:
-        if trainable_methods()[config.method].resume is None:
-            raise InvalidArgument(
-                f"{config.method} cannot continue from a parent version (it restructures the adapter)"
-            )
-        if config.options:
-            raise InvalidArgument("with a parent, the adapter's shape comes from the parent: drop the method options")
-        parent_manifest, parent_dir = reg.fetch(parent, base_fingerprint=fingerprint(base_path))
-        if parent_manifest.method != config.method:
-            raise InvalidArgument(f"parent {parent_manifest.ref} is {parent_manifest.method}, not {config.method}")
-    torch.manual_seed(config.seed)
-    model = load_model(base_path, device=config.device)
-    train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
-    vocab = model.config.vocab_size
-    for ds in (train_ds, eval_ds):
-        top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
-        if top >= vocab:
-            raise InvalidArgument(f"{ds.name}: token id {top} is outside the base's vocabulary ({vocab})")
-
-    def first_losses(m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:
-        for i in range(n):
-            batch = train_ds.examples[i * config.batch_size : (i + 1) * config.batch_size]
-            if batch:
-                yield token_losses(m, batch, config.device)[0].mean()
-
-    per_epoch = -(-len(train_ds.examples) // config.batch_size)
-    steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
-    if parent_dir is not None:
-        trainable = trainable_methods()[config.method].resume(model, parent_dir)
-    else:
-        trainable = trainable_methods()[config.method].attach(model, options, AttachContext(steps, first_losses))
-    model = trainable.model.to(config.device)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    lr = config.lr or trainable_methods()[config.method].lr
+    steps: int,
+    lr: float,
+    quiet: bool,
+) -> tuple[list[Point], tuple[float, float], tuple[float, float], float]:
+    """The training loop: AdamW with linear decay, the method's penalty and step hook, evaluation every
+    ``eval_every`` steps. Returns the loss curve, eval (loss, accuracy) before and after, and the seconds."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))
     eval_loss_start, eval_acc_start = evaluate(model, eval_ds, config.batch_size, config.device)
-    log.info("%s: %d trainable parameters (%.3f%%), %d steps, lr %g", config.method, n_trainable,
-             100 * n_trainable / n_total, steps, lr)  # fmt: skip
 
     rng = random.Random(config.seed)
     order: list[int] = []
@@ -254,16 +211,33 @@ def train(
         bar.update()
     bar.close()
     model.eval()
-    metrics = {
+    return curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), time.perf_counter() - start
+
+
+def _export(
+    trainable: Any,
+    model: torch.nn.Module,
+    curve: list[Point],
+    before: tuple[float, float],
+    after: tuple[float, float],
+    steps: int,
+    seconds: float,
+    config: TrainConfig,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Write ``out_dir/adapter`` (atomically) and the loss curve; return the run's metrics."""
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    metrics: dict[str, Any] = {
         "train_loss": curve[-1][1],
-        "eval_loss": eval_loss,
-        "eval_accuracy": eval_acc,
-        "eval_loss_untrained": eval_loss_start,
-        "eval_accuracy_untrained": eval_acc_start,
+        "eval_loss": after[0],
+        "eval_accuracy": after[1],
+        "eval_loss_untrained": before[0],
+        "eval_accuracy_untrained": before[1],
         "trainable_params": n_trainable,
         "trainable_pct": 100 * n_trainable / n_total,
         "steps": steps,
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": seconds,
         "peak_memory_bytes": _peak_memory_bytes(config.device),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -271,32 +245,93 @@ def train(
         metrics |= trainable.export(tmp)
     write_csv(out_dir / "loss_curve.csv", curve)
     write_png(out_dir / "loss_curve.png", curve)
+    return metrics
+
+
+def _parent(config: TrainConfig, reg: Registry, parent: str, base_path: Path) -> tuple[Manifest, Path]:
+    """The published version ``parent`` to continue from, checked against the method and the base."""
+    if trainable_methods()[config.method].resume is None:
+        raise InvalidArgument(f"{config.method} cannot continue from a parent version (it restructures the adapter)")
+    if config.options:
+        raise InvalidArgument("with a parent, the adapter's shape comes from the parent: drop the method options")
+    parent_manifest, parent_dir = reg.fetch(parent, base_fingerprint=fingerprint(base_path))
+    if parent_manifest.method != config.method:
+        raise InvalidArgument(f"parent {parent_manifest.ref} is {parent_manifest.method}, not {config.method}")
+    return parent_manifest, parent_dir
+
+
+def train(
+    config: TrainConfig,
+    base: str | os.PathLike[str],
+    data: str,
+    out: str | os.PathLike[str],
+    *,
+    eval_data: str | None = None,
+    push: str | None = None,
+    registry: Registry | str | os.PathLike[str] | None = None,
+    aliases: tuple[str, ...] | list[str] = (),
+    visibility: str | None = None,
+    description: str = "",
+    parent: str | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train, evaluate, write ``out/adapter`` and the loss curve, and publish as ``push`` if given.
+
+    ``parent`` (a ref in ``registry``) continues training from that published version; the new version
+    records it as its lineage parent."""
+    base_path, out_dir = Path(base), Path(out)
+    if (out_dir / "adapter").exists():
+        raise InvalidArgument(f"{out_dir / 'adapter'} already exists; train into a new --out directory")
+    options = method_options(config.method, config.options)
+    reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push or parent else None
+    parent_manifest, parent_dir = _parent(config, reg, parent, base_path) if parent and reg else (None, None)
+    torch.manual_seed(config.seed)
+    model = load_model(base_path, device=config.device)
+    train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
+    for ds in (train_ds, eval_ds):
+        top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
+        if top >= model.config.vocab_size:
+            raise InvalidArgument(
+                f"{ds.name}: token id {top} is outside the base's vocabulary ({model.config.vocab_size})"
+            )
+    first_losses = partial(_first_losses, train_ds, config)
+    per_epoch = -(-len(train_ds.examples) // config.batch_size)
+    steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
+    if parent_dir is not None:
+        trainable = trainable_methods()[config.method].resume(model, parent_dir)
+    else:
+        trainable = trainable_methods()[config.method].attach(model, options, AttachContext(steps, first_losses))
+    model = trainable.model.to(config.device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    lr = config.lr or trainable_methods()[config.method].lr
+    log.info("%s: %d trainable parameters (%.3f%%), %d steps, lr %g", config.method, n_trainable,
+             100 * n_trainable / n_total, steps, lr)  # fmt: skip
+    curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), seconds = _fit(
+        model, trainable, params, train_ds, eval_ds, config, steps, lr, quiet
+    )
+    metrics = _export(trainable, model, curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), steps,
+                      seconds, config, out_dir)  # fmt: skip
     manifest = None
     if push is not None and reg is not None:
-        shape = asdict(options) if parent_manifest is None else {"from_parent": parent_manifest.ref}
         training_config = {
             **asdict(config),
-            "options": shape,
+            "options": asdict(options) if parent_manifest is None else {"from_parent": parent_manifest.ref},
             "lr": lr,
             "steps": steps,
             "data": data,
             "eval_data": eval_data or eval_source,
         }
-        manifest = reg.publish(
-            out_dir / "adapter",
-            push,
-            method=config.method,
-            base_fingerprint=fingerprint(base_path),
-            aliases=list(aliases),
-            lineage=Lineage(
-                parent=parent_manifest.ref if parent_manifest else None,
-                training_config=training_config,
-                data_digest=train_ds.digest,
-                code_version=f"hotswap {__version__}",
-            ),
-            metrics=metrics,
-            visibility=visibility,
-            description=description,
-            check=base_checker(base_path),
+        lineage = Lineage(
+            parent=parent_manifest.ref if parent_manifest else None,
+            training_config=training_config,
+            data_digest=train_ds.digest,
+            code_version=f"hotswap {__version__}",
         )
+        manifest = reg.publish(out_dir / "adapter", push, method=config.method, base_fingerprint=fingerprint(base_path),
+                               aliases=list(aliases), lineage=lineage, metrics=metrics, visibility=visibility,
+                               description=description, check=base_checker(base_path))  # fmt: skip
     return TrainResult(out_dir / "adapter", metrics, curve, manifest, model)
