@@ -1,13 +1,27 @@
-"""``hotswap bench SCENARIO``: the benchmarks of shared/BENCHMARK.md (Markdown table + JSON)."""
+"""``hotswap bench SCENARIO``: the benchmark scenarios (Markdown table + JSON with the raw figures)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hotswap.bench.common import Fixtures, Workload, write_results
-from hotswap.bench.scenarios import SCENARIOS, TINY_ONLY
+from hotswap.bench.scaleout import TINY_ONLY, scale_out
+from hotswap.bench.scenarios import load, methods, mixed, server, swap, training
+from hotswap.bench.soak import soak
 from hotswap.errors import InvalidArgument
 
+SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
+    "mixed": mixed,
+    "swap": swap,
+    "load": load,
+    "methods": methods,
+    "server": server,
+    "train": training,
+    "scale-out": scale_out,
+    "soak": soak,
+}
 DEFAULT_ADAPTERS = {
     "mixed": [1, 4, 16, 32],
     "swap": [16],

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
-
-import grpc
 
 from hotswap.basemodel import load_model
 from hotswap.bench.common import (
@@ -32,17 +26,15 @@ from hotswap.bench.common import (
     requests,
     set_threads,
 )
-from hotswap.bench.soak import soak
 from hotswap.bench.training import train_bench
-from hotswap.client import MODEL_ID_KEY, Client, build_request
+from hotswap.client import Client
 from hotswap.methods import registered
-from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 CHECK_ROWS = 4  # rows per figure whose logits are compared with PEFT
 
 
-def _tok_s(n_rows: int, new_tokens: int, seconds: float) -> float:
+def tok_s(n_rows: int, new_tokens: int, seconds: float) -> float:
     return n_rows * new_tokens / seconds
 
 
@@ -78,7 +70,7 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
             engine.load_adapter(name)
         peft = fx.peft(names)
         set_threads()
-        seconds = _interleaved(
+        seconds = interleaved(
             {
                 "base": lambda: engine.generate(base_reqs),
                 "mixed": lambda: engine.generate(mixed_reqs),
@@ -88,7 +80,7 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
             w.repeats,
         )
         diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], row_adapters[:CHECK_ROWS])
-    tok = {k: _tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
+    tok = {k: tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
     base_row = {
         "label": "base (no adapters)",
         "batch": batch,
@@ -112,7 +104,7 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
     return row, base_row
 
 
-def _interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds per run; runs alternate within each repeat so machine noise hits all alike."""
     for fn in runs.values():
         fn()  # warm-up
@@ -148,7 +140,7 @@ def _swap_one(fx: Fixtures, n: int) -> dict[str, Any]:
             engine.load_adapter(name)
         peft = fx.peft(names)
         set_threads()
-        seconds = _interleaved(
+        seconds = interleaved(
             {
                 "hotswap": lambda: one_by_one(engine, [[a] for a in order]),
                 "base": lambda: one_by_one(engine, [[] for _ in order]),
@@ -157,7 +149,7 @@ def _swap_one(fx: Fixtures, n: int) -> dict[str, Any]:
             w.repeats,
         )
         diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], order[:CHECK_ROWS])
-    tok = {k: _tok_s(w.batch, w.new_tokens, s) for k, s in seconds.items()}
+    tok = {k: tok_s(w.batch, w.new_tokens, s) for k, s in seconds.items()}
     return {
         "label": f"{n} adapters, one request at a time",
         "n_adapters": n,
@@ -221,15 +213,15 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
                 engine.load_adapter(name)
         runs: dict[str, Callable[[], object]] = {"base": lambda: engine.generate(base_reqs)}
         runs |= {label: partial(engine.generate, r) for label, r in reqs.items()}
-        seconds = _interleaved(runs, w.repeats)
+        seconds = interleaved(runs, w.repeats)
         diffs = {}
         for method in (m for m in METHODS if registered()[m].peft):  # PEFT loads these; the rest: the tests
             peft = fx.peft(per_method[method][:CHECK_ROWS])
             diffs[method] = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
     rows = []
-    base = _tok_s(w.batch, w.new_tokens, seconds["base"])
+    base = tok_s(w.batch, w.new_tokens, seconds["base"])
     for label in batches:
-        tok = _tok_s(w.batch, w.new_tokens, seconds[label])
+        tok = tok_s(w.batch, w.new_tokens, seconds[label])
         rows.append(
             {
                 "label": label,
@@ -254,21 +246,21 @@ def server(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     prompts = fx.prompts(batch)
     row_adapters = [names[i % n] for i in range(batch)]
     latencies: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in names}
-    with _served(fx, batch, n) as target, fx.engine(max_batch=batch) as engine:
+    with served(fx, batch, n) as target, fx.engine(max_batch=batch) as engine:
         clients = [Client(target, timeout=600) for _ in range(batch)]
         for name in names:
             clients[0].load(name)
             engine.load_adapter(name)
-        seconds = _interleaved(
+        seconds = interleaved(
             {
                 "engine": lambda: engine.generate(requests(prompts, [[a] for a in row_adapters], w.new_tokens)),
-                "grpc": lambda: _stream_all(clients, prompts, row_adapters, w.new_tokens, latencies),
+                "grpc": lambda: stream_all(clients, prompts, row_adapters, w.new_tokens, latencies),
             },
             w.repeats,
         )
         for c in clients:
             c.close()
-    tok = {k: _tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
+    tok = {k: tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
     ttft = [t for runs in latencies.values() for t, _ in runs]
     itl = [gap for runs in latencies.values() for _, gaps in runs for gap in gaps]
     rows = [
@@ -300,7 +292,7 @@ def server(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _served(fx: Fixtures, max_batch: int, max_resident: int) -> Iterator[str]:
+def served(fx: Fixtures, max_batch: int, max_resident: int) -> Iterator[str]:
     """``hotswap serve`` in a subprocess on a free port of 127.0.0.1; yields its address."""
     w = fx.workload
     cmd = [
@@ -321,7 +313,7 @@ def _served(fx: Fixtures, max_batch: int, max_resident: int) -> Iterator[str]:
         proc.wait(timeout=120)
 
 
-def _stream_all(
+def stream_all(
     clients: list[Client],
     prompts: list[list[int]],
     adapters: list[str],
@@ -359,158 +351,3 @@ def training(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     batch = max(1, w.batch // 4)
     rows = train_bench(str(fx.base), batch, w.prompt + w.new_tokens, 3, w.device, str(fx.proxy_small()))
     return [{**row, "batch": batch, "tokens": w.prompt + w.new_tokens} for row in rows]
-
-
-TINY_ONLY = {"scale-out"}  # scenarios that measure routing, not FLOPs: the tiny base only
-SCALE_OUT_REPLICAS = 4
-SCALE_OUT_SLOTS = 16
-SCALE_OUT_KEPT = 256  # adapters a replica keeps (16 resident + host RAM): tiny adapters, ~100 KB each
-ZIPF_S = 1.1
-
-
-def scale_out(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
-    """Ray Serve, 4 replicas x 16 resident slots, N adapters with Zipf(1.1) popularity: adapter-affinity
-    routing (Ray's model multiplexing) vs adapter-blind routing (Ray's default: each engine loads what it
-    is sent) over the same replicas and request sequence; then 1 replica through Ray vs ``hotswap serve``."""
-    import ray
-
-    from hotswap.serve import EngineConfig, scaleout
-    from hotswap.serve.config import ServerConfig
-
-    w = fx.workload
-    n = max(adapter_counts)
-    names = fx.adapters("lora", n)
-    rng = random.Random(w.seed)
-    sequence = rng.choices(names, weights=[1 / (k + 1) ** ZIPF_S for k in range(n)], k=w.requests)
-    prompts = fx.prompts(w.batch)
-    engine = EngineConfig(max_batch=w.batch, max_resident=SCALE_OUT_SLOTS, max_seq_len=w.prompt + w.new_tokens + 32,
-                          device=w.device)  # fmt: skip
-    config = ServerConfig(base=fx.base, registry=str(fx.registry.url), no_auth=True, engine=engine)
-    grpc_port = _free_port()
-    scaleout.init_local_ray(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR")
-    rows = []
-    try:
-        base = scaleout.RayOptions(replicas=SCALE_OUT_REPLICAS, grpc_port=grpc_port, http_port=_free_port(),
-                                   replica_cpus=0, adapters_per_replica=SCALE_OUT_KEPT)  # fmt: skip
-        scaleout.start(config, base)
-        target = f"127.0.0.1:{grpc_port}"
-        for label, routed in (("adapter-affinity (Ray multiplexing)", True), ("adapter-blind (Ray default)", False)):
-            scaleout.deploy(config, replace(base, route_by_adapter=routed))
-            rows.append({"label": label, "n_adapters": n, **_replay(target, sequence, prompts, w.new_tokens, w.batch)})
-            ray.serve.delete(base.app)
-        affinity, blind = rows
-        affinity["vs_blind_loads"] = blind["registry_loads"] / max(affinity["registry_loads"], 1)
-        affinity["vs_blind_misses_second_half"] = blind["misses_second_half"] / max(affinity["misses_second_half"], 1)
-        scaleout.deploy(config, replace(base, replicas=1))
-        with _served(fx, w.batch, SCALE_OUT_SLOTS) as direct:
-            hop = _proxy_hop(target, direct, names[:4], prompts, w.new_tokens, w.repeats)
-        rows.append({"label": "1 replica through Ray ÷ hotswap serve", **hop})
-    finally:
-        ray.serve.shutdown()
-        ray.shutdown()
-    return rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _replay(
-    target: str, sequence: list[str], prompts: list[list[int]], new_tokens: int, clients: int
-) -> dict[str, Any]:
-    """Send ``sequence`` with ``clients`` concurrent streams; cache hits and loads from the replicas' trailers."""
-    from hotswap.serve import scaleout
-
-    work = iter(enumerate(sequence))
-    lock = threading.Lock()
-    tiers: list[str] = [""] * len(sequence)
-    ttft: list[float] = []
-    loads: dict[str, int] = {}
-
-    def client() -> None:
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            while True:
-                with lock:
-                    item = next(work, None)
-                if item is None:
-                    return
-                i, adapter = item
-                request = build_request(prompt_ids=prompts[i % len(prompts)], adapters=[adapter],
-                                        max_new_tokens=new_tokens, ignore_eos=True)  # fmt: skip
-                t0 = time.perf_counter()
-                call = stub.GenerateStream(request, metadata=((MODEL_ID_KEY, adapter),), timeout=600)
-                first = None
-                for _ in call:
-                    first = first or time.perf_counter()
-                trailers = dict(call.trailing_metadata())
-                with lock:
-                    ttft.append((first or time.perf_counter()) - t0)
-                    tiers[i] = trailers[scaleout.CACHE_KEY]
-                    replica = trailers[scaleout.REPLICA_KEY]
-                    loads[replica] = max(loads.get(replica, 0), int(trailers[scaleout.LOADS_KEY]))
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    half = len(tiers) // 2
-    distinct = len(set(sequence))
-    second = tiers[half:]
-    return {
-        "requests": len(sequence),
-        "distinct_adapters": distinct,
-        "hit_rate_ceiling": 1 - distinct / len(sequence),  # every distinct adapter's first request must load
-        "hit_rate": sum(t != "registry" for t in tiers) / len(tiers),  # no registry load: resident or host RAM
-        "resident_hit_rate": tiers.count("resident") / len(tiers),
-        "hit_rate_second_half": sum(t != "registry" for t in second) / len(second),
-        "misses_second_half": second.count("registry"),
-        "registry_loads": sum(loads.values()),
-        "loads_per_replica": sorted(loads.values()),
-        "tok_s": len(sequence) * new_tokens / seconds,
-        "ttft_ms_p50": percentile(ttft, 50) * 1e3,
-        "ttft_ms_p95": percentile(ttft, 95) * 1e3,
-    }
-
-
-def _proxy_hop(
-    ray_target: str, direct: str, names: list[str], prompts: list[list[int]], new_tokens: int, repeats: int
-) -> dict[str, Any]:
-    """The same streaming batch through Ray's proxy to 1 replica and straight to ``hotswap serve``."""
-    clients = {t: [Client(t, timeout=600) for _ in prompts] for t in (ray_target, direct)}
-    adapters = [names[i % len(names)] for i in range(len(prompts))]
-    latencies: dict[str, dict[str, list[tuple[float, list[float]]]]] = {
-        t: {a: [] for a in names} for t in (ray_target, direct)
-    }
-    seconds = _interleaved(
-        {t: partial(_stream_all, clients[t], prompts, adapters, new_tokens, latencies[t]) for t in clients}, repeats
-    )
-    for cs in clients.values():
-        for c in cs:
-            c.close()
-    ray_tok, direct_tok = (_tok_s(len(prompts), new_tokens, seconds[t]) for t in (ray_target, direct))
-    ttft = [t for runs in latencies[ray_target].values() for t, _ in runs]
-    return {
-        "tok_s": ray_tok,
-        "direct_tok_s": direct_tok,
-        "vs_direct": ray_tok / direct_tok,
-        "ttft_ms_p50": percentile(ttft, 50) * 1e3,
-        "ttft_ms_p95": percentile(ttft, 95) * 1e3,
-    }
-
-
-SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
-    "mixed": mixed,
-    "swap": swap,
-    "load": load,
-    "methods": methods,
-    "server": server,
-    "train": training,
-    "scale-out": scale_out,
-    "soak": soak,
-}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hotswap.bench import DEFAULT_MODELS, SCENARIOS
-from hotswap.bench.soak import ALIAS_REF, EXPECTED, FAULTS, PUBLISHED, History, SoakConfig, SoakSetup, prepare, run_soak
+from hotswap.bench.soak import History, run_soak
+from hotswap.bench.soak_setup import ALIAS_REF, EXPECTED, FAULTS, PUBLISHED, SoakConfig, SoakSetup, prepare
 from hotswap.cli import build_parser, main
 from hotswap.serve import Engine, Request
 
