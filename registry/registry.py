@@ -7,7 +7,11 @@ integrity and base fingerprints, and that builds manifests; backends only store 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ENV_REGISTRY = "HOTSWAP_REGISTRY"
 DEFAULT_ROOT = Path("~/.cache/hotswap/registry")
+REMOTE_RESOLVE_TTL = 2.0  # seconds a remote registry's alias or latest, once resolved, is reused
+MAX_CACHED_RESOLVES = 4096  # resolved refs a Registry keeps (least recently used go first)
 
 
 def default_registry_url() -> str:
@@ -65,6 +71,59 @@ class AdapterSummary:
     created_at: str  # of the latest version
 
 
+def check_base(manifest: Manifest, base_fingerprint: str) -> Manifest:
+    """``manifest`` if it was published for the base ``base_fingerprint``, else :class:`BaseModelMismatch`."""
+    if manifest.base_fingerprint == base_fingerprint:
+        return manifest
+    if manifest.base_fingerprint is None:
+        raise BaseModelMismatch(f"{manifest.ref} was published without a base fingerprint; republish it with --base")
+    raise BaseModelMismatch(
+        f"{manifest.ref} was trained for base {manifest.base_fingerprint[:19]}…, not {base_fingerprint[:19]}…"
+    )
+
+
+class _ResolveCache:
+    """Refs already resolved: an exact version (immutable) until it is the least recently used of ``size``, an
+    alias or ``latest`` for ``ttl`` seconds. A resolve that raced with :meth:`forget` is not kept."""
+
+    def __init__(self, ttl: float, size: int = MAX_CACHED_RESOLVES) -> None:
+        self.ttl, self.size = ttl, size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[AdapterRef, tuple[Manifest, float]] = OrderedDict()  # ref -> (manifest, expiry)
+        self._generation = 0  # bumped by forget(): a resolve begun before it is stale
+
+    def get(self, ref: AdapterRef) -> tuple[Manifest | None, int]:
+        """(the cached manifest or None, the token to :meth:`put` a fresh one with)."""
+        with self._lock:
+            manifest, expires = self._entries.get(ref, (None, 0.0))
+            if manifest is not None and time.monotonic() < expires:
+                self._entries.move_to_end(ref)
+                return manifest, self._generation
+            self._entries.pop(ref, None)
+            return None, self._generation
+
+    def put(self, ref: AdapterRef, manifest: Manifest, token: int) -> None:
+        """Keep ``manifest`` for ``ref`` and for its exact version (what an alias's user resolves next)."""
+        exact = ref.at(manifest.version)
+        with self._lock:
+            if token != self._generation:
+                return
+            if ref != exact:
+                self._entries[ref] = (manifest, time.monotonic() + self.ttl)
+            self._entries[exact] = (manifest, math.inf)
+            self._entries.move_to_end(exact)
+            self._entries.move_to_end(ref)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def forget(self, name: str) -> None:
+        """Drop what may have moved for ``name`` (its aliases and latest) after this process wrote it."""
+        with self._lock:
+            self._generation += 1
+            for ref in [r for r in self._entries if r.full_name == name and r.version is None]:
+                del self._entries[ref]
+
+
 def _as_ref(ref: str | AdapterRef) -> AdapterRef:
     return ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
 
@@ -77,12 +136,24 @@ def _as_name(name: str | AdapterRef) -> AdapterRef:
 
 
 class Registry:
-    """Adapter registry over one backend. ``Registry()`` opens the default local registry."""
+    """Adapter registry over one backend. ``Registry()`` opens the default local registry.
 
-    def __init__(self, backend: Backend | str | os.PathLike[str] | None = None) -> None:
+    ``resolve_ttl``: for how many seconds :meth:`resolve` reuses an alias or ``latest`` it resolved (exact
+    versions, being immutable, are reused until evicted); 0 resolves everything afresh. By default a remote
+    backend (the Hub) caches for :data:`REMOTE_RESOLVE_TTL` and the local one, whose resolves are file reads,
+    not at all. This process's own publish and alias moves show at once; another writer's within the TTL."""
+
+    def __init__(
+        self, backend: Backend | str | os.PathLike[str] | None = None, *, resolve_ttl: float | None = None
+    ) -> None:
         if backend is None:
             backend = default_registry_url()
         self.backend: Backend = open_backend(backend) if isinstance(backend, str | os.PathLike) else backend
+        if resolve_ttl is None:
+            resolve_ttl = 0.0 if isinstance(self.backend, LocalBackend) else REMOTE_RESOLVE_TTL
+        if not resolve_ttl >= 0:
+            raise InvalidArgument(f"resolve_ttl must be >= 0 seconds, got {resolve_ttl}")
+        self._resolved = _ResolveCache(resolve_ttl) if resolve_ttl > 0 else None
 
     @property
     def url(self) -> str:
@@ -143,8 +214,11 @@ class Registry:
             description=description,
         )
         manifest = self.backend.commit_version(files, manifest, pinned=version is not None)
-        for alias in aliases:
-            self.backend.write_alias(manifest.name, alias, manifest.version)
+        try:
+            for alias in aliases:
+                self.backend.write_alias(manifest.name, alias, manifest.version)
+        finally:
+            self._forget(manifest.name)  # its latest moved, and maybe aliases
         return manifest
 
     # -- resolve / fetch -----------------------------------------------------------------------
@@ -166,18 +240,22 @@ class Registry:
         return aliases[ref.alias]
 
     def resolve(self, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> Manifest:
-        """The manifest ``ref`` points at now. With ``base_fingerprint``, refuse an adapter for another base."""
+        """The manifest ``ref`` points at now (within ``resolve_ttl`` for an alias or latest). With
+        ``base_fingerprint``, refuse an adapter for another base."""
         ref = _as_ref(ref)
-        manifest = self.backend.read_manifest(ref.full_name, self._version_of(ref))
-        if base_fingerprint is not None and manifest.base_fingerprint != base_fingerprint:
-            if manifest.base_fingerprint is None:
-                raise BaseModelMismatch(
-                    f"{manifest.ref} was published without a base fingerprint; republish it with --base"
-                )
-            raise BaseModelMismatch(
-                f"{manifest.ref} was trained for base {manifest.base_fingerprint[:19]}…, not {base_fingerprint[:19]}…"
-            )
-        return manifest
+        if self._resolved is None:
+            manifest = self.backend.read_manifest(ref.full_name, self._version_of(ref))
+        else:
+            manifest, token = self._resolved.get(ref)
+            if manifest is None:
+                manifest = self.backend.read_manifest(ref.full_name, self._version_of(ref))
+                self._resolved.put(ref, manifest, token)
+        return manifest if base_fingerprint is None else check_base(manifest, base_fingerprint)
+
+    def _forget(self, name: str) -> None:
+        """This process moved ``name``'s latest or an alias: resolve them afresh."""
+        if self._resolved is not None:
+            self._resolved.forget(name)
 
     def fetch(self, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> tuple[Manifest, Path]:
         """Resolve ``ref`` and return its manifest and a local directory whose files were just verified."""
@@ -227,6 +305,7 @@ class Registry:
             for alias, version in src.aliases(name).items():
                 if mine.get(alias) != version:
                     self.backend.write_alias(_as_name(name).full_name, alias, version)
+            self._forget(_as_name(name).full_name)
         return copied
 
     # -- listing -------------------------------------------------------------------------------
@@ -270,6 +349,7 @@ class Registry:
         check_alias(alias)
         manifest = self.resolve(ref.at(version))
         self.backend.write_alias(ref.full_name, alias, version)
+        self._forget(ref.full_name)
         log.info("alias %s:%s -> %d", ref.full_name, alias, version)
         return manifest
 
@@ -278,3 +358,4 @@ class Registry:
         check_alias(alias)
         self._version_of(ref)
         self.backend.write_alias(ref.full_name, alias, None)
+        self._forget(ref.full_name)

@@ -18,9 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import ray
@@ -32,22 +30,17 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.util import metrics as ray_metrics
 
 from hotswap.client import MODEL_ID_KEY
-from hotswap.errors import HotswapError, InvalidArgument, PermissionDenied, clip_message, mapping_for
+from hotswap.errors import HotswapError, InvalidArgument
 from hotswap.registry import Registry
-from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
-from hotswap.serve.config import APP, EngineConfig, RayOptions
+from hotswap.registry.registry import check_base
+from hotswap.serve import settings
+from hotswap.serve.auth import TokenAuth
+from hotswap.serve.config import APP, RayOptions
 from hotswap.serve.engine import Engine
-from hotswap.serve.metrics import UNRESOLVED, Metrics
-from hotswap.serve.server import (
-    SERVICES,
-    ServerConfig,
-    TextDeltas,
-    describe_response,
-    list_response,
-    status_of,
-    to_request,
-    to_response,
-)
+from hotswap.serve.metrics import Metrics
+from hotswap.serve.server import SERVICES, ServerConfig
+from hotswap.serve.servicer import Servicer
+from hotswap.serve.status import ray_errors
 from hotswap.v1 import hotswap_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -61,18 +54,6 @@ SERVICER_FUNCTIONS = [
     "hotswap.v1.hotswap_pb2_grpc.add_AdaptersServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
-
-
-@contextmanager
-def _status(context: RayServegRPCContext) -> Iterator[None]:
-    """Our errors leave with their gRPC status; the class travels in the message (errors lose trailers)."""
-    try:
-        yield
-    except HotswapError as e:
-        code, trailing = status_of(e)
-        context.set_code(code)
-        context.set_details(f"{trailing[0][1]}: {clip_message(str(e))}")
-        raise  # Ray's proxy answers with the status set above
 
 
 class _RaySeries:
@@ -143,16 +124,18 @@ class _Resident:
 
 
 class Replica:
-    """One Ray Serve replica: one engine; ``Generate`` and ``GenerateStream`` of ``hotswap.v1.Inference``."""
+    """One Ray Serve replica: one engine under the servicer core; ``hotswap.v1`` (Inference, Adapters) and health.
+    Ray's additions: routing by adapter (multiplexing), the answering replica in trailing metadata."""
 
     def __init__(self, config: ServerConfig, route_by_adapter: bool = True) -> None:
         self.config, self.route_by_adapter = config, route_by_adapter
-        self.auth = TokenAuth.from_file(config.auth) if config.auth is not None else None
+        auth = TokenAuth.from_file(config.auth) if config.auth is not None else None
         self.registry = Registry(config.registry)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = RayMetrics(self.replica_id, config.max_adapter_labels)
         self.engine = Engine(config.base, self.registry, config.engine, observer=self.metrics)
-        engine = self.engine
+        self.core = Servicer(self.registry, self.metrics, auth, log)
+        self.core.engine = engine = self.engine
         self.metrics.watch(lambda: len(engine.resident()), lambda: engine.counts()[0], lambda: engine.counts()[1])
 
     async def adapter(self, ref: str) -> _Resident:
@@ -174,12 +157,14 @@ class Replica:
         self.engine.close()
 
     # -- hotswap.v1.Inference ----------------------------------------------------------------------
+    @ray_errors
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         final = pb.GenerateResponse()
         async for chunk in self._run(request, grpc_context, stream=False):
             final = chunk.response
         return final
 
+    @ray_errors
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateChunk]:
@@ -189,49 +174,26 @@ class Replica:
     async def _run(
         self, request: pb.GenerateRequest, context: RayServegRPCContext, stream: bool
     ) -> AsyncIterator[pb.GenerateChunk]:
-        label, status, result, handle = UNRESOLVED, "ok", None, None
-        try:
-            with _status(context):
-                principal = self._principal(context)
-                refs = [authorize(self.registry, principal, a.ref).ref for a in request.adapters]
-                label = self.metrics.adapter_label(refs)
-                for ref in refs:  # refuse another base's adapter before routing/loading, as the engine would
-                    self.registry.resolve(ref, base_fingerprint=self.engine.base_fingerprint)
-                first = request.adapters[0].ref if request.adapters else ""
-                tier = self.engine.cache_tier(refs[0]) if refs else "resident"
-                if self.route_by_adapter:
-                    self._check_route(first)
-                    if first:
-                        await self.adapter(first)
-                handle = self.engine.submit(to_request(request, refs))
-                if stream:
-                    deltas = TextDeltas(self.engine.tokenizer, list(request.stop))
-                    # tokens produced while the last chunk was in flight go out together: Ray's streaming
-                    # hop costs more per message than a decode step of a small model
-                    while (tokens := await asyncio.to_thread(handle.next_tokens)) is not None:
-                        yield pb.GenerateChunk(token_ids=tokens, text="".join(deltas.feed(t) for t in tokens))
-                result = await asyncio.to_thread(handle.result)
+        with self.core.generation(request, "GenerateStream" if stream else "Generate", context.peer()) as g:
+            for manifest in g.authorize(context.invocation_metadata()):  # another base's adapter: refused
+                check_base(manifest, self.engine.base_fingerprint)  # before routing or loading, as the engine would
+            first = request.adapters[0].ref if request.adapters else ""
+            tier = self.engine.cache_tier(g.refs[0]) if g.refs else "resident"
+            if self.route_by_adapter:
+                self._check_route(first)
+                if first:
+                    await self.adapter(first)
+            handle = g.submit()
+            if stream:
+                # tokens produced while the last chunk was in flight go out together: Ray's streaming
+                # hop costs more per message than a decode step of a small model
+                while (tokens := await asyncio.to_thread(handle.next_tokens)) is not None:
+                    yield g.chunk(tokens)
+            final = g.final(await asyncio.to_thread(handle.result), merge_rest=True)
             loads = self.engine.pool.stats.registry_loads
             context.set_trailing_metadata([(REPLICA_KEY, self.replica_id), (CACHE_KEY, tier), (LOADS_KEY, str(loads))])
-            if stream:
-                rest = deltas.rest(result.text or "")
-                yield pb.GenerateChunk(text=rest, response=to_response(result))
-            else:
-                yield pb.GenerateChunk(response=to_response(result))
-        except HotswapError as e:
-            status = mapping_for(e).grpc_status.lower()
-            raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away: free the row at the next step
-            status = "cancelled"
-            if handle is not None:
-                handle.cancel()
-            raise
-        finally:
-            if result is None:
-                self.metrics.request_done(label, status, None)
-            else:
-                timings, tokens = result.timings, len(result.token_ids)
-                self.metrics.request_done(label, status, timings, result.prompt_tokens, tokens)
+            for chunk in final:
+                yield chunk
 
     def _check_route(self, first: str) -> None:
         model_id = serve.get_multiplexed_model_id()
@@ -242,30 +204,28 @@ class Replica:
             )
 
     # -- hotswap.v1.Adapters (List, Describe and Check answer from the replica Ray picks) ------------------
+    @ray_errors
     async def Load(self, request: pb.LoadRequest, grpc_context: RayServegRPCContext) -> pb.LoadResponse:
         """Prefetch through Ray's routing: the replica that would serve ``ref`` loads it."""
-        with _status(grpc_context):
-            if not self._principal(grpc_context).is_admin:
-                raise PermissionDenied("this call needs a token with role admin")
-            if request.pin:
-                raise InvalidArgument("pinning is not available with --ray: Ray's multiplexing owns residency (LRU)")
-            self._check_route(request.ref)
-            t0 = time.perf_counter()
-            resident = await self.adapter(request.ref)
-            return pb.LoadResponse(ref=resident.ref, seconds=time.perf_counter() - t0)
+        self.core.admin(grpc_context.invocation_metadata())
+        if request.pin:
+            raise InvalidArgument("pinning is not available with --ray: Ray's multiplexing owns residency (LRU)")
+        self._check_route(request.ref)
+        t0 = time.perf_counter()
+        resident = await self.adapter(request.ref)
+        return pb.LoadResponse(ref=resident.ref, seconds=time.perf_counter() - t0)
 
+    @ray_errors
     async def Unload(self, request: pb.UnloadRequest, grpc_context: RayServegRPCContext) -> pb.UnloadResponse:
-        with _status(grpc_context):
-            raise InvalidArgument("Unload is not available with --ray: Ray's multiplexing evicts adapters (LRU)")
+        raise InvalidArgument("Unload is not available with --ray: Ray's multiplexing evicts adapters (LRU)")
 
+    @ray_errors
     async def List(self, request: pb.ListRequest, grpc_context: RayServegRPCContext) -> pb.ListResponse:
-        with _status(grpc_context):
-            return list_response(self.registry, self._principal(grpc_context), self.engine.resident())
+        return self.core.list(grpc_context.invocation_metadata())
 
+    @ray_errors
     async def Describe(self, request: pb.DescribeRequest, grpc_context: RayServegRPCContext) -> pb.DescribeResponse:
-        with _status(grpc_context):
-            principal = self._principal(grpc_context)
-            return describe_response(self.registry, principal, request.ref, self.engine.resident())
+        return self.core.describe(grpc_context.invocation_metadata(), request)
 
     # -- grpc.health.v1.Health -----------------------------------------------------------------------------
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
@@ -273,11 +233,6 @@ class Replica:
         if request.service not in ("", *SERVICES):
             return status(status=status.SERVICE_UNKNOWN)
         return status(status=status.SERVING if self.engine.healthy else status.NOT_SERVING)
-
-    def _principal(self, context: RayServegRPCContext) -> Principal:
-        if self.auth is None:
-            return ANONYMOUS_ADMIN
-        return self.auth.authenticate(dict(context.invocation_metadata()))
 
 
 def deployment(config: ServerConfig, options: RayOptions) -> Any:
@@ -294,29 +249,15 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
     )
 
 
-_ENGINE_ARGS = ("max_batch", "max_queue", "max_resident", "max_seq_len", "device", "dtype")
-_RAY_ARGS = ("replicas", "replica_cpus", "route_by_adapter", "adapters_per_replica")
-
-
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder (``import_path: hotswap.serve.scaleout:build_app`` in a Serve config,
-    e.g. deploy/rayservice.yaml): ``args`` holds ``base``, ``registry``, ``auth`` or ``no_auth``, the engine's
-    limits (max_batch, max_queue, max_resident, max_seq_len, device, dtype), replicas, replica_cpus and
-    adapters_per_replica."""
-    known = {"base", "registry", "auth", "no_auth", "max_adapter_labels", *_ENGINE_ARGS, *_RAY_ARGS}
-    if unknown := sorted(set(args) - known):
-        raise InvalidArgument(f"unknown hotswap application args {unknown}; known: {sorted(known)}")
-    if "base" not in args or "registry" not in args:
-        raise InvalidArgument("hotswap application args need base and registry")
-    config = ServerConfig(
-        base=Path(args["base"]),
-        registry=str(args["registry"]),
-        auth=Path(args["auth"]) if args.get("auth") else None,
-        no_auth=bool(args.get("no_auth", False)),
-        max_adapter_labels=int(args.get("max_adapter_labels", 100)),
-        engine=EngineConfig(**{k: args[k] for k in _ENGINE_ARGS if k in args}),
-    )
-    options = RayOptions(**{k: args[k] for k in _RAY_ARGS if k in args})
+    e.g. deploy/rayservice.yaml): ``args`` are settings by field name of ServerConfig (``base`` and ``registry``
+    required), its EngineConfig and RayOptions, as ``hotswap serve --config`` takes them, less those the Serve
+    config sets itself (ports, proxies, TLS, the cluster's address): :data:`hotswap.serve.settings.APP_ARGS`."""
+    source = "hotswap application args"
+    values = settings.normalize(args, settings.APP_ARGS, source)
+    config = settings.build(ServerConfig, values, source)
+    options = settings.build(RayOptions, values, source)
     return deployment(config, options).bind(config, options.route_by_adapter)
 
 

@@ -64,3 +64,11 @@ def test_list_summarises(three_versions: Registry) -> None:
     (summary,) = three_versions.list()
     assert (summary.name, summary.latest, summary.versions, summary.method) == ("math", 3, 3, "lora")
     assert summary.aliases == {"prod": 1, "staging": 2}
+
+
+def test_local_registry_sees_another_instances_alias_move_at_once(three_versions: Registry) -> None:
+    """The local backend resolves afresh (no cache): an alias moved through another Registry shows at once."""
+    reader = Registry(three_versions.url)
+    assert reader.resolve("math:prod").version == 1
+    Registry(three_versions.url).set_alias("math", "prod", 3)
+    assert reader.resolve("math:prod").version == 3

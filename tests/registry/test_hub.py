@@ -244,3 +244,82 @@ def test_cli_push_pull_and_mirror(
     refused = ["--registry", "hf://team", "push", "--no-base", str(artifacts["lora"]), "--name", "x", "--token", OTHER]
     assert main(refused) == 12
     assert "refused the token" in capsys.readouterr().err
+
+
+class _Clock:
+    """The registry's clock, moved by hand: the resolve cache's TTL without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_resolve_cache_saves_hub_calls_and_sees_its_own_writes(
+    hub: HubServer, artifacts: dict[str, Path], tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact versions are cached for good, aliases and latest for the TTL: repeated resolves make no Hub call.
+    This Registry's own publish and alias moves show at once; another writer's once the TTL has passed."""
+    import hotswap.registry.registry as registry_module
+
+    clock = _Clock()
+    monkeypatch.setattr(registry_module, "time", clock)
+    fp = fingerprint(tiny_base)
+    reg = Registry("hf://team", resolve_ttl=5)
+    reg.publish(artifacts["lora"], "cached", aliases=["prod"], base_fingerprint=fp)
+    reg.publish(artifacts["lora2"], "cached", base_fingerprint=fp)
+
+    def hub_calls(*refs: str) -> int:
+        before = len(hub.requests)
+        for ref in refs:
+            reg.resolve(ref)
+        return len(hub.requests) - before
+
+    refs = ("cached@1", "cached:prod", "cached", "cached:latest")
+    assert hub_calls(*refs) >= 2 * len(refs)  # the first time: versions, then aliases or the manifest
+    assert hub_calls(*refs * 10) == 0
+    assert Registry("hf://team", resolve_ttl=0).resolve("cached@1") and hub_calls(*refs) == 0
+    # a server resolves the ref as written (cached: latest, above), the engine the exact version: a cache hit
+    with Engine(tiny_base, reg, max_batch=2, max_seq_len=32) as engine:
+        before = len(hub.requests)
+        engine.submit(Request(prompt_ids=[5, 17], adapters=["cached@2"], max_new_tokens=2)).result()
+        engine.submit(Request(prompt_ids=[5, 17], adapters=["cached@2"], max_new_tokens=2)).result()
+        assert not [path for _, path in hub.requests[before:] if path.endswith("/refs")]  # only the download
+        assert hub_calls("cached@2") == 0
+    # this process's writes invalidate what they moved
+    reg.set_alias("cached", "prod", 2)
+    assert reg.resolve("cached:prod").version == 2
+    assert reg.publish(artifacts["bitfit"], "cached").version == 3
+    assert reg.resolve("cached").version == 3 and reg.resolve("cached:latest").version == 3
+    reg.delete_alias("cached", "prod")
+    with pytest.raises(AdapterNotFound, match="prod"):
+        reg.resolve("cached:prod")
+    assert reg.resolve("cached@1").version == 1 and hub_calls("cached@1") == 0  # exact versions stay cached
+    # another writer's alias move shows once the TTL has passed
+    reg.set_alias("cached", "prod", 1)
+    assert reg.resolve("cached:prod").version == 1
+    Registry("hf://team").set_alias("cached", "prod", 3)
+    assert reg.resolve("cached:prod").version == 1  # within the TTL
+    clock.now += 5
+    assert reg.resolve("cached:prod").version == 3
+
+
+def test_resolve_cache_is_bounded_and_refuses_a_negative_ttl(hub: HubServer, artifacts: dict[str, Path]) -> None:
+    from hotswap.errors import InvalidArgument
+    from hotswap.registry.registry import MAX_CACHED_RESOLVES
+
+    with pytest.raises(InvalidArgument, match="resolve_ttl"):
+        Registry("hf://team", resolve_ttl=-1)
+    reg = Registry("hf://team", resolve_ttl=600)
+    reg.publish(artifacts["lora"], "bounded")
+    reg._resolved.size = 2  # type: ignore[union-attr]
+    for ref in ("bounded@1", "bounded", "bounded:latest"):
+        reg.resolve(ref)
+    before = len(hub.requests)
+    reg.resolve("bounded:latest")
+    reg.resolve("bounded@1")  # kept with every resolve of an alias or latest: what the engine resolves next
+    assert len(hub.requests) == before  # the two most recently used are kept
+    reg.resolve("bounded")
+    assert len(hub.requests) > before  # the least recently used was dropped
+    assert MAX_CACHED_RESOLVES >= 1000

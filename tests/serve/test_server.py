@@ -309,6 +309,43 @@ def test_metrics_count_every_request(server: Server) -> None:
     assert after[("hotswap_adapter_cache_events_total", (("event", "hit"), ("tier", "resident")))] >= 1
 
 
+def test_each_ref_resolved_once_and_bugs_are_internal(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The servicer core resolves each ref as written once (authorizing it); the engine resolves only the exact
+    version it was handed. An exception no error class covers is INTERNAL with a generic message (its
+    traceback in the log), and an unauthenticated call is counted like any other failure."""
+    resolved: list[str] = []
+    real = server.registry.resolve
+
+    def resolve(ref: object, **kw: object) -> object:
+        resolved.append(str(ref))
+        return real(ref, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server.registry, "resolve", resolve)
+    with client(server, ADMIN) as c:
+        c.generate(PROMPT, adapters=["math", "acme/tone:latest"], max_new_tokens=2)
+        assert list(c.stream(PROMPT, adapters=["math"], max_new_tokens=2))
+        assert [r for r in resolved if "@" not in r] == ["math", "acme/tone:latest", "math"]
+        assert set(resolved) - {"math", "acme/tone:latest"} <= {"math@1", "acme/tone@1"}
+        before = scrape(server)
+        with pytest.raises(Unauthenticated):
+            client(server, None).generate(PROMPT, adapters=["math"])
+
+        def bug(refs: object) -> str:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(server.metrics, "adapter_label", bug)
+        with pytest.raises(HotswapError, match="internal error; see the server log") as info:
+            c.generate(PROMPT, adapters=["math"], max_new_tokens=2)
+    assert type(info.value) is HotswapError and "a bug" not in str(info.value)
+    assert any(r.message == "Generate failed" and r.exc_info for r in caplog.records)
+    after = scrape(server)
+    for status in ("unauthenticated", "internal"):
+        key = ("hotswap_requests_total", (("adapter", "unresolved"), ("status", status)))
+        assert after[key] - before.get(key, 0.0) == 1
+
+
 def test_adapter_label_cardinality_is_capped() -> None:
     from hotswap.serve.metrics import Metrics
 

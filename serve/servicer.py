@@ -1,0 +1,241 @@
+"""The servicer core: what each ``hotswap.v1`` call does, written once for every transport (the gRPC server in
+:mod:`hotswap.serve.server`, the Ray replica in :mod:`hotswap.serve.scaleout`).
+
+A generation (:class:`Generation`) goes: authorize the caller for each adapter ref, which resolves it (once per
+request; the engine's own resolve of the exact version is a file read, or a cache hit for a remote registry) ->
+submit the engine request -> chunks (token ids and text deltas from a :class:`Detokenizer`) -> the final response;
+and it is recorded when it ends, however it ends: ``Metrics.request_done`` and one log line. A transport drives
+these steps with its own I/O (threads for gRPC, asyncio for Ray). Nothing here catches an error to answer it:
+:mod:`hotswap.serve.status` turns what is raised into a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from types import TracebackType
+
+from hotswap.errors import DeadlineExceeded, HotswapError, PermissionDenied, mapping_for
+from hotswap.registry import AdapterRef, Manifest, Registry
+from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
+from hotswap.serve.detok import Detokenizer
+from hotswap.serve.engine import Engine, RequestHandle
+from hotswap.serve.metrics import UNRESOLVED, Metrics
+from hotswap.serve.types import Request, Result
+from hotswap.v1 import hotswap_pb2 as pb
+
+Metadata = Sequence[tuple[str, str]]
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _cancelled() -> str:
+    return "cancelled"
+
+
+class Servicer:
+    """One serving process's registry, metrics, auth and (once loaded) engine, and the calls on them.
+    ``log`` is the transport's logger: each request's line goes there."""
+
+    def __init__(self, registry: Registry, metrics: Metrics, auth: TokenAuth | None, log: logging.Logger) -> None:
+        self.registry, self.metrics, self.auth, self.log = registry, metrics, auth, log
+        self.engine: Engine | None = None  # set once the base model is loaded
+
+    @property
+    def ready(self) -> Engine:
+        assert self.engine is not None, "the transport admits calls only once the engine is loaded"
+        return self.engine
+
+    def principal(self, metadata: Metadata) -> Principal:
+        """Who calls (``authorization: Bearer`` metadata); everyone is an admin when auth is off."""
+        return ANONYMOUS_ADMIN if self.auth is None else self.auth.authenticate(dict(metadata))
+
+    def admin(self, metadata: Metadata) -> Principal:
+        principal = self.principal(metadata)
+        if not principal.is_admin:
+            raise PermissionDenied("this call needs a token with role admin")
+        return principal
+
+    def generation(
+        self, request: pb.GenerateRequest, rpc: str, peer: str, ended: Callable[[], str] = _cancelled
+    ) -> Generation:
+        """One Generate (``rpc``) call, recorded as it leaves the ``with`` block; ``ended`` names the status of a
+        call its client ended (cancelled, or deadline_exceeded where the transport can tell)."""
+        return Generation(self, request, rpc, peer, ended)
+
+    # -- hotswap.v1.Adapters ---------------------------------------------------------------------------------
+    def load(self, metadata: Metadata, request: pb.LoadRequest, timeout: float | None) -> pb.LoadResponse:
+        self.admin(metadata)
+        t0 = time.perf_counter()
+        try:
+            exact = self.ready.load_adapter(request.ref, pin=request.pin, timeout=timeout)
+        except futures.TimeoutError:
+            raise DeadlineExceeded(f"{request.ref} was still loading when the deadline passed") from None
+        return pb.LoadResponse(ref=exact, seconds=time.perf_counter() - t0)
+
+    def unload(self, metadata: Metadata, request: pb.UnloadRequest) -> pb.UnloadResponse:
+        self.admin(metadata)
+        return pb.UnloadResponse(ref=self.ready.unload_adapter(request.ref))
+
+    def list(self, metadata: Metadata) -> pb.ListResponse:
+        """The adapters the caller may see, with the versions of each that are resident."""
+        principal = self.principal(metadata)
+        resident: dict[str, list[str]] = {}
+        for ref in self.ready.resident():
+            resident.setdefault(AdapterRef.parse(ref).full_name, []).append(ref)
+        infos = [
+            pb.AdapterInfo(
+                name=item.name,
+                latest=item.latest,
+                versions=[m.version for m in self.registry.versions(item.name)],
+                aliases=item.aliases,
+                method=item.method,
+                visibility=item.visibility,
+                resident=resident.get(item.name, []),
+            )
+            for item in self.registry.list()
+            if principal.may_see(item.visibility, AdapterRef.parse(item.name).tenant)
+        ]
+        return pb.ListResponse(adapters=infos)
+
+    def describe(self, metadata: Metadata, request: pb.DescribeRequest) -> pb.DescribeResponse:
+        m = authorize(self.registry, self.principal(metadata), request.ref)
+        return pb.DescribeResponse(
+            ref=m.ref,
+            method=m.method,
+            base_fingerprint=m.base_fingerprint or "",
+            created_at=m.created_at,
+            resident=m.ref in self.ready.resident(),
+            manifest_json=m.to_json(),
+        )
+
+    # -- recording ---------------------------------------------------------------------------------------------
+    def record(self, g: Generation) -> None:
+        """Count a finished generation and log its line."""
+        r = g.result
+        if r is None:
+            self.metrics.request_done(g.label, g.status, None)
+        else:
+            self.metrics.request_done(g.label, g.status, r.timings, r.prompt_tokens, len(r.token_ids))
+        t = r.timings if r is not None else None
+        self.log.info(
+            "%s adapter=%s status=%s prompt_tokens=%d tokens=%d finish=%s "
+            "queue_ms=%.1f ttft_ms=%.1f total_ms=%.1f peer=%s",
+            g.rpc,
+            g.label,
+            g.status,
+            r.prompt_tokens if r else 0,
+            len(r.token_ids) if r else 0,
+            r.finish_reason if r else "-",
+            t.queue_s * 1e3 if t else 0.0,
+            t.ttft_s * 1e3 if t else 0.0,
+            (t.total_s if t else time.perf_counter() - g.t0) * 1e3,
+            g.peer,
+        )
+
+
+class Generation:
+    """One Generate or GenerateStream call: ``with`` it, then :meth:`authorize`, :meth:`submit`, :meth:`chunk` per
+    token batch (streaming) and :meth:`final`. Leaving the block records it with the status of how it left."""
+
+    def __init__(
+        self, core: Servicer, request: pb.GenerateRequest, rpc: str, peer: str, ended: Callable[[], str]
+    ) -> None:
+        self.core, self.request, self.rpc, self.peer, self.ended = core, request, rpc, peer, ended
+        self.stream = rpc == "GenerateStream"
+        self.t0 = time.perf_counter()
+        self.label, self.status = UNRESOLVED, "ok"
+        self.manifests: list[Manifest] = []
+        self.handle: RequestHandle | None = None
+        self.result: Result | None = None
+        self._deltas: Detokenizer | None = None
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        if isinstance(err, HotswapError):
+            self.status = mapping_for(err).grpc_status.lower()
+        elif isinstance(err, GeneratorExit | asyncio.CancelledError):  # the client went away
+            self.left()
+        elif err is not None:
+            self.status = "internal"
+        self.core.record(self)
+
+    def left(self) -> None:
+        """The client ended the call (cancel or deadline): free the row at the next step."""
+        self.status = self.ended()
+        if self.handle is not None:
+            self.handle.cancel()
+
+    @property
+    def refs(self) -> list[str]:
+        """The request's adapters as exact versions, once authorized."""
+        return [m.ref for m in self.manifests]
+
+    def authorize(self, metadata: Metadata) -> list[Manifest]:
+        """Authenticate the caller and authorize it for each adapter ref, resolving each (the one resolve)."""
+        principal = self.core.principal(metadata)
+        self.manifests = [authorize(self.core.registry, principal, a.ref) for a in self.request.adapters]
+        self.label = self.core.metrics.adapter_label(self.refs)
+        return self.manifests
+
+    def submit(self) -> RequestHandle:
+        engine = self.core.ready
+        self.handle = engine.submit(to_request(self.request, self.refs))
+        if self.stream:
+            self._deltas = Detokenizer(engine.tokenizer, list(self.request.stop))
+        return self.handle
+
+    def chunk(self, tokens: list[int]) -> pb.GenerateChunk:
+        """The stream's chunk for ``tokens``: their ids and the text that became safe to send."""
+        assert self._deltas is not None, "chunks are for streaming calls"
+        return pb.GenerateChunk(token_ids=tokens, text="".join(self._deltas.feed(t) for t in tokens))
+
+    def final(self, result: Result, merge_rest: bool = False) -> list[pb.GenerateChunk]:
+        """The last chunks: the response, after any text held back (in the same chunk with ``merge_rest``)."""
+        self.result = result
+        response = to_response(result)
+        if self._deltas is None:
+            return [pb.GenerateChunk(response=response)]
+        rest = self._deltas.rest(result.text or "")
+        if merge_rest:
+            return [pb.GenerateChunk(text=rest, response=response)]
+        return [*([pb.GenerateChunk(text=rest)] if rest else []), pb.GenerateChunk(text="", response=response)]
+
+
+def to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:
+    """The engine request for ``msg``, with its adapters already resolved (and authorized) to exact refs."""
+    weights = [a.weight if a.HasField("weight") else 1.0 for a in msg.adapters]
+    return Request(
+        prompt=msg.prompt or None,
+        prompt_ids=list(msg.prompt_ids) or None,
+        adapters=list(zip(exact_refs, weights, strict=True)),
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else 16,
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=list(msg.stop),
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        rank=msg.rank if msg.HasField("rank") else None,
+    )
+
+
+def to_response(result: Result) -> pb.GenerateResponse:
+    t = result.timings
+    return pb.GenerateResponse(
+        text=result.text or "",
+        token_ids=result.token_ids,
+        finish_reason=_FINISH[result.finish_reason],
+        usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
+        timings=pb.Timings(queue_seconds=t.queue_s, time_to_first_token_seconds=t.ttft_s, total_seconds=t.total_s),
+        adapters=[pb.WeightedAdapter(ref=ref, weight=w) for ref, w in result.adapters],
+    )
