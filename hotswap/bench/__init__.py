@@ -6,21 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hotswap.bench import scaleout, scenarios, soak  # modules: names like `training` and `soak` stay modules here
 from hotswap.bench.common import Fixtures, Workload, write_results
-from hotswap.bench.scaleout import TINY_ONLY, scale_out
-from hotswap.bench.scenarios import load, methods, mixed, server, swap, training
-from hotswap.bench.soak import soak
 from hotswap.errors import InvalidArgument
 
 SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
-    "mixed": mixed,
-    "swap": swap,
-    "load": load,
-    "methods": methods,
-    "server": server,
-    "train": training,
-    "scale-out": scale_out,
-    "soak": soak,
+    "mixed": scenarios.mixed,
+    "swap": scenarios.swap,
+    "load": scenarios.load,
+    "methods": scenarios.methods,
+    "server": scenarios.server,
+    "train": scenarios.training,
+    "scale-out": scaleout.scale_out,
+    "soak": soak.soak,
 }
 DEFAULT_ADAPTERS = {
     "mixed": [1, 4, 16, 32],
@@ -39,7 +37,7 @@ def run(
     scenario: str, workload: Workload, out_dir: Path, cache: Path, adapter_counts: list[int] | None = None
 ) -> tuple[Path, str]:
     """Run one scenario; returns the JSON path and the Markdown table."""
-    if scenario in TINY_ONLY and workload.model != "tiny":
+    if scenario in scaleout.TINY_ONLY and workload.model != "tiny":
         raise InvalidArgument(f"{scenario} measures routing, not FLOPs: run it with --model tiny")
     fixtures = Fixtures(workload, cache)
     rows = SCENARIOS[scenario](fixtures, adapter_counts or DEFAULT_ADAPTERS[scenario])
