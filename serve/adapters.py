@@ -136,7 +136,6 @@ def read_tensors(path: Path, ref: str, base: BaseInfo, int_keys: tuple[str, ...]
         tensors = load_file(path / WEIGHTS)
     except Exception as e:  # safetensors raises its own error type for truncated or malformed files
         raise ArtifactRejected(f"{ref}: {WEIGHTS} is not a readable safetensors file ({e})") from e
-    top = torch.finfo(base.dtype).max
     for key, t in tensors.items():
         if key.endswith(int_keys) and int_keys:
             if t.dtype != torch.int64:
@@ -144,9 +143,15 @@ def read_tensors(path: Path, ref: str, base: BaseInfo, int_keys: tuple[str, ...]
             continue
         if not t.is_floating_point():
             raise ArtifactRejected(f"{ref}: tensor {key} is {t.dtype}; adapter weights must be floating point")
-        if t.numel() and not (torch.isfinite(t).all() and t.abs().max() <= top):
-            raise ArtifactRejected(f"{ref}: tensor {key} holds NaN or infinite values (in {base.dtype})")
+        check_finite(ref, f"tensor {key}", t, base.dtype)
     return tensors
+
+
+def check_finite(ref: str, what: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    """``t`` must hold only finite values once cast to ``dtype``. One pass: a NaN fails the comparison (max
+    propagates it) and an infinity, or a value the dtype cannot hold, exceeds the bound."""
+    if t.numel() and not bool(t.abs().max() <= torch.finfo(dtype).max):
+        raise ArtifactRejected(f"{ref}: {what} holds NaN or infinite values (in {dtype})")
 
 
 def check_shape(ref: str, key: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:

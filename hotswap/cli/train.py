@@ -211,8 +211,7 @@ def _shown(default: object) -> str:
 
 def _parser_for(hint: object) -> Callable[[str], object]:
     """The argparse type of an options field: comma-separated names for tuples, the scalar type otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args and typing.get_origin(hint) is not tuple else hint
     if typing.get_origin(hint) is tuple:
         return lambda text: tuple(t for t in text.split(",") if t)
-    return {int: int, float: float}.get(base, str)  # type: ignore[arg-type]
+    scalar = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # `int | None` -> int
+    return {int: int, float: float}.get(scalar, str)  # type: ignore[arg-type]

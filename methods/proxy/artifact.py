@@ -17,7 +17,7 @@ from hotswap.errors import ArtifactRejected, HotswapError, UnsupportedAdapter
 from hotswap.methods.common import PathLike, check_new
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import BaseInfo, LoadedAdapter, read_json
+from hotswap.serve.adapters import BaseInfo, LoadedAdapter, check_finite, read_json
 from hotswap.serve.proxy import ProxyModels
 from hotswap.serve.runner import SUPPORTED_MODEL_TYPES
 
@@ -50,8 +50,7 @@ def load_proxy(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapt
                 "proxy-tuning needs a shared vocabulary"
             )
         for name, param in model.named_parameters():
-            if not torch.isfinite(param).all():
-                raise ArtifactRejected(f"{ref}: proxy {role} tensor {name} holds NaN or infinite values")
+            check_finite(ref, f"proxy {role} tensor {name}", param, base.dtype)
         models.append(model)
         anti_key = fingerprint(path / sub)  # computed, not read from the config: sharing must be exact
     proxy = ProxyModels(models[0], models[1], float(alpha), anti_key)
