@@ -47,6 +47,9 @@ class EngineConfig:
         for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request", "max_rank"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("host_cache_bytes", "prefill_threads", "decode_threads"):  # 0: none / torch's default
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 

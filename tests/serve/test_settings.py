@@ -141,3 +141,16 @@ def test_a_setting_is_defined_once() -> None:
 
     with pytest.raises(ValueError, match="max_batch"):
         settings_of(ServerConfig, Twice)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--prefill-threads", "-1"), ("--decode-threads", "-2"), ("--host-cache-bytes", "-5"), ("--max-batch", "0")],
+)
+def test_out_of_range_numbers_are_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    assert main(["serve", "--base", "b", "--no-auth", flag, value]) == 2
+    err = capsys.readouterr().err
+    field = flag.removeprefix("--").replace("-", "_")
+    assert err.startswith("hotswap: error: ") and err.count("\n") == 1 and f"{field} must be >=" in err, err
