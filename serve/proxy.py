@@ -120,18 +120,11 @@ class ProxyBank:
             members = list(coefs)
             logits = self._logits(runner, [rows[i] for i in members], last_only)
             for k, i in enumerate(members):
-                part = coefs[i] * (logits[k] if last_only else logits[k, : len(rows[i].ids)])
+                part = coefs[i] * logits[k]
                 out[i] = part if out[i] is None else out[i] + part
         return out
 
-    def _logits(self, runner: Runner, rows: list[ProxyRow], last_only: bool) -> torch.Tensor:
-        """(E, T, V) logits of ``runner`` over the rows' tokens (right-padded), or (E, V) at each row's last."""
-        dev = self.device
-        lengths = torch.tensor([len(r.ids) for r in rows])
-        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.ids) for r in rows], batch_first=True)
-        positions = torch.tensor([r.start for r in rows])[:, None] + torch.arange(ids.shape[1])[None, :]
-        cache_rows = torch.tensor([r.row for r in rows], device=dev)
-        hidden = runner.forward(cache_rows, runner.embed(ids.to(dev)), positions.to(dev))  # (E, T, hidden)
-        if last_only:
-            hidden = hidden[torch.arange(len(rows)), lengths - 1]  # (E, hidden)
-        return runner.logits(hidden)
+    def _logits(self, runner: Runner, rows: list[ProxyRow], last_only: bool) -> list[torch.Tensor]:
+        """Per row, ``runner``'s logits over its tokens (len(ids), V), or (V,) at its last token."""
+        embeds = [runner.embed(torch.tensor(r.ids, device=self.device)) for r in rows]
+        return runner.prefill([r.row for r in rows], embeds, [r.start for r in rows], all_positions=not last_only)

@@ -1,23 +1,21 @@
-"""The model forward the engine runs: the base's own HF modules, our KV cache and attention masks.
+"""The model forward the engine runs: the base's own HF modeling code, with hotswap's attention and KV cache.
 
-Why not ``model(...)``: continuous batching needs every row to have its own length and write
-position (rows join and leave between steps, prefix-tuning rows start with learned keys/values), and
-HF's caches share one write position per batch. So the decoder loop lives here (as in nanoGPT or
-gpt-fast), calling the HF layers' own norms, projections (our wrapped multi-adapter linears), rotary
-embedding and MLPs; only the cache and mask are ours. Position id == cache index for every row.
+Any decoder-only causal LM whose HF class supports transformers' attention interface runs here (Llama,
+Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite, …): the model is called as HF would call it, with
+per-row ``position_ids`` and ``logits_to_keep``, and :mod:`hotswap.serve.attention` keeps each row's keys and
+values. A model that cannot work this way is refused at load by :func:`check_supported`, with its model type.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hotswap.errors import InvalidBaseModel
+from hotswap.serve.attention import ATTENTION, Batch, KVCache, attending
 
-# Architectures whose decoder block is Llama's (pre-norm, q/k/v/o + gated MLP, rotary, no sliding window).
-SUPPORTED_MODEL_TYPES = ("llama",)
+# Layer kinds hotswap's attention computes; anything else (linear attention, state-space layers) is refused.
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
 
 def head_dim(config: object) -> int:
@@ -25,77 +23,101 @@ def head_dim(config: object) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
 
 
+def check_supported(model: nn.Module) -> None:
+    """Refuse, in one line naming the model type, a model this runner cannot serve exactly."""
+    config = model.config
+    kind = f"model type {config.model_type!r}"
+    if getattr(config, "is_encoder_decoder", False):
+        raise InvalidBaseModel(f"{kind} is an encoder-decoder; hotswap serves decoder-only causal LMs")
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    if other:
+        raise InvalidBaseModel(f"{kind} has {', '.join(other)} layers; hotswap serves attention layers only")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise InvalidBaseModel(f"{kind}: its transformers class does not support the attention interface")
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        raise InvalidBaseModel(f"{kind}: no decoder layer stack at model.layers")
+
+
 class Runner:
-    """Batched forward with a static per-row KV cache: (layers, max_batch, kv_heads, max_seq_len, head_dim)."""
+    """Batched forward of one causal LM over a per-row KV cache of ``max_batch`` rows × ``max_seq_len``."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_seq_len: int) -> None:
+        check_supported(model)
+        model.set_attn_implementation(ATTENTION)
+        self.model = model
         config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise InvalidBaseModel(
-                f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        inner = model.model
-        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
-        self.lm_head = model.lm_head
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim(config)
+        self.embed = model.get_input_embeddings()
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         w = self.embed.weight
-        shape = (len(self.layers), max_batch, self.num_kv_heads, max_seq_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        layers = len(model.model.layers)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache = KVCache(layers, max_batch, kv_heads, max_seq_len, head_dim(config), w.dtype, w.device)
+        self._probe()
 
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    @torch.inference_mode()  # a runner made inside the engine's loop holds inference tensors
     def clear_row(self, row: int, end: int) -> None:
-        """Zero cache positions [0, end) of ``row`` (a finished row's keys/values never reach the next one)."""
-        self.k_cache[:, row, :, :end] = 0
-        self.v_cache[:, row, :, :end] = 0
+        self.cache.clear_row(row, end)
 
     def write_prefix(self, row: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put a prefix-tuning adapter's keys/values at cache positions [0, P) of ``row``."""
-        for i, (k, v) in enumerate(prefix_kv):  # each (kv_heads, P, head_dim)
-            p = k.shape[1]
-            self.k_cache[i, row, :, :p] = k
-            self.v_cache[i, row, :, :p] = v
+        self.cache.write_prefix(row, prefix_kv)
+
+    def prefill(
+        self, rows: list[int], embeds: list[torch.Tensor], starts: list[int], all_positions: bool = False
+    ) -> list[torch.Tensor]:
+        """Run each row's ``embeds`` (L_i, hidden) at cache positions ``starts[i]`` onwards of cache row ``rows[i]``.
+
+        Rows are left-padded to one length (padding writes only the scratch position), so every row's last
+        token is the batch's last column. Returns float logits per row: (V,) at its last token, or (L_i, V) with
+        ``all_positions``."""
+        lengths = [e.shape[0] for e in embeds]
+        width, dev = max(lengths), self.device
+        hidden = torch.zeros(len(embeds), width, embeds[0].shape[-1], dtype=embeds[0].dtype, device=dev)
+        positions = torch.full((len(embeds), width), -1, dtype=torch.long)
+        for i, (e, n, start) in enumerate(zip(embeds, lengths, starts, strict=True)):
+            hidden[i, width - n :] = e
+            positions[i, width - n :] = torch.arange(start, start + n)
+        logits = self.forward(torch.tensor(rows), hidden, positions, keep=0 if all_positions else 1)
+        if all_positions:
+            return [logits[i, width - n :] for i, n in enumerate(lengths)]
+        return list(logits[:, -1])
+
+    def decode(
+        self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, contiguous: bool
+    ) -> torch.Tensor:
+        """One token per row: ``tokens`` (n,) at ``positions`` (n,; -1 for an idle row) of cache ``rows`` (n,).
+        Returns float logits (n, V)."""
+        embeds = self.embed(tokens.to(self.device)[:, None])  # (n, 1, hidden)
+        return self.forward(rows, embeds, positions[:, None], keep=1, contiguous=contiguous)[:, 0]
 
     def forward(
-        self, rows: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, contiguous: bool = False
+        self, rows: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, keep: int, contiguous: bool = False
     ) -> torch.Tensor:
-        """Run the decoder on ``embeds`` (Bt, T, hidden) for cache ``rows`` (Bt,) at ``positions`` (Bt, T).
+        """The model on ``embeds`` (B, T, hidden) for cache ``rows`` (B,) at ``positions`` (B, T; -1 = padding):
+        float logits (B, keep or T, V) of the last ``keep`` tokens (0 = all), post-processed as the family does."""
+        dev = self.device
+        positions = positions.to(dev)
+        batch = Batch(self.cache, rows.to(dev), positions, contiguous)
+        with attending(batch):
+            out = self.model(
+                inputs_embeds=embeds, position_ids=positions.clamp(min=0), logits_to_keep=keep, use_cache=False
+            )
+        return out.logits.float()
 
-        Each token's keys/values are written at its position; it attends to every cache position <= its own
-        in its row (so a row sees its prefix, its prompt and what it generated, never another row).
-        ``contiguous`` says rows == arange(Bt), letting attention read the cache without a copy.
-        Returns the final hidden states (Bt, T, hidden), normalised.
-        """
-        bt, t = positions.shape
-        key_len = int(positions.max()) + 1
-        mask = torch.arange(key_len, device=positions.device)[None, None, :] <= positions[:, :, None]  # (Bt, T, L)
-        mask = mask[:, None]  # (Bt, 1, T, L)
-        h = embeds
-        cos, sin = self.rotary(h, positions)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = h
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bt, t, -1, self.head_dim).transpose(1, 2)  # (Bt, H, T, hd)
-            k = attn.k_proj(x).view(bt, t, -1, self.head_dim).transpose(1, 2)  # (Bt, KV, T, hd)
-            v = attn.v_proj(x).view(bt, t, -1, self.head_dim).transpose(1, 2)  # (Bt, KV, T, hd)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.k_cache[i][rows[:, None], :, positions] = k.transpose(1, 2)  # (Bt, T, KV, hd) at (row, pos)
-            self.v_cache[i][rows[:, None], :, positions] = v.transpose(1, 2)
-            if contiguous:
-                keys, values = self.k_cache[i, :bt, :, :key_len], self.v_cache[i, :bt, :, :key_len]
-            else:
-                keys, values = self.k_cache[i, rows, :, :key_len], self.v_cache[i, rows, :, :key_len]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-            h = residual + attn.o_proj(o.transpose(1, 2).reshape(bt, t, -1))  # (Bt, T, hidden)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.norm(h)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    @torch.inference_mode()
+    def _probe(self) -> None:
+        """One token through the whole path at load: a family whose attention needs what ours lacks (sinks, its
+        own masks) fails here, refused with its model type, rather than on a request."""
+        try:
+            self.decode(
+                torch.zeros(1, dtype=torch.long),
+                torch.zeros(1, dtype=torch.long),
+                torch.zeros(1, dtype=torch.long),
+                True,
+            )
+        except InvalidBaseModel as e:
+            raise InvalidBaseModel(f"model type {self.model.config.model_type!r}: {e}") from e
+        finally:
+            self.cache.clear_row(0, 1)

@@ -25,31 +25,19 @@ def prefill(
     """Prefill newly bound rows in one batch; returns last-position logits (V,) per job, or (L, V) over each
     job's prompt positions with ``all_positions``. Sets each job's next cache position."""
     assert jobs and all(j.row >= 0 and not j.generated for j in jobs), "prefill takes bound jobs, before decoding"
-    device = runner.device
     texts, offsets, skips = [], [], []
     for job in jobs:
         emb, offset, skip = _context(runner, resident, job)
         texts.append(emb)
         offsets.append(offset)
         skips.append(skip)
-    lengths = [e.shape[0] for e in texts]
-    embeds = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # (J, Lmax, hidden)
-    offs = torch.tensor(offsets, device=device)
-    positions = offs[:, None] + torch.arange(embeds.shape[1], device=device)[None, :]  # (J, Lmax)
-    # a short row's padding may run past the cache (a prefix row beside a long prompt): park it on the last
-    # position, which the row writes again before it could ever read it
-    positions = positions.clamp(max=runner.max_seq_len - 1)
-    for job, end in zip(jobs, (positions.max(dim=1).values + 1).tolist(), strict=True):
-        job.cache_end = max(job.cache_end, end)  # before the forward: a failed one has written too
-    rows = torch.tensor([j.row for j in jobs], device=device)  # (J,)
-    plan.set([j.slots for j in jobs], device, [j.req.rank or 0 for j in jobs])
-    hidden = runner.forward(rows, embeds, positions)  # (J, Lmax, hidden)
-    for job, offset, n in zip(jobs, offsets, lengths, strict=True):
-        job.position = offset + n
+    for job, emb, offset in zip(jobs, texts, offsets, strict=True):
+        job.position = offset + emb.shape[0]
+        job.cache_end = max(job.cache_end, job.position)  # before the forward: a failed one has written too
+    plan.set([j.slots for j in jobs], runner.device, [j.req.rank or 0 for j in jobs])
+    logits = runner.prefill([j.row for j in jobs], texts, offsets, all_positions)
     if all_positions:
-        logits = [runner.logits(hidden[i, s:n]) for i, (s, n) in enumerate(zip(skips, lengths, strict=True))]
-    else:
-        logits = list(runner.logits(hidden[torch.arange(len(jobs)), torch.tensor(lengths) - 1]))  # (V,) each
+        logits = [x[s:] for x, s in zip(logits, skips, strict=True)]
     if proxies:
         extra = proxies.offsets([ProxyRow(j.row, j.slots, j.prompt_ids, 0) for j in jobs], last_only=not all_positions)
         logits = [x if o is None else x + o for x, o in zip(logits, extra, strict=True)]
@@ -77,21 +65,18 @@ def decode_step(runner: Runner, plan: BatchPlan, proxies: ProxyBank, jobs: list[
     logits (V,) per job. ``full``: the jobs are all running rows, decoded in place over rows [0, max row]."""
     assert jobs and all(j.generated and j.row >= 0 for j in jobs), "decode feeds bound jobs their last token"
     n = max(j.row for j in jobs) + 1 if full else len(jobs)
-    tokens = torch.zeros(n, 1, dtype=torch.long)  # (n, 1)
-    positions = torch.zeros(n, 1, dtype=torch.long)  # (n, 1)
+    tokens = torch.zeros(n, dtype=torch.long)  # (n,)
+    positions = torch.full((n,), -1, dtype=torch.long)  # (n,); idle rows inside [0, n) stay padding
     rows = torch.arange(n) if full else torch.tensor([j.row for j in jobs])  # (n,)
     plan_rows: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     plan_ranks = [0] * n
     for i, job in enumerate(jobs):
         job.cache_end = max(job.cache_end, job.position + 1)
-        b = job.row if full else i  # idle rows inside [0, n) are masked padding
-        tokens[b, 0], positions[b, 0] = job.generated[-1], job.position
+        b = job.row if full else i
+        tokens[b], positions[b] = job.generated[-1], job.position
         plan_rows[b], plan_ranks[b] = job.slots, job.req.rank or 0
-    device = runner.device
-    plan.set(plan_rows, device, plan_ranks)
-    embeds = runner.embed(tokens.to(device))  # (n, 1, hidden)
-    hidden = runner.forward(rows.to(device), embeds, positions.to(device), full)  # (n, 1, hidden)
-    logits = runner.logits(hidden[:, 0])  # (n, V)
+    plan.set(plan_rows, runner.device, plan_ranks)
+    logits = runner.decode(rows, tokens, positions, full)  # (n, V)
     chosen = [logits[j.row if full else i] for i, j in enumerate(jobs)]  # (V,) each
     if proxies:  # the small models see text only: the fed token's index in prompt + generated
         rows_ = [ProxyRow(j.row, j.slots, j.generated[-1:], len(j.prompt_ids) + len(j.generated) - 1) for j in jobs]

@@ -13,13 +13,13 @@ import torch
 from transformers import PreTrainedModel
 
 from hotswap.basemodel import fingerprint, load_model
-from hotswap.errors import ArtifactRejected, HotswapError, UnsupportedAdapter
+from hotswap.errors import ArtifactRejected, HotswapError, InvalidBaseModel, UnsupportedAdapter
 from hotswap.methods.common import PathLike, check_new
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.registry.fsutil import building_dir
 from hotswap.serve.adapters import BaseInfo, LoadedAdapter, check_finite, read_json
 from hotswap.serve.proxy import ProxyModels
-from hotswap.serve.runner import SUPPORTED_MODEL_TYPES
+from hotswap.serve.runner import check_supported
 
 PROXY_EXPERT, PROXY_ANTI_EXPERT = "expert", "anti_expert"
 
@@ -42,8 +42,10 @@ def load_proxy(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapt
         except HotswapError as e:
             raise ArtifactRejected(f"{ref}: proxy {role}: {e}") from e
         cfg = model.config
-        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedAdapter(f"{ref}: proxy {role} is a {cfg.model_type!r} model; served: llama")
+        try:
+            check_supported(model)
+        except InvalidBaseModel as e:
+            raise UnsupportedAdapter(f"{ref}: proxy {role}: {e}") from e
         if cfg.vocab_size != base.vocab_size:
             raise ArtifactRejected(
                 f"{ref}: proxy {role} has vocabulary size {cfg.vocab_size}, the base {base.vocab_size}; "
