@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from hotswap.basemodel import bundled_tokenizer, fingerprint, load_model
+from hotswap.devices import DTYPES, resolve_device, resolve_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, clip_message
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, decoder_linears
-from hotswap.serve.config import DTYPES, EngineConfig
+from hotswap.serve.config import EngineConfig
 from hotswap.serve.isolation import UNHEALTHY_AFTER, StepHealth, choose_isolated, run_isolated
 from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
@@ -55,6 +56,8 @@ class Engine:
         **kw,
     ) -> None:
         self.config = replace(config or EngineConfig(), **kw)
+        device = resolve_device(self.config.device)  # `auto` settles here: the engine's parts see the choice
+        self.config = replace(self.config, device=device, dtype=resolve_dtype(self.config.dtype, base, device))
         self.observer = observer or EngineObserver()
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.base_path = Path(base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 from hotswap.errors import InvalidBaseModel
 from hotswap.serve.attention import ATTENTION, Batch, KVCache, attending
@@ -27,7 +28,10 @@ def check_supported(model: nn.Module) -> None:
     """Refuse, in one line naming the model type, a model this runner cannot serve exactly."""
     config = model.config
     kind = f"model type {config.model_type!r}"
-    if getattr(config, "is_encoder_decoder", False):
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    ):
         raise InvalidBaseModel(f"{kind} is an encoder-decoder; hotswap serves decoder-only causal LMs")
     other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
     if other:
@@ -35,7 +39,7 @@ def check_supported(model: nn.Module) -> None:
     if not getattr(model, "_supports_attention_backend", False):
         raise InvalidBaseModel(f"{kind}: its transformers class does not support the attention interface")
     if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
-        raise InvalidBaseModel(f"{kind}: no decoder layer stack at model.layers")
+        raise InvalidBaseModel(f"{kind}: its decoder layers are not at model.layers, where hotswap wraps them")
 
 
 class Runner:

@@ -1,0 +1,105 @@
+"""hotswap's attention function against its per-row reference, and models that cannot be served refused at load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hotswap.errors import InvalidBaseModel
+from hotswap.serve.attention import Batch, KVCache, attending, attention_ref, hotswap_attention
+from hotswap.serve.runner import Runner
+
+HEADS, KV_HEADS, HEAD_DIM, MAX_LEN = 4, 2, 8, 32
+
+
+class _Layer(nn.Module):
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_fast_attention_equals_the_row_loop(window: int | None, softcap: float | None, contiguous: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(2, 4, KV_HEADS, MAX_LEN, HEAD_DIM, torch.float32, "cpu")
+    cache.k.normal_(generator=g)  # earlier tokens' keys/values, already in the rows
+    cache.v.normal_(generator=g)
+    # three rows of one forward: a prefill of 5 tokens at 0.., a prefill of 3 at 9.. (left-padded), one decode at 20
+    positions = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 9, 10, 11], [-1, -1, -1, -1, 20]])
+    rows = torch.arange(3) if contiguous else torch.tensor([3, 0, 2])
+    query = torch.randn(3, HEADS, 5, HEAD_DIM, generator=g)
+    key, value = torch.randn(2, 3, KV_HEADS, 5, HEAD_DIM, generator=g)
+    before = cache.k[1, rows[1]].clone()
+    with attending(Batch(cache, rows, positions, contiguous)):
+        out, _ = hotswap_attention(_Layer(1), query, key, value, None, 0.3, sliding_window=window, softcap=softcap)
+    for b in range(3):
+        real = positions[b] >= 0
+        pos = positions[b][real].tolist()
+        k, v = cache.k[1, rows[b]], cache.v[1, rows[b]]  # (KV, L, hd), written by the call above
+        assert torch.equal(k[:, pos], key[b][:, real]), "keys land at their positions of their own row"
+        ref = attention_ref(k, v, query[b][:, real], pos, 0.3, window, softcap)
+        torch.testing.assert_close(out[b][real], ref, atol=1e-5, rtol=1e-5)
+    untouched = [p for p in range(MAX_LEN) if p not in (9, 10, 11)]
+    assert torch.equal(cache.k[1, rows[1], :, untouched], before[:, untouched]), "padding wrote nowhere it is read"
+
+
+def test_padding_writes_only_the_scratch_position() -> None:
+    cache = KVCache(1, 2, KV_HEADS, MAX_LEN, HEAD_DIM, torch.float32, "cpu")
+    positions = torch.tensor([[-1, -1, 0], [0, 1, 2]])
+    q = torch.randn(2, HEADS, 3, HEAD_DIM)
+    k, v = torch.randn(2, 2, KV_HEADS, 3, HEAD_DIM)
+    with attending(Batch(cache, torch.arange(2), positions)):
+        out, _ = hotswap_attention(_Layer(0), q, k, v, None, 1.0)
+    assert torch.isfinite(out).all(), "a padding query sees position 0 of its row, never an empty set"
+    assert cache.k[0, 0, :, 1:MAX_LEN].abs().sum() == 0, "row 0's padding touched none of its real positions"
+    assert cache.k[0, 0, :, MAX_LEN].abs().sum() > 0
+
+
+def test_the_attention_runs_only_inside_a_batch() -> None:
+    q = torch.randn(1, HEADS, 1, HEAD_DIM)
+    with pytest.raises(RuntimeError, match="attending"):
+        hotswap_attention(_Layer(0), q, q[:, :KV_HEADS], q[:, :KV_HEADS], None, 1.0)
+
+
+_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+REFUSED = {
+    "bart": (
+        dict(
+            vocab_size=64,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+        ),
+        "is an encoder-decoder",
+    ),
+    "qwen3_next": ({**_SMALL, "layer_types": ["linear_attention", "full_attention"]}, "has linear_attention layers"),
+    "gpt_oss": (
+        {
+            **_SMALL,
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+            "head_dim": 8,
+            "layer_types": ["full_attention"] * 2,
+        },
+        "needs \\['s_aux'\\]",  # attention sinks
+    ),
+    "gpt2": (dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4), "decoder layers are not at model.layers"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+def test_models_that_cannot_be_served_are_refused_in_one_line(model_type: str) -> None:
+    config, why = REFUSED[model_type]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
+    with pytest.raises(InvalidBaseModel, match=f"^model type '{model_type}'.*{why}") as e:
+        Runner(model, 2, 16)
+    assert "\n" not in str(e.value)

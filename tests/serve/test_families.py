@@ -1,0 +1,88 @@
+"""Every tested decoder family runs through its own HF modeling code with hotswap's attention: base rows equal
+HF's plain forward, and one mixed batch of LoRA, DoRA, BitFit, prefix, prompt and base rows equals PEFT's
+single-adapter model (or, for BitFit, the base with those biases) per row. Rows of different lengths and
+positions share each batch; the sliding-window families' prompts and generations reach past their window."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hotswap.basemodel import build_model, fingerprint, load_model, save_model
+from hotswap.registry import Registry
+from hotswap.serve import Engine, Request
+from hotswap.serve.adapters import decoder_linears
+from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_prefix, random_prompt
+from tests.serve.reference import peft_model, reference_greedy, reference_logits
+
+FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-olmo2",
+            "tiny-granite"]  # fmt: skip
+WINDOW = 8  # the tiny presets' sliding window
+PROMPTS = [[(5 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([3, 13, 21, 1, 6, 9])]
+ROWS = ["lora", "dora", "bitfit", "prefix", "prompt", None]  # one prompt each, None = the base
+NEW = 8
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
+    """(base, adapter name -> artifact) for one family, and a running engine holding those adapters."""
+    d = tmp_path_factory.mktemp(request.param)
+    base = save_model(build_model(request.param, seed=0, initializer_range=0.1), d / "base")
+    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in decoder_linears(load_model(base))}))
+    adapters = {
+        "lora": random_lora(base, d / "lora", RandomLoraConfig(rank=4, seed=1, init_std=0.2, target_modules=targets)),
+        "dora": random_lora(
+            base, d / "dora", RandomLoraConfig(rank=4, seed=2, init_std=0.2, target_modules=targets, use_dora=True)
+        ),
+        "bitfit": random_bitfit(base, d / "bitfit", targets, seed=3, std=0.2),
+        "prefix": random_prefix(base, d / "prefix", num_virtual_tokens=5, seed=4),
+        "prompt": random_prompt(base, d / "prompt", num_virtual_tokens=3, seed=5),
+    }
+    registry = Registry(d / "registry")
+    for name, path in adapters.items():
+        registry.publish(path, name, base_fingerprint=fingerprint(base))
+    requests = [
+        Request(prompt_ids=p, adapters=[a] if a else [], max_new_tokens=NEW, ignore_eos=True)
+        for p, a in zip(PROMPTS, ROWS, strict=True)
+    ]
+    with Engine(base, registry, max_batch=8, max_resident=8, max_seq_len=64, dtype="float32") as engine:
+        logits = engine.forward_logits(requests)
+        tokens = [r.token_ids for r in engine.generate(requests)]
+    yield base, {"adapters": adapters, "logits": logits, "tokens": tokens}
+
+
+def _bitfit_model(base: Path, adapter: Path) -> torch.nn.Module:
+    """The base with the adapter's bias deltas added to its linears (a bias where the layer has none)."""
+    model = load_model(base)
+    for key, delta in load_file(adapter / "adapter_model.safetensors").items():
+        layer = model.get_submodule(key.removesuffix(".bias"))
+        bias = delta if layer.bias is None else layer.bias.detach() + delta
+        layer.bias = torch.nn.Parameter(bias.clone())
+    return model
+
+
+@pytest.mark.parametrize("row", range(len(ROWS)), ids=[r or "base" for r in ROWS])
+def test_row_matches_its_reference(family: tuple[Path, dict], row: int) -> None:
+    base, run = family
+    name, ids = ROWS[row], PROMPTS[row]
+    adapter = run["adapters"].get(name)
+    if name is None:
+        model = load_model(base)
+    elif name == "bitfit":
+        model = _bitfit_model(base, adapter)
+    else:
+        model = peft_model(base, adapter)
+    ref = reference_logits(model, ids)
+    if name is not None:
+        assert (ref - reference_logits(load_model(base), ids)).abs().max() > 1e-2, "the adapter must change the output"
+    assert (run["logits"][row] - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert run["tokens"][row] == reference_greedy(model, ids, NEW)
+
+
+def test_long_rows_reach_past_the_sliding_window() -> None:
+    """The test's own premise: the longest row ends past the tiny window, so windowed layers mask something."""
+    assert max(len(p) for p in PROMPTS) + NEW > 2 * WINDOW
