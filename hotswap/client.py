@@ -5,6 +5,7 @@
         print(c.generate("2+2=", adapters=["math:prod"], max_new_tokens=8).text)
         for chunk in c.stream("Tell me", adapters=[("tone@2", 0.5)]):
             print(chunk.text, end="")
+        c.generate(messages=[{"role": "user", "content": "Hi"}])  # rendered by the base's chat template
 
 Server errors are re-raised as the matching :mod:`hotswap.errors` class (e.g. ``AdapterNotFound``,
 ``CapacityExceeded``, ``PermissionDenied``), with the server's message.
@@ -13,7 +14,7 @@ Server errors are re-raised as the matching :mod:`hotswap.errors` class (e.g. ``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hotswap.errors import GRPC_ERROR_KEY, HotswapError, InvalidAdapterRef, ServerUnavailable, error_from_status
+from hotswap.errors import (
+    GRPC_ERROR_KEY,
+    HotswapError,
+    InvalidAdapterRef,
+    InvalidArgument,
+    ServerUnavailable,
+    error_from_status,
+    quote,
+)
 from hotswap.registry.refs import AdapterRef
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
@@ -211,6 +220,7 @@ def build_request(
     *,
     adapters: Sequence[AdapterArg] = (),
     prompt_ids: Sequence[int] | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -221,8 +231,9 @@ def build_request(
     ignore_eos: bool = False,
     rank: int | None = None,
 ) -> pb.GenerateRequest:
-    """A ``GenerateRequest``: ``adapters`` are refs or (ref, weight) pairs; unset fields take the server's
-    defaults (16 new tokens, greedy)."""
+    """A ``GenerateRequest``: ``adapters`` are refs or (ref, weight) pairs; ``messages`` a chat
+    (``[{"role": "user", "content": "Hi"}]``) instead of a prompt, rendered by the base's chat template; unset
+    fields take the server's defaults (16 new tokens, greedy)."""
     weighted = [
         pb.WeightedAdapter(ref=a) if isinstance(a, str) else pb.WeightedAdapter(ref=a[0], weight=float(a[1]))
         for a in adapters
@@ -232,6 +243,7 @@ def build_request(
         adapters=weighted,
         prompt=prompt or "",
         prompt_ids=list(prompt_ids or ()),
+        messages=[_chat_message(i, m) for i, m in enumerate(messages or ())],
         temperature=temperature,
         top_k=top_k,
         stop=list(stop),
@@ -239,3 +251,12 @@ def build_request(
         ignore_eos=ignore_eos,
         **{k: v for k, v in optional.items() if v is not None},
     )
+
+
+def _chat_message(i: int, message: Mapping[str, str]) -> pb.ChatMessage:
+    """One chat turn on the wire (the server checks the rest: roles its template knows, sizes)."""
+    if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+        raise InvalidArgument(f"messages[{i}] must be a mapping of exactly role and content, got {quote(message)}")
+    if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+        raise InvalidArgument(f"messages[{i}]: role and content must be strings, got {quote(dict(message))}")
+    return pb.ChatMessage(role=message["role"], content=message["content"])

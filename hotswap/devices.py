@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hotswap.errors import InvalidArgument
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+if TYPE_CHECKING:  # the choices are plain names, so CLI parsers and configs import this without torch
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a name in :data:`DTYPE_NAMES`."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def resolve_device(spec: str) -> str:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device torch can use now, or a one-line refusal."""
+    import torch
+
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -37,28 +50,30 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
-def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
-    """The dtype a checkpoint's config.json records (``dtype``, or the older ``torch_dtype``), if any."""
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype name a checkpoint's config.json records (``dtype``, or the older ``torch_dtype``), if any."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     name = config.get("dtype") or config.get("torch_dtype")
-    return DTYPES.get(name) if isinstance(name, str) else None
+    return name if name in DTYPE_NAMES else None
 
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    import torch
+
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_dtype(spec: str, checkpoint: str | Path, device: str) -> str:
-    """``auto`` or a name in :data:`DTYPES` -> the dtype name to load ``checkpoint`` in on ``device``."""
+    """``auto`` or a name in :data:`DTYPE_NAMES` -> the dtype name to load ``checkpoint`` in on ``device``."""
     if spec != "auto":
-        if spec not in DTYPES:
+        if spec not in DTYPE_NAMES:
             raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {spec!r}")
         return spec
-    stored = checkpoint_dtype(checkpoint) or torch.float32
-    if torch.device(device).type == "cpu" and not (stored == torch.bfloat16 and cpu_has_bf16()):
+    stored = checkpoint_dtype(checkpoint) or "float32"
+    if device.split(":")[0] == "cpu" and not (stored == "bfloat16" and cpu_has_bf16()):
         return "float32"
-    return next(name for name, dtype in DTYPES.items() if dtype == stored)
+    return stored

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hotswap.basemodel import bundled_tokenizer, fingerprint, load_model
-from hotswap.devices import DTYPES, resolve_device, resolve_dtype
+from hotswap.devices import resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, clip_message
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, decoder_linears
@@ -62,7 +62,7 @@ class Engine:
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.base_path = Path(base)
         self.base_fingerprint = fingerprint(self.base_path)
-        self.model = load_model(self.base_path, dtype=DTYPES[self.config.dtype], device=self.config.device)
+        self.model = load_model(self.base_path, dtype=torch_dtype(self.config.dtype), device=self.config.device)
         self.tokenizer = bundled_tokenizer(self.base_path)
         cfg = self.model.config
         self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from hotswap.basemodel import encode_prompt
+from hotswap.devices import torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument
 from hotswap.registry import Registry
-from hotswap.serve.config import DTYPES, EngineConfig
+from hotswap.serve.chat import render as render_chat
+from hotswap.serve.config import EngineConfig
 from hotswap.serve.detok import Detokenizer
 from hotswap.serve.sampling import RowSampler
 from hotswap.serve.types import Request, Result, Timings
@@ -138,7 +140,7 @@ def _resolve_adapters(
 
     methods = registered()
     ranked = "/".join(spec.display for spec in methods.values() if spec.ranked)
-    top = float(torch.finfo(DTYPES[config.dtype]).max)
+    top = float(torch.finfo(torch_dtype(config.dtype)).max)
     adapters, context = [], 0
     for ref, weight in request.weighted_adapters():
         if abs(weight) > top:
@@ -181,6 +183,8 @@ def make_job(
         raise InvalidArgument("text prompts and stop strings need a base with a tokenizer; send prompt_ids")
     if request.prompt_ids is not None:
         prompt_ids = list(request.prompt_ids)
+    elif request.messages is not None:
+        prompt_ids = render_chat(tokenizer, request.messages)
     else:
         assert tokenizer is not None and request.prompt is not None  # checked just above, and by Request
         prompt_ids = encode_prompt(tokenizer, request.prompt, bos_id)

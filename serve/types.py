@@ -16,6 +16,8 @@ MAX_SEED = 2**64 - 1  # a torch.Generator seed (the API's uint64)
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_MESSAGES = 1024  # chat turns of one request (their text is bounded by max_seq_len once rendered)
+MAX_ROLE_CHARS = 64
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax: dividing by them overflows the logits
 
@@ -40,9 +42,29 @@ def _check_number(field: str, value: object, low: float, high: float | None = No
         raise InvalidArgument(f"{field} must be a finite number {bound}, got {quote(value)}")
 
 
+def _check_messages(messages: list[dict[str, str]]) -> None:
+    """Chat messages: 1-MAX_MESSAGES dicts of exactly a non-empty ``role`` and a string ``content``."""
+    if not 0 < len(messages) <= MAX_MESSAGES:
+        raise InvalidArgument(f"messages: give 1-{MAX_MESSAGES} messages, got {len(messages)}")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidArgument(f"{where} must be a dict of role and content, got {type(message).__name__}")
+        if set(message) != {"role", "content"}:
+            keys = sorted(map(str, message))
+            raise InvalidArgument(f"{where} must have exactly the keys role and content, got {quote(keys)}")
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not 0 < len(role) <= MAX_ROLE_CHARS:
+            raise InvalidArgument(f"{where}.role must be a string of 1-{MAX_ROLE_CHARS} characters, got {quote(role)}")
+        if not isinstance(content, str):
+            raise InvalidArgument(f"{where}.content must be a string, got {type(content).__name__}")
+
+
 @dataclass(frozen=True)
 class Request:
-    """One generation request. Exactly one of ``prompt`` (text; needs a tokenizer) and ``prompt_ids``.
+    """One generation request. Exactly one of ``prompt`` (text; needs a tokenizer), ``prompt_ids`` and
+    ``messages`` (a chat, ``[{"role": "user", "content": "Hi"}]``, rendered by the base tokenizer's chat template
+    with the assistant's turn opened; needs a base whose tokenizer has one).
 
     ``adapters``: ``[]`` for the base model, ``["math@2"]`` for one adapter, or a weighted list
     ``[("math@2", 1.0), ("tone:prod", 0.5)]``; the row's delta is the weighted sum of the adapters' deltas.
@@ -50,6 +72,7 @@ class Request:
 
     prompt: str | None = None
     prompt_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
     adapters: list[AdapterSpec] = field(default_factory=list)
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy (and so is anything below GREEDY_BELOW, its limit)
@@ -63,18 +86,20 @@ class Request:
 
     def __post_init__(self) -> None:
         """Check every field before the request can reach a batch; each refusal names its field."""
-        for name in ("prompt_ids", "stop", "stop_token_ids", "adapters"):
+        for name in ("prompt_ids", "messages", "stop", "stop_token_ids", "adapters"):
             value = getattr(self, name)
-            if not isinstance(value, list | tuple) and not (name == "prompt_ids" and value is None):
+            if not isinstance(value, list | tuple) and not (name in ("prompt_ids", "messages") and value is None):
                 raise InvalidArgument(f"{name} must be a list, got {type(value).__name__}")
-        if (self.prompt is None) == (self.prompt_ids is None):
-            raise InvalidArgument("give exactly one of prompt (text) and prompt_ids")
+        if sum(x is not None for x in (self.prompt, self.prompt_ids, self.messages)) != 1:
+            raise InvalidArgument("give exactly one of prompt (text), prompt_ids and messages (a chat)")
         if self.prompt_ids is not None and (
             not self.prompt_ids or not all(_is_int(t) and t >= 0 for t in self.prompt_ids)
         ):
             raise InvalidArgument("prompt_ids must be a non-empty list of non-negative token ids")
         if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt):
             raise InvalidArgument("prompt must be a non-empty string")
+        if self.messages is not None:
+            _check_messages(self.messages)
         _check_int("max_new_tokens", self.max_new_tokens, 1)
         _check_number("temperature", self.temperature, 0.0)
         _check_int("top_k", self.top_k, 0)

@@ -34,12 +34,25 @@ def _adapter_arg(text: str) -> str | tuple[str, float]:
         raise InvalidArgument(f"--adapter {text!r}: the weight after '=' must be a number") from None
 
 
+def _chat(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """``--chat``: the prompt as one user message, after the ``--system`` messages; None without ``--chat``."""
+    if not args.chat:
+        if args.system:
+            raise InvalidArgument("--system needs --chat")
+        return None
+    if args.prompt is None:
+        raise InvalidArgument("--chat sends the prompt text as a user message: give a prompt (not --prompt-ids)")
+    return [*({"role": "system", "content": s} for s in args.system), {"role": "user", "content": args.prompt}]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InvalidArgument("give a prompt or --prompt-ids (exactly one)")
+    messages = _chat(args)
     params = dict(
         adapters=[_adapter_arg(a) for a in args.adapter],
         prompt_ids=token_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+        messages=messages,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -49,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     with _client(args) as client:
         if args.stream:
-            stream = client.stream(args.prompt, **params)
+            stream = client.stream(None if messages else args.prompt, **params)
             for chunk in stream:
                 if not args.json:
                     print(chunk.text or "".join(f" {t}" for t in chunk.token_ids), end="", flush=True)
@@ -57,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if not args.json:
                 print()
         else:
-            result = client.generate(args.prompt, **params)
+            result = client.generate(None if messages else args.prompt, **params)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     elif not args.stream:
@@ -113,6 +126,10 @@ def register(add: AddCommand) -> None:
     sp.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
     sp.add_argument("--adapter", action="append", default=[], help="REF or REF=WEIGHT; repeat to compose")
     sp.add_argument("--prompt-ids", help="comma-separated token ids instead of text, e.g. 5,17,99")
+    sp.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message, in the base's chat template"
+    )
+    sp.add_argument("--system", action="append", default=[], help="with --chat: a system message first (repeatable)")
     sp.add_argument("--max-new-tokens", type=positive_int)
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-k", type=int, default=0)

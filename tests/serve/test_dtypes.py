@@ -52,15 +52,17 @@ def test_half_precision_rows_match_peft_in_that_dtype(preset: str, dtype: str, t
         for p, a in zip(PROMPTS, rows, strict=True)
     ]
     with Engine(base, registry, max_batch=len(PROMPTS), max_seq_len=64, dtype=dtype) as engine:
-        assert engine.model.dtype == devices.DTYPES[dtype]
-        assert engine.runner.cache.k.dtype == devices.DTYPES[dtype], "the KV cache is in the serving dtype"
+        assert engine.model.dtype == devices.torch_dtype(dtype)
+        assert engine.runner.cache.k.dtype == devices.torch_dtype(dtype), "the KV cache is in the serving dtype"
         logits = engine.forward_logits(requests)
         tokens = [r.token_ids for r in engine.generate(requests)]
-    half = load_model(base, dtype=devices.DTYPES[dtype])
+    half = load_model(base, dtype=devices.torch_dtype(dtype))
     tolerance, compared = TOLERANCE[dtype], 0
     for ids, adapters, ours, got in zip(PROMPTS, rows, logits, tokens, strict=True):
         model = (
-            PeftModel.from_pretrained(load_model(base, dtype=devices.DTYPES[dtype]), lora).eval() if adapters else half
+            PeftModel.from_pretrained(load_model(base, dtype=devices.torch_dtype(dtype)), lora).eval()
+            if adapters
+            else half
         )
         ref = reference_logits(model, ids).float()
         assert (ours - ref).abs().max() <= tolerance * ref.abs().max()
