@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -9,16 +10,19 @@ from peft import PeftModel
 
 from hotswap.basemodel import load_model
 
+# Where the family and dtype agreement tests run the engine and their references (scripts/gpu_check.sh: cuda).
+TEST_DEVICE = os.environ.get("HOTSWAP_TEST_DEVICE", "cpu")
 
-def peft_model(tiny_base: Path, adapter_dir: Path) -> torch.nn.Module:
-    return PeftModel.from_pretrained(load_model(tiny_base), adapter_dir).eval()
+
+def peft_model(tiny_base: Path, adapter_dir: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    return PeftModel.from_pretrained(load_model(tiny_base, dtype=dtype, device=TEST_DEVICE), adapter_dir).eval()
 
 
 def reference_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    """Logits over the prompt positions (prompt tuning's virtual tokens dropped)."""
-    t = torch.tensor([ids])
+    """Logits over the prompt positions (prompt tuning's virtual tokens dropped), on the CPU."""
+    t = torch.tensor([ids], device=next(model.parameters()).device)
     with torch.no_grad():
-        return model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -len(ids) :]
+        return model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -len(ids) :].cpu()
 
 
 def reference_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:

@@ -20,7 +20,7 @@ from hotswap.errors import InvalidArgument
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.train import RandomLoraConfig, random_lora
-from tests.serve.reference import reference_logits
+from tests.serve.reference import TEST_DEVICE, peft_model, reference_logits
 
 TOLERANCE = {"bfloat16": 0.02, "float16": 0.003}  # of max |logit|
 PROMPTS = [[(7 * i + 5 * j) % 250 + 3 for j in range(4 + 2 * i)] for i in range(10)]
@@ -40,8 +40,6 @@ def _greedy_with_margins(model: torch.nn.Module, ids: list[int], n: int) -> tupl
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_rows_match_peft_in_that_dtype(preset: str, dtype: str, tmp_path: Path) -> None:
-    from peft import PeftModel
-
     base = save_model(build_model(preset, seed=0, initializer_range=0.1), tmp_path / "base")
     lora = random_lora(base, tmp_path / "lora", RandomLoraConfig(rank=4, seed=1, init_std=0.05))
     registry = Registry(tmp_path / "registry")
@@ -51,19 +49,15 @@ def test_half_precision_rows_match_peft_in_that_dtype(preset: str, dtype: str, t
         Request(prompt_ids=p, adapters=a, max_new_tokens=NEW, ignore_eos=True)
         for p, a in zip(PROMPTS, rows, strict=True)
     ]
-    with Engine(base, registry, max_batch=len(PROMPTS), max_seq_len=64, dtype=dtype) as engine:
+    with Engine(base, registry, max_batch=len(PROMPTS), max_seq_len=64, dtype=dtype, device=TEST_DEVICE) as engine:
         assert engine.model.dtype == devices.torch_dtype(dtype)
         assert engine.runner.cache.k.dtype == devices.torch_dtype(dtype), "the KV cache is in the serving dtype"
-        logits = engine.forward_logits(requests)
+        logits = [x.cpu() for x in engine.forward_logits(requests)]
         tokens = [r.token_ids for r in engine.generate(requests)]
-    half = load_model(base, dtype=devices.torch_dtype(dtype))
+    half = load_model(base, dtype=devices.torch_dtype(dtype), device=TEST_DEVICE)
     tolerance, compared = TOLERANCE[dtype], 0
     for ids, adapters, ours, got in zip(PROMPTS, rows, logits, tokens, strict=True):
-        model = (
-            PeftModel.from_pretrained(load_model(base, dtype=devices.torch_dtype(dtype)), lora).eval()
-            if adapters
-            else half
-        )
+        model = peft_model(base, lora, devices.torch_dtype(dtype)) if adapters else half
         ref = reference_logits(model, ids).float()
         assert (ours - ref).abs().max() <= tolerance * ref.abs().max()
         expected, margins = _greedy_with_margins(model, ids, NEW)

@@ -29,7 +29,7 @@ from hotswap.train import (
     random_proxies,
     random_sparse,
 )
-from tests.serve.reference import peft_model, reference_greedy, reference_logits
+from tests.serve.reference import TEST_DEVICE, peft_model, reference_greedy, reference_logits
 
 FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-olmo2",
             "tiny-granite"]  # fmt: skip
@@ -63,8 +63,10 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         Request(prompt_ids=p, adapters=[a] if a else [], max_new_tokens=NEW, ignore_eos=True)
         for p, a in zip(PROMPTS, ROWS, strict=True)
     ]
-    with Engine(base, registry, max_batch=len(ROWS), max_resident=len(ROWS), max_seq_len=64, dtype="float32") as engine:
-        logits = engine.forward_logits(requests)
+    with Engine(
+        base, registry, max_batch=len(ROWS), max_resident=len(ROWS), max_seq_len=64, dtype="float32", device=TEST_DEVICE
+    ) as engine:
+        logits = [x.cpu() for x in engine.forward_logits(requests)]
         tokens = [r.token_ids for r in engine.generate(requests)]
     yield base, {"adapters": adapters, "logits": logits, "tokens": tokens}
 
@@ -104,7 +106,7 @@ def test_row_matches_its_reference(family: tuple[Path, dict], row: int) -> None:
     base, run = family
     name, ids = ROWS[row], PROMPTS[row]
     adapter = run["adapters"].get(name)
-    model = REFERENCES.get(name, peft_model)(base, adapter)
+    model = REFERENCES.get(name, peft_model)(base, adapter).to(TEST_DEVICE)
     ref = reference_logits(model, ids)
     if name is not None:
         assert (ref - reference_logits(load_model(base), ids)).abs().max() > 1e-2, "the adapter must change the output"
