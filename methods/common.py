@@ -1,21 +1,29 @@
-"""What several method folders share when writing artifacts: the default targets, writing one artifact per
-seed from a single loaded base, and new-directory checks. (Reading lives in :mod:`hotswap.serve.adapters`.)"""
+"""What several method folders share: the default targets and how target names resolve against a base, writing
+one artifact per seed from a single loaded base, and new-directory checks. (Reading lives in
+:mod:`hotswap.serve.adapters`.)"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftConfig, get_peft_model
 
 from hotswap.basemodel import load_model
-from hotswap.errors import InvalidArtifact
+from hotswap.errors import InvalidArgument, InvalidArtifact
 from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import target_linears
+from hotswap.serve.adapters import decoder_linears, target_linears
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
+DEFAULT_TARGETS = (ALL_LINEAR,)
+# The help of a `target_modules` option defaulting to DEFAULT_TARGETS.
+TARGETS_HELP = (
+    f"module names (last part) of the linear layers to adapt; {ALL_LINEAR} (as in PEFT): every linear layer of the "
+    "decoder blocks, e.g. q/k/v/o_proj and gate/up/down_proj on Llama, Mistral, Qwen, Gemma, OLMo 2 and Granite, "
+    "qkv_proj, o_proj, gate_up_proj and down_proj on Phi-3 (fused)"
+)
 PathLike = str | os.PathLike[str]
 # fill(name, parameter, its value at attach time, generator) -> the random value to save
 Fill = Callable[[str, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -29,11 +37,44 @@ def check_new(outs: Mapping[PathLike, int]) -> dict[Path, int]:
     return paths
 
 
-def save_variants(base: PathLike, config: PeftConfig, outs: Mapping[PathLike, int], fill: Fill) -> list[Path]:
-    """Attach ``config`` to the base once; for each (out, seed) re-fill the trainable weights and save."""
+def resolve_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> tuple[str, ...]:
+    """The module names an adapter with ``target_modules`` adapts on ``model``: as given, or, for ``all-linear``,
+    the names of every linear layer in the decoder blocks (the layers the engine can adapt), in the first block's
+    order: one rule for PEFT's methods and ours, so their artifacts and the engine agree."""
+    if ALL_LINEAR not in target_modules:
+        return tuple(target_modules)
+    if len(target_modules) > 1:
+        raise InvalidArgument(f"{ALL_LINEAR} stands alone, got target modules {', '.join(target_modules)}")
+    names = tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name in decoder_linears(model)))
+    if not names:
+        raise InvalidArgument(f"{type(model).__name__} has no linear layer in decoder blocks (model.layers.N)")
+    return names
+
+
+def adapted_linears(model: torch.nn.Module, target_modules: Sequence[str]) -> dict[str, torch.nn.Linear]:
+    """The linears of ``model`` an adapter with ``target_modules`` adapts (module path -> layer); none is an error."""
+    targets = resolve_targets(model, target_modules)
+    linears = target_linears(model, targets)
+    if not linears:
+        raise InvalidArgument(f"no linear layer matches target modules {', '.join(targets)}")
+    return linears
+
+
+def target_names(linears: Mapping[str, torch.nn.Module]) -> tuple[str, ...]:
+    """The target module names (last name parts) of adapted linears, sorted: what an artifact records."""
+    return tuple(sorted({name.rsplit(".", 1)[-1] for name in linears}))
+
+
+def save_variants(
+    base: PathLike, make_config: Callable[[torch.nn.Module], PeftConfig], outs: Mapping[PathLike, int], fill: Fill
+) -> list[Path]:
+    """Attach ``make_config(the base)`` to the base once; for each (out, seed) re-fill the trainable weights and
+    save."""
     paths = check_new(outs)
+    model = load_model(base)
+    config = make_config(model)
     try:
-        peft_model = get_peft_model(load_model(base), config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:  # PEFT's message for targets the base lacks
         raise InvalidArtifact(f"cannot attach {config.peft_type} to {base}: {e}") from e
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -52,9 +93,6 @@ def gaussian(std: float) -> Fill:
     return lambda _name, param, _initial, gen: torch.randn(param.shape, generator=gen) * std
 
 
-def base_linears(base: PathLike, target_modules: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+def base_linears(base: PathLike, target_modules: Sequence[str]) -> dict[str, torch.nn.Linear]:
     """The linears of the checkpoint at ``base`` that an adapter targeting ``target_modules`` adapts."""
-    linears = target_linears(load_model(base), target_modules)
-    if not linears:
-        raise InvalidArtifact(f"no linear layer of {base} matches {', '.join(target_modules)}")
-    return linears  # type: ignore[return-value]
+    return adapted_linears(load_model(base), target_modules)

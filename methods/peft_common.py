@@ -12,11 +12,16 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from hotswap.errors import InvalidArgument
+from hotswap.methods.common import resolve_targets
 from hotswap.methods.trainable import PlainSteps
 
 
-def lora_config(rank: int, alpha: float, target_modules: Sequence[str], **extra: Any) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), task_type="CAUSAL_LM", **extra)
+def lora_config(
+    model: torch.nn.Module, rank: int, alpha: float, target_modules: Sequence[str], **extra: Any
+) -> LoraConfig:
+    """PEFT's LoRA config for ``model`` (``all-linear`` resolved the one way: :func:`resolve_targets`)."""
+    targets = list(resolve_targets(model, target_modules))
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM", **extra)
 
 
 def attach(model: torch.nn.Module, config: Any) -> PeftModel:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hotswap import __version__
 from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, load_model
+from hotswap.devices import DTYPE_CHOICES, resolve_dtype, torch_dtype
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Lineage, Manifest, Registry
 from hotswap.registry.fsutil import building_dir
@@ -51,6 +52,7 @@ class TrainConfig:
     data_size: int = 512  # examples drawn from a built-in task
     device: str = "cpu"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more time
+    dtype: str = "auto"  # the base's while training (auto: hotswap.devices.resolve_dtype); adapters train in fp32
 
     def __post_init__(self) -> None:
         method_options(self.method, self.options)  # unknown method / foreign options fail here
@@ -64,6 +66,8 @@ class TrainConfig:
             raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
         if self.lr is not None and not self.lr > 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.gradient_checkpointing and not trainable_methods()[self.method].checkpointing:
             raise InvalidArgument(
                 f"{self.method} cannot train with gradient checkpointing (its virtual tokens reach the layers "
@@ -286,7 +290,8 @@ def train(
     reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push or parent else None
     parent_manifest, parent_dir = _parent(config, reg, parent, base_path) if parent and reg else (None, None)
     torch.manual_seed(config.seed)
-    model = load_model(base_path, device=config.device)
+    dtype = resolve_dtype(config.dtype, base_path, config.device)
+    model = load_model(base_path, dtype=torch_dtype(dtype), device=config.device)
     train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
     for ds in (train_ds, eval_ds):
         top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
@@ -308,8 +313,8 @@ def train(
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     lr = config.lr or trainable_methods()[config.method].lr
-    log.info("%s: %d trainable parameters (%.3f%%), %d steps, lr %g", config.method, n_trainable,
-             100 * n_trainable / n_total, steps, lr)  # fmt: skip
+    log.info("%s: %d trainable parameters (%.3f%%), %d steps, lr %g, base in %s", config.method, n_trainable,
+             100 * n_trainable / n_total, steps, lr, dtype)  # fmt: skip
     curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), seconds = _fit(
         model, trainable, params, train_ds, eval_ds, config, steps, lr, quiet
     )
@@ -319,6 +324,7 @@ def train(
     if push is not None and reg is not None:
         training_config = {
             **asdict(config),
+            "dtype": dtype,  # what "auto" resolved to
             "options": asdict(options) if parent_manifest is None else {"from_parent": parent_manifest.ref},
             "lr": lr,
             "steps": steps,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hotswap.cli.common import AddCommand, positive_int
+from hotswap.devices import DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
 
 
@@ -68,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         device=args.device,
         gradient_checkpointing=args.gradient_checkpointing,
+        dtype=args.dtype,
     )
     if args.alias and not args.push:
         raise InvalidArgument("--alias needs --push NAME")
@@ -106,10 +108,13 @@ def register(sub: argparse._SubParsersAction, add: AddCommand) -> None:
 
 
 def _add_base(sub: argparse._SubParsersAction) -> None:
+    from hotswap.basemodel import PRESETS  # no torch: only the table
+
     base = sub.add_parser("base", help="build and fingerprint base models")
     base_sub = base.add_subparsers(dest="base_command", required=True, metavar="ACTION")
     sp = base_sub.add_parser("build", help="build a random-init base checkpoint from a preset shape")
-    sp.add_argument("--preset", default="tiny", help="tiny (tests) or smollm2-135m (benchmarks)")
+    sp.add_argument("--preset", default="tiny", choices=list(PRESETS), metavar="PRESET",
+                    help="; ".join(f"{name} ({p.note})" for name, p in PRESETS.items()))  # fmt: skip
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--tokenizer", help="bundle a tokenizer (name 'minilm' or a directory); sets the vocabulary")
     sp.add_argument("--initializer-range", type=float, help="std of the random weights (default: the config's, 0.02)")
@@ -128,7 +133,11 @@ def _add_adapter(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True, type=Path)
     sp.add_argument("--rank", type=positive_int, default=8)
     sp.add_argument("--alpha", type=float, default=16.0)
-    sp.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    sp.add_argument(
+        "--targets",
+        default="all-linear",
+        help="comma-separated module names, or all-linear: every linear layer of the decoder blocks (as in PEFT)",
+    )
     sp.add_argument("--dora", action="store_true")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--init-std", type=float, default=0.02, help="std of the random A and B entries")
@@ -153,6 +162,13 @@ def _add_train(add: AddCommand) -> None:
     sp.add_argument("--eval-every", type=positive_int, default=50)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
+    sp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="the base's weights while training: auto = the checkpoint's dtype (float32 on a CPU without native "
+        "bfloat16); adapter weights train and are published in float32",
+    )
     sp.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower"
     )
@@ -204,7 +220,7 @@ def _helps(name: str, uses: list[tuple[str, dataclasses.Field, type]]) -> str:
 
 
 def _shown(default: object) -> str:
-    if default in (None, ""):
+    if default in (None, "", ()):
         return "unset"
     return ",".join(default) if isinstance(default, tuple) else str(default)
 

@@ -18,7 +18,7 @@ from peft import AdaLoraConfig, PeftModel
 from peft.tuners.adalora.layer import AdaLoraLayer
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, resolve_targets
 from hotswap.methods.lora.factors import write_lora_factors
 from hotswap.methods.peft_common import attach
 
@@ -28,9 +28,7 @@ class AdaLoraOptions:
     init_rank: int = field(default=12, metadata={"help": "starting rank of every layer"})
     target_rank: int = field(default=8, metadata={"help": "average rank per layer once the budget is final"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator of the update"})
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
-    )
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
     orth_reg_weight: float = field(default=0.5, metadata={"help": "weight of the orthogonality penalty"})
 
     def __post_init__(self) -> None:
@@ -89,7 +87,7 @@ def attach_adalora(model: torch.nn.Module, opts: AdaLoraOptions, steps: int) -> 
         init_r=opts.init_rank,
         target_r=opts.target_rank,
         lora_alpha=opts.alpha,
-        target_modules=list(opts.target_modules),
+        target_modules=list(resolve_targets(model, opts.target_modules)),
         total_step=steps,
         tinit=tinit,
         tfinal=tfinal,

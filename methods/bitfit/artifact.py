@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from hotswap.errors import ArtifactRejected
-from hotswap.methods.common import DEFAULT_TARGETS, PathLike, base_linears, check_new
+from hotswap.methods.common import DEFAULT_TARGETS, PathLike, base_linears, check_new, target_names
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.registry.fsutil import building_dir
 from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_tensors, target_linear
@@ -48,12 +48,12 @@ def random_bitfits(
 ) -> list[Path]:
     """hotswap BitFit artifacts: ``hotswap_config.json`` + ``<module>.bias`` deltas for matching linears."""
     paths = check_new(outs)
-    shapes = {name: module.out_features for name, module in base_linears(base, target_modules).items()}
+    linears = base_linears(base, target_modules)
     for out, seed in paths.items():
         gen = torch.Generator().manual_seed(seed)
-        tensors = {f"{name}.bias": torch.randn(n, generator=gen) * std for name, n in shapes.items()}
+        tensors = {f"{name}.bias": torch.randn(m.out_features, generator=gen) * std for name, m in linears.items()}
         with building_dir(out) as tmp:
-            write_bitfit(tmp, tensors, target_modules)
+            write_bitfit(tmp, tensors, target_names(linears))
     return list(paths)
 
 

@@ -1,5 +1,6 @@
-"""BitFit training (ours: PEFT has no bias-only method): trainable biases on the target linears (new zero biases
-where the base has none), exported as bias deltas against the base."""
+"""BitFit training (ours: PEFT has no bias-only method): a trainable bias delta on each target linear's output,
+exported as the bias deltas the artifact holds. The deltas are float32 whatever the base's dtype (the base's own
+biases stay frozen), as PEFT keeps its adapters: a half-precision bias would lose BitFit's small updates."""
 
 from __future__ import annotations
 
@@ -10,54 +11,52 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hotswap.errors import InvalidArgument
 from hotswap.methods.bitfit.artifact import write_bitfit
-from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
 from hotswap.methods.trainable import PlainSteps
 from hotswap.registry import HOTSWAP_CONFIG
-from hotswap.serve.adapters import target_linears
+
+DELTA = "bitfit_delta"  # the parameter each adapted linear gains
 
 
 @dataclass(frozen=True)
 class BitFitOptions:
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers whose bias trains", "flag": "targets"}
-    )
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
 
 
 @dataclass
 class BitFitTrainable(PlainSteps):
     model: torch.nn.Module
-    biases: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]  # module name -> (trainable bias, its start)
-    target_modules: tuple[str, ...]
+    deltas: dict[str, torch.nn.Parameter]  # module name -> its trainable bias delta (out_features,), float32
 
     def export(self, out: Path) -> dict[str, float]:
-        deltas = {f"{name}.bias": (p.detach() - start).float().cpu() for name, (p, start) in self.biases.items()}
-        write_bitfit(out, deltas, self.target_modules)
+        tensors = {f"{name}.bias": delta.detach().float().cpu() for name, delta in self.deltas.items()}
+        write_bitfit(out, tensors, target_names(self.deltas))
         return {}
 
 
+def _add_delta(module: torch.nn.Linear, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+    return out + getattr(module, DELTA).to(out.dtype)  # (..., out_features)
+
+
 def attach_bitfit(model: torch.nn.Module, opts: BitFitOptions) -> BitFitTrainable:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    biases = {}
-    for name, module in target_linears(model, opts.target_modules).items():  # exactly what the engine adapts
-        if module.bias is None:
-            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
-        module.bias.requires_grad_(True)
-        biases[name] = (module.bias, module.bias.detach().clone())
-    if not biases:
-        raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
-    return BitFitTrainable(model, biases, opts.target_modules)
+    model.requires_grad_(False)
+    deltas = {}
+    for name, module in adapted_linears(model, opts.target_modules).items():  # exactly what the engine adapts
+        delta = torch.nn.Parameter(torch.zeros(module.out_features, device=module.weight.device))
+        module.register_parameter(DELTA, delta)
+        module.register_forward_hook(_add_delta)
+        deltas[name] = delta
+    return BitFitTrainable(model, deltas)
 
 
 def resume_bitfit(model: torch.nn.Module, parent: Path) -> BitFitTrainable:
-    """Start from a published BitFit's biases; the export stays a delta against the base's biases."""
+    """Start from a published BitFit's bias deltas."""
     config = json.loads((parent / HOTSWAP_CONFIG).read_text())
     trainable = attach_bitfit(model, BitFitOptions(tuple(config["target_modules"])))
-    deltas = load_file(parent / "adapter_model.safetensors")
-    for name, (bias, _start) in trainable.biases.items():
-        if f"{name}.bias" in deltas:
-            with torch.no_grad():
-                bias += deltas[f"{name}.bias"].to(bias.dtype)
+    published = load_file(parent / "adapter_model.safetensors")
+    with torch.no_grad():
+        for name, delta in trainable.deltas.items():
+            if f"{name}.bias" in published:
+                delta.copy_(published[f"{name}.bias"])
     return trainable

@@ -19,8 +19,8 @@ from torch import nn
 from hotswap.errors import InvalidArgument
 from hotswap.methods.bottleneck.artifact import BOTTLENECK_TARGETS, write_bottleneck
 from hotswap.methods.bottleneck.ops import ACTIVATIONS
+from hotswap.methods.common import adapted_linears
 from hotswap.methods.trainable import PlainSteps
-from hotswap.serve.adapters import target_linears
 
 PLACEMENTS = ("serial", "parallel")
 
@@ -34,7 +34,11 @@ class BottleneckOptions:
         metadata={"help": "after (serial) or beside (parallel) the sublayer", "choices": ("serial", "parallel")},
     )
     target_modules: tuple[str, ...] = field(
-        default=BOTTLENECK_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
+        default=BOTTLENECK_TARGETS,
+        metadata={
+            "help": "linear layers to adapt: the sublayers' output projections (the same names in every tested family)",
+            "flag": "targets",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -47,22 +51,24 @@ class BottleneckOptions:
 
 
 class BottleneckLinear(nn.Module):
-    """``base`` (frozen) followed by (serial) or beside (parallel) a trainable bottleneck."""
+    """``base`` (frozen) followed by (serial) or beside (parallel) a trainable bottleneck, float32 whatever the
+    base's dtype (as PEFT keeps its adapters): it computes in float32 and adds in the base's dtype."""
 
     def __init__(self, base: nn.Linear, dim: int, activation: str, serial: bool) -> None:
         super().__init__()
         self.base, self.activation, self.serial = base, activation, serial
-        w = base.weight
-        self.down = nn.Linear(base.out_features if serial else base.in_features, dim, device=w.device, dtype=w.dtype)
-        self.up = nn.Linear(dim, base.out_features, device=w.device, dtype=w.dtype)
+        device = base.weight.device
+        self.down = nn.Linear(base.out_features if serial else base.in_features, dim, device=device)
+        self.up = nn.Linear(dim, base.out_features, device=device)
         nn.init.normal_(self.down.weight, std=0.02)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)  # the adapter starts as the identity
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        return y + self.up(ACTIVATIONS[self.activation](self.down(y if self.serial else x)))
+        y = self.base(x)  # (..., out)
+        h = ACTIVATIONS[self.activation](self.down((y if self.serial else x).float()))  # (..., dim)
+        return y + self.up(h).to(y.dtype)
 
 
 @dataclass
@@ -87,14 +93,11 @@ class BottleneckTrainable(PlainSteps):
 
 
 def attach_bottleneck(model: nn.Module, opts: BottleneckOptions) -> BottleneckTrainable:
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     modules = {}
-    for full, child in target_linears(model, opts.target_modules).items():
+    for full, child in adapted_linears(model, opts.target_modules).items():
         parent, _, child_name = full.rpartition(".")
         wrapped = BottleneckLinear(child, opts.bottleneck_dim, opts.activation, opts.placement == "serial")
         setattr(model.get_submodule(parent), child_name, wrapped)
         modules[full] = wrapped
-    if not modules:
-        raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
     return BottleneckTrainable(model, opts, modules)

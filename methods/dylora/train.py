@@ -20,7 +20,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
 from hotswap.methods.peft_common import attach, lora_config
 from hotswap.methods.trainable import PlainSteps
 
@@ -29,9 +29,7 @@ from hotswap.methods.trainable import PlainSteps
 class DyLoraOptions:
     rank: int = field(default=8, metadata={"help": "the maximum rank r (any lower one serves)"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator: alpha / b at rank b"})
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
-    )
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -73,4 +71,4 @@ class DyLoraTrainable(PlainSteps):
 
 
 def attach_dylora(model: torch.nn.Module, opts: DyLoraOptions) -> DyLoraTrainable:
-    return DyLoraTrainable(attach(model, lora_config(opts.rank, opts.alpha, opts.target_modules)), opts)
+    return DyLoraTrainable(attach(model, lora_config(model, opts.rank, opts.alpha, opts.target_modules)), opts)

@@ -14,7 +14,7 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from hotswap.errors import ArtifactRejected, InvalidArtifact, UnsupportedAdapter
-from hotswap.methods.common import DEFAULT_TARGETS, PathLike, save_variants
+from hotswap.methods.common import DEFAULT_TARGETS, PathLike, resolve_targets, save_variants
 from hotswap.registry import PEFT_CONFIG
 from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_json, read_tensors, target_linear
 from hotswap.serve.layers import LinearDelta, LoraFactors
@@ -81,7 +81,7 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
 class RandomLoraConfig:
     rank: int = 8  # LoRA rank r
     alpha: float = 16.0  # scaling numerator: delta = (alpha / r) * B @ A
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # module name suffixes to adapt
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # module name suffixes to adapt (or all-linear)
     use_dora: bool = False  # DoRA: add PEFT's magnitude vector (random around the base column norms)
     seed: int = 0  # fixes A, B (and DoRA magnitudes) for random_lora
     init_std: float = 0.02  # std of the random A and B entries
@@ -95,14 +95,16 @@ class RandomLoraConfig:
 
 def random_loras(base: PathLike, outs: Mapping[PathLike, int], config: RandomLoraConfig) -> list[Path]:
     """PEFT LoRA (or DoRA) adapters for the base at ``base``: one per (directory, seed), random A and B."""
-    peft_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        target_modules=list(config.target_modules),
-        use_dora=config.use_dora,
-        lora_dropout=0.0,
-        bias="none",
-    )
+
+    def peft_config(model: torch.nn.Module) -> LoraConfig:
+        return LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(resolve_targets(model, config.target_modules)),
+            use_dora=config.use_dora,
+            lora_dropout=0.0,
+            bias="none",
+        )
 
     def fill(name: str, param: torch.Tensor, initial: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(param.shape, generator=gen)

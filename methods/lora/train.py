@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
 from hotswap.methods.peft_common import PeftTrainable, attach_peft, lora_config
 
 
@@ -15,9 +15,7 @@ from hotswap.methods.peft_common import PeftTrainable, attach_peft, lora_config
 class LoraOptions:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A"})
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
-    )
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input while training"})
 
     def __post_init__(self) -> None:
@@ -29,5 +27,5 @@ class LoraOptions:
 
 def attach_lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> PeftTrainable:
     return attach_peft(
-        model, lora_config(opts.rank, opts.alpha, opts.target_modules, lora_dropout=opts.dropout, use_dora=dora)
+        model, lora_config(model, opts.rank, opts.alpha, opts.target_modules, lora_dropout=opts.dropout, use_dora=dora)
     )

@@ -23,7 +23,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
 from hotswap.methods.lora.factors import write_lora_factors
 from hotswap.methods.peft_common import attach, lora_config
 from hotswap.methods.trainable import PlainSteps
@@ -35,9 +35,7 @@ EXPORTS = ("stacked", "svd")
 class PLoraOptions:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A"})
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
-    )
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
     period: int = field(default=50, metadata={"help": "K: optimizer steps between offloads into the backbone"})
     momentum: float = field(default=0.0, metadata={"help": "m in [0, 1): share of A, B kept at each offload"})
     export: str = field(
@@ -131,4 +129,4 @@ class PLoraTrainable(PlainSteps):
 
 
 def attach_plora(model: torch.nn.Module, opts: PLoraOptions) -> PLoraTrainable:
-    return PLoraTrainable(attach(model, lora_config(opts.rank, opts.alpha, opts.target_modules)), opts)
+    return PLoraTrainable(attach(model, lora_config(model, opts.rank, opts.alpha, opts.target_modules)), opts)

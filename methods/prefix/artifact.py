@@ -46,7 +46,7 @@ def load_prefix(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdap
 def random_prefixes(base: PathLike, outs: Mapping[PathLike, int], num_virtual_tokens: int = 8) -> list[Path]:
     """PEFT prefix-tuning adapters (no projection) with random key/value prefixes."""
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    return save_variants(base, config, outs, gaussian(1.0))
+    return save_variants(base, lambda _model: config, outs, gaussian(1.0))
 
 
 def random_prefix(base: PathLike, out_dir: PathLike, num_virtual_tokens: int = 8, seed: int = 0) -> Path:

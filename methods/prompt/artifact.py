@@ -22,7 +22,7 @@ def load_prompt(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdap
 def random_prompts(base: PathLike, outs: Mapping[PathLike, int], num_virtual_tokens: int = 8) -> list[Path]:
     """PEFT prompt-tuning adapters with random virtual-token embeddings."""
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
-    return save_variants(base, config, outs, gaussian(0.05))
+    return save_variants(base, lambda _model: config, outs, gaussian(0.05))
 
 
 def random_prompt(base: PathLike, out_dir: PathLike, num_virtual_tokens: int = 8, seed: int = 0) -> Path:

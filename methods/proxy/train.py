@@ -71,7 +71,8 @@ class ProxyTrainable(PlainSteps):
 
 def attach_proxy(model: nn.Module, opts: ProxyOptions) -> ProxyTrainable:
     try:
-        anti_expert = load_model(opts.small_model, device=next(model.parameters()).device)
+        # float32 whatever the base's dtype: the expert is what trains (the ensemble adds logits in float32)
+        anti_expert = load_model(opts.small_model, dtype=torch.float32, device=next(model.parameters()).device)
     except HotswapError as e:
         raise InvalidArgument(f"small_model: {e}") from e
     base_vocab, small_vocab = model.config.vocab_size, anti_expert.config.vocab_size

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from hotswap.errors import ArtifactRejected
-from hotswap.methods.common import DEFAULT_TARGETS, PathLike, base_linears, check_new
+from hotswap.methods.common import DEFAULT_TARGETS, PathLike, base_linears, check_new, target_names
 from hotswap.registry import HOTSWAP_CONFIG
 from hotswap.registry.fsutil import building_dir
 from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, read_tensors, target_linear
@@ -72,7 +72,8 @@ def random_sparses(
 ) -> list[Path]:
     """Sparse-delta adapters (``method`` fishmask or child-tuning) with random positions and values."""
     paths = check_new(outs)
-    shapes = {name: module.weight.shape for name, module in base_linears(base, target_modules).items()}
+    linears = base_linears(base, target_modules)
+    shapes = {name: module.weight.shape for name, module in linears.items()}
     for out, seed in paths.items():
         gen = torch.Generator().manual_seed(seed)
         deltas = {}
@@ -81,7 +82,7 @@ def random_sparses(
             idx = torch.randperm(rows * cols, generator=gen)[:nnz].sort().values
             deltas[name] = (idx, torch.randn(nnz, generator=gen) * std)
         with building_dir(out) as tmp:
-            write_sparse(tmp, deltas, method, target_modules)
+            write_sparse(tmp, deltas, method, target_names(linears))
     return list(paths)
 
 

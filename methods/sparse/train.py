@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS
+from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
 from hotswap.methods.sparse.artifact import write_sparse
 from hotswap.methods.trainable import PlainSteps
-from hotswap.serve.adapters import target_linears
 
 VARIANTS = ("d", "f")
 
@@ -39,9 +38,7 @@ class SparseOptions:
     """FishMask's options."""
 
     density: float = field(default=0.005, metadata={"help": "share of the target weights that train"})
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGETS, metadata={"help": "linear layers to adapt", "flag": "targets"}
-    )
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
     fisher_batches: int = field(default=8, metadata={"help": "training batches whose squared gradients give Fisher"})
 
     def __post_init__(self) -> None:
@@ -86,7 +83,7 @@ def top_mask(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch
     """Boolean masks keeping the ``density`` share of all entries with the highest score (across layers)."""
     flat = torch.cat([s.flatten() for s in scores.values()])
     k = max(1, round(density * flat.numel()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[torch.topk(flat, k, sorted=False).indices] = True  # exactly k, ties broken by topk
     masks, start = {}, 0
     for name, s in scores.items():
@@ -108,9 +105,9 @@ class SparseTrainable(PlainSteps):
         deltas = {}
         for name, w in self.weights.items():
             diff = (w.detach() - self.start[name]).flatten().float().cpu()
-            idx = (self.masks[name].flatten().nonzero() if self.masks else diff.nonzero()).flatten()
+            idx = (self.masks[name].flatten().cpu().nonzero() if self.masks else diff.nonzero()).flatten()
             deltas[name] = (idx, diff[idx])
-        write_sparse(out, deltas, self.method, self.options.target_modules)
+        write_sparse(out, deltas, self.method, target_names(self.weights))
         total = sum(w.numel() for w in self.weights.values())
         nnz = sum(int(i.numel()) for i, _ in deltas.values())
         everything = sum(p.numel() for p in self.model.parameters())
@@ -125,11 +122,12 @@ def attach_sparse(
     loss_batches: Callable[[torch.nn.Module, int], Iterator[torch.Tensor]],
 ) -> SparseTrainable:
     """Freeze everything but the target linears' weights, pick the mask, and hook the gradients."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    weights = {name: module.weight for name, module in target_linears(model, opts.target_modules).items()}
-    if not weights:
-        raise InvalidArgument(f"no linear layer matches target modules {', '.join(opts.target_modules)}")
+    model.requires_grad_(False)
+    weights = {name: module.weight for name, module in adapted_linears(model, opts.target_modules).items()}
+    if half := next((w.dtype for w in weights.values() if w.dtype != torch.float32), None):
+        name = str(half).removeprefix("torch.")
+        raise InvalidArgument(f"{method} trains the base's own weights, whose small updates {name} would lose: "
+                              "train it with dtype float32")  # fmt: skip
     for w in weights.values():
         w.requires_grad_(True)
     start = {name: w.detach().clone() for name, w in weights.items()}
