@@ -9,6 +9,7 @@ matmuls on a CPU are emulated, and slow).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,3 +78,12 @@ def resolve_dtype(spec: str, checkpoint: str | Path, device: str) -> str:
     if device.split(":")[0] == "cpu" and not (stored == "bfloat16" and cpu_has_bf16()):
         return "float32"
     return stored
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the host's available RAM."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -9,8 +9,9 @@ while HF's caches share one write position per batch.
 
 Each layer's attention gets its post-rotary query/key/value; :func:`hotswap_attention` writes the keys and
 values into the :class:`KVCache` at each token's cache index and attends over that row's cache only, with a
-causal mask (and the layer's sliding window, and logit soft-capping where the family has them). What one
-forward attends over travels in a :class:`Batch` set by :func:`attending` around the model call, so it
+causal mask (and the layer's sliding window, and logit soft-capping where the family has them); the cache is
+static or paged (:mod:`hotswap.serve.kvcache`). What one forward attends over travels in a
+:class:`~hotswap.serve.kvcache.Batch` set by :func:`attending` around the model call, so it
 reaches every family whatever its forward passes down. :func:`attention_ref` is the plain per-row loop the
 fast path is tested against.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,67 +29,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hotswap.errors import InvalidBaseModel
+from hotswap.serve.kvcache import Batch
 
 ATTENTION = "hotswap"
 # Attention features some families pass that this function does not implement (attention sinks): a model
 # passing one is refused at load (see serve.runner.check_supported), never answered wrongly.
 UNSUPPORTED_KWARGS = ("s_aux", "sinks")
-
-
-class KVCache:
-    """Keys and values per layer, cache row and position: (layers, rows, kv_heads, max_seq_len + 1, head_dim).
-
-    The extra last position is scratch: padding tokens write there and nothing ever reads it."""
-
-    def __init__(
-        self, layers: int, rows: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device
-    ) -> None:
-        shape = (layers, rows, kv_heads, max_seq_len + 1, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.scratch = max_seq_len
-
-    @torch.inference_mode()  # a cache made inside the engine's loop holds inference tensors
-    def clear_row(self, row: int, end: int) -> None:
-        """Zero positions [0, end) of ``row`` (a finished row's keys/values never reach the next one)."""
-        self.k[:, row, :, :end] = 0
-        self.v[:, row, :, :end] = 0
-
-    def write_prefix(self, row: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put a prefix-tuning adapter's keys/values at positions [0, P) of ``row``."""
-        for i, (k, v) in enumerate(prefix_kv):  # each (kv_heads, P, head_dim)
-            p = k.shape[1]
-            self.k[i, row, :, :p] = k
-            self.v[i, row, :, :p] = v
-
-
-@dataclass
-class Batch:
-    """What one forward attends over: token (b, t) sits at ``positions[b, t]`` of cache row ``rows[b]``
-    (or is padding: ``positions`` -1, written to the scratch position, attending to position 0 only).
-
-    ``contiguous``: rows == arange(B), so attention reads the cache without a gather."""
-
-    cache: KVCache
-    rows: torch.Tensor  # (B,)
-    positions: torch.Tensor  # (B, T), -1 for padding
-    contiguous: bool = False
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.key_len = int(self.positions.max()) + 1
-        self.index = torch.where(self.positions >= 0, self.positions, self.cache.scratch)  # (B, T) write index
-
-    def mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, T, key_len) bool: key position k is visible to a query at q iff k <= q (and q - k < window)."""
-        if window not in self._masks:
-            q = self.positions.clamp(min=0)[:, None, :, None]  # (B, 1, T, 1)
-            k = torch.arange(self.key_len, device=q.device)  # (L,)
-            visible = k <= q
-            if window is not None:
-                visible &= q - k < window
-            self._masks[window] = visible
-        return self._masks[window]
 
 
 _batch: ContextVar[Batch | None] = ContextVar("hotswap_attention_batch", default=None)
@@ -125,14 +70,8 @@ def hotswap_attention(
     unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
     if unsupported or attention_mask is not None:
         raise InvalidBaseModel(f"this model's attention needs {unsupported or ['its own mask']}, which hotswap lacks")
-    cache, layer = batch.cache, module.layer_idx
-    cache.k[layer][batch.rows[:, None], :, batch.index] = key.transpose(1, 2).to(cache.k.dtype)  # (B, T, KV, hd)
-    cache.v[layer][batch.rows[:, None], :, batch.index] = value.transpose(1, 2).to(cache.v.dtype)
-    n, length = query.shape[0], batch.key_len
-    if batch.contiguous:
-        keys, values = cache.k[layer, :n, :, :length], cache.v[layer, :n, :, :length]
-    else:
-        keys, values = cache.k[layer, batch.rows, :, :length], cache.v[layer, batch.rows, :, :length]
+    batch.write(module.layer_idx, key, value)
+    keys, values = batch.read(module.layer_idx)
     mask = batch.mask(sliding_window)
     if softcap is None:
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)

@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from hotswap.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 APP = "hotswap"  # the Ray Serve application (gRPC metadata "application" when a cluster runs several)
 
 
@@ -36,8 +34,32 @@ class EngineConfig:
     host_cache_bytes: int = field(
         default=2 << 30, metadata={"help": "bytes of loaded adapters kept in host RAM beyond the resident ones"}
     )
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    dtype: str = field(default="float32", metadata={"help": "weights and activations", "choices": tuple(DTYPES)})
+    device: str = field(
+        default="auto", metadata={"help": f"{' | '.join(DEVICE_CHOICES)} (or cuda:N); auto = cuda if present"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "weights, activations and KV cache; auto = the checkpoint's dtype (float32 on a CPU without bf16)",
+            "choices": DTYPE_CHOICES,
+        },
+    )
+    kv_block_size: int = field(
+        default=16, metadata={"help": "KV cache block size in positions; 0 = a static max_batch x max_seq_len cache"}
+    )
+    kv_cache_memory: float = field(
+        default=0.0,
+        metadata={
+            "help": "KV cache size: bytes (> 1) or a fraction of free device memory (<= 1); "
+            "0 = what max_batch rows of max_seq_len need"
+        },
+    )
+    prefix_cache: bool = field(
+        default=True, metadata={"help": "reuse cached KV blocks of prompt prefixes, per exact adapter set"}
+    )
+    max_prefill_tokens: int = field(
+        default=2048, metadata={"help": "prompt positions prefilled per step over all rows (chunked); 0 = no limit"}
+    )
     # CPU intra-op threads for prefill (compute-bound: all cores) and decode (memory-bound: on small
     # batches extra threads add fork/join cost to every small op and barely speed up the big ones).
     prefill_threads: int = field(default=0, metadata={"help": "CPU threads for prefill; 0 = torch's default (all)"})
@@ -47,16 +69,17 @@ class EngineConfig:
         for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request", "max_rank"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("host_cache_bytes", "prefill_threads", "decode_threads"):  # 0: none / torch's default
+        for name in ("host_cache_bytes", "prefill_threads", "decode_threads", "kv_block_size", "kv_cache_memory",
+                     "max_prefill_tokens"):  # fmt: skip  # 0: none / torch's default / static / as needed / no limit
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
 
 @dataclass
 class ServerConfig:
-    """The gRPC server."""
+    """The server: gRPC, and the OpenAI-compatible HTTP API."""
 
     base: Path = field(metadata={"help": "base checkpoint directory"})
     registry: str = field(metadata={"help": "registry URL or path"})
@@ -68,6 +91,19 @@ class ServerConfig:
     )
     metrics_port: int | None = field(  # None: no /metrics endpoint
         default=9090, metadata={"help": "Prometheus /metrics port (0 = any free port)", "build_app": False}
+    )
+    http_port: int | None = field(  # None: no HTTP API (with --ray: Ray Serve's HTTP proxy on RayOptions.http_port)
+        default=None,
+        metadata={
+            "help": "OpenAI-compatible HTTP API port (0 = any free port; with --ray: on Ray Serve's HTTP proxy)",
+            "build_app": False,
+        },
+    )
+    http_metrics: bool = field(
+        default=False, metadata={"help": "also serve Prometheus /metrics on the HTTP API's port", "build_app": False}
+    )
+    served_model_name: str | None = field(  # None: the base directory's name
+        default=None, metadata={"help": "the base model's id in the HTTP API (default: its directory's name)"}
     )
     auth: Path | None = field(
         default=None, metadata={"help": "tokens file (TOML, see README) mapping bearer tokens to tenants and roles"}
@@ -93,6 +129,15 @@ class ServerConfig:
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
         if self.grace_seconds < 0:
             raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.http_metrics and self.http_port is None:
+            raise InvalidArgument("http_metrics serves /metrics on the HTTP API's port: give http_port too")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise InvalidArgument("served_model_name must not be empty")
+
+    @property
+    def model_name(self) -> str:
+        """The base model's id in the HTTP API."""
+        return self.served_model_name or Path(self.base).name
 
 
 @dataclass(frozen=True)
@@ -115,15 +160,13 @@ class RayOptions:
         default=9000,
         metadata={"help": "Ray Serve's gRPC proxy port (every node with a replica runs one)", "setting": False},
     )
-    http_port: int = field(
-        default=8000,
-        metadata={
-            "help": "Ray Serve's HTTP proxy port (hotswap serves nothing on it)",
-            "flag": "ray_http_port",
-            "build_app": False,
-        },
+    http_port: int = field(  # hotswap serve --ray: --http-port where given; a Serve config: http_options.port
+        default=8000, metadata={"help": "Ray Serve's HTTP proxy port", "setting": False}
     )
     replica_cpus: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per replica"})
+    ingress_replicas: int = field(
+        default=1, metadata={"help": "replicas of the HTTP API's ingress (light, no CPU reserved: they relay)"}
+    )
     # Ray's multiplexed cache: the engine's resident slots plus its host RAM tier; Ray routes an adapter to the
     # replica keeping it, and unloads the least recently used beyond this.
     adapters_per_replica: int = field(default=64, metadata={"help": "adapters a replica keeps (Ray's LRU cache)"})
@@ -136,5 +179,7 @@ class RayOptions:
             raise InvalidArgument(f"replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0:
             raise InvalidArgument(f"replica_cpus must be >= 0, got {self.replica_cpus}")
+        if self.ingress_replicas < 1:
+            raise InvalidArgument(f"ingress_replicas must be >= 1, got {self.ingress_replicas}")
         if self.adapters_per_replica < 1:
             raise InvalidArgument(f"adapters_per_replica must be >= 1, got {self.adapters_per_replica}")

@@ -24,17 +24,18 @@ from pathlib import Path
 import torch
 
 from hotswap.basemodel import bundled_tokenizer, fingerprint, load_model
-from hotswap.devices import resolve_device, resolve_dtype, torch_dtype
-from hotswap.errors import CapacityExceeded, HotswapError, clip_message
+from hotswap.devices import free_memory, resolve_device, resolve_dtype, torch_dtype
+from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument, clip_message
 from hotswap.registry import Registry
 from hotswap.serve.adapters import BaseInfo, decoder_linears
 from hotswap.serve.config import EngineConfig
 from hotswap.serve.isolation import UNHEALTHY_AFTER, StepHealth, choose_isolated, run_isolated
+from hotswap.serve.kvcache import PagedCache
 from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
 from hotswap.serve.proxy import ProxyBank
 from hotswap.serve.request import Job, RequestHandle, make_job
-from hotswap.serve.runner import Runner
+from hotswap.serve.runner import Runner, kv_shape
 from hotswap.serve.scheduler import Scheduler
 from hotswap.serve.step import decode_step, prefill
 from hotswap.serve.types import EngineObserver, Request, Result
@@ -69,7 +70,8 @@ class Engine:
         self.plan = BatchPlan()
         base_info = BaseInfo.of(self.model)
         self.layers = self._wrap_linears()
-        self.runner = Runner(self.model, self.config.max_batch, self.config.max_seq_len)
+        c = self.config
+        self.runner = Runner(self.model, c.max_batch, c.max_seq_len, c.kv_block_size, self._kv_blocks())
         self.proxies = ProxyBank(self.config.max_batch, self.config.max_seq_len, self.runner.device)
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
@@ -85,13 +87,33 @@ class Engine:
             self._cv,
             self.observer,
         )
-        self.scheduler = Scheduler(self.config.max_queue, self.pool, self.runner, self.proxies, self._cv)
+        self.scheduler = Scheduler(self.config.max_queue, self.pool, self.runner, self.proxies, self._cv, self.observer,
+                                   self.base_fingerprint, c.prefix_cache, c.max_prefill_tokens)  # fmt: skip
         self.health = StepHealth(self.observer, self._cv, lambda: self.scheduler.closed)
         on_cpu = torch.device(self.config.device).type == "cpu"
         self._prefill_threads = (self.config.prefill_threads or torch.get_num_threads()) if on_cpu else 1
         self._decode_threads = (self.config.decode_threads or torch.get_num_threads()) if on_cpu else 1
         self._thread = threading.Thread(target=self._loop, name="hotswap-engine", daemon=True)
         self._thread.start()
+
+    def _kv_blocks(self) -> int:
+        """KV blocks for the paged cache: ``kv_cache_memory`` bytes, or that fraction of free device memory, or (0)
+        what ``max_batch`` rows of ``max_seq_len`` would hold in a static cache."""
+        c = self.config
+        if not c.kv_block_size:
+            return 0
+        per_block = PagedCache.block_bytes(*kv_shape(self.model.config), c.kv_block_size, self.model.dtype)
+        row_blocks = -(-c.max_seq_len // c.kv_block_size)
+        if not c.kv_cache_memory:
+            return c.max_batch * row_blocks
+        size = c.kv_cache_memory if c.kv_cache_memory > 1 else c.kv_cache_memory * free_memory(c.device)
+        blocks = int(size // per_block)
+        if blocks < row_blocks:
+            raise InvalidArgument(
+                f"kv_cache_memory {c.kv_cache_memory:g} holds {blocks} blocks of {c.kv_block_size} positions "
+                f"({per_block} bytes each); one row of max_seq_len {c.max_seq_len} needs {row_blocks}"
+            )
+        return blocks
 
     def _wrap_linears(self) -> dict[str, MultiAdapterLinear]:
         """Wrap every linear of the decoder blocks once; the base layers inside stay frozen and unmerged."""
@@ -130,6 +152,7 @@ class Engine:
         exact = self.registry.resolve(ref).ref
         with self._step_lock, self._cv:  # an idle adapter's slot is cleared now, never mid-forward
             self.pool.unload(exact)
+            self.runner.cache.drop(exact)  # its cached prompt blocks go too
             self._cv.notify_all()
         return exact
 
@@ -169,8 +192,10 @@ class Engine:
         with self._step_lock:
             self.scheduler.bind_now(jobs)
             try:
+                for job in jobs:
+                    job.chunk = job.prefill_end - job.position  # one chunk: every position in one batch
                 with torch.inference_mode():
-                    return self._prefill(jobs, all_positions=True)
+                    return self._prefill(jobs, all_positions=True)  # type: ignore[return-value]
             finally:
                 for job in jobs:
                     self.scheduler.unbind(job)
@@ -211,24 +236,30 @@ class Engine:
                     self._cv.wait(timeout=0.01)  # waiting for adapters to load
 
     def _step(self) -> tuple[bool, bool]:
-        """One scheduler iteration: install, admit, prefill newcomers, decode everyone.
-        Returns (busy: any row ran, failed: a forward failed for no request's fault)."""
+        """One scheduler iteration: install, admit, prefill (a chunk of each prefilling row, within the step's
+        budget), decode every row past its prefill. Returns (busy: any row ran, failed: a forward failed for no
+        request's fault)."""
         failed = False
         with self._step_lock, torch.inference_mode():
-            admitted = self.scheduler.admit()
-            running = [j for j in self.scheduler.running() if j not in admitted]
-            if admitted:
+            self.scheduler.admit()
+            prefilling = self.scheduler.prefill_batch()
+            running = [j for j in self.scheduler.running() if j not in prefilling]
+            if prefilling:
                 torch.set_num_threads(self._prefill_threads)
-                jobs, logits, failed = run_isolated(admitted, self._prefill, self.scheduler.fail)
-                self._emit_all(jobs, logits)
-            if running or admitted:
+                jobs, logits, failed = run_isolated(prefilling, self._prefill, self.scheduler.fail)
+                done = [(j, x) for j, x in zip(jobs, logits, strict=True) if x is not None]
+                self._emit_all([j for j, _ in done], [x for _, x in done], prefilled=True)
+            if running or prefilling:
                 torch.set_num_threads(self._decode_threads)
                 failed = self._decode() or failed
-        return bool(admitted or running), failed
+            if isinstance(self.runner.cache, PagedCache):
+                pool = self.runner.cache.pool
+                self.observer.kv_blocks(pool.used(), pool.available())
+        return bool(prefilling or running), failed
 
     def _decode(self) -> bool:
         """One decode step over every running row; True if it failed for no request's fault."""
-        active = self.scheduler.drop_cancelled()
+        active = self.scheduler.make_room(self.scheduler.drop_cancelled())
         if not active:
             return False
         self.observer.step(len(active))
@@ -245,10 +276,14 @@ class Engine:
         full = len(jobs) == len(self.scheduler.running())  # a full batch decodes rows [0, n) in place
         return decode_step(self.runner, self.plan, self.proxies, jobs, full)
 
-    def _emit_all(self, jobs: list[Job], logits: list[torch.Tensor]) -> None:
+    def _emit_all(self, jobs: list[Job], logits: list[torch.Tensor], prefilled: bool = False) -> None:
+        """Choose and emit each job's next token; ``prefilled``: the jobs just finished their prefill, and those whose
+        logits are finite offer their prompt blocks to the prefix cache first."""
         if not jobs:
             return
         chosen = choose_isolated(jobs, logits, self.scheduler.fail)
+        if prefilled:
+            self.scheduler.prefilled([job for job, _ in chosen])
         now = time.perf_counter()
         with self._cv:
             for job, token in chosen:

@@ -89,9 +89,9 @@ class ProxyBank:
     def clear_row(self, row: int, end: int) -> None:
         """Zero every small model's cache row ``row`` up to ``end`` (the base row's bound covers theirs)."""
         for runner, _, _ in self._experts.values():
-            runner.clear_row(row, end)
+            runner.cache.release(row, end)
         for shared in self._anti.values():
-            shared.runner.clear_row(row, end)
+            shared.runner.cache.release(row, end)
 
     def _runner(self, model: nn.Module) -> Runner:
         """A runner on the host copy itself when it already lives on the engine's device, else on a device copy."""

@@ -117,6 +117,21 @@ class Job:
     cache_end: int = 0  # cache positions [0, cache_end) of the row may hold this job's keys/values
     generated: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+    # set when bound to a row (again after a preemption, which frees the row and recomputes)
+    prefill_end: int = 0  # cache positions [0, prefill_end) are context + prompt (+ what was generated before)
+    chunk: int = 0  # tokens the next prefill step feeds (chunked prefill)
+    digests: list[bytes] = field(default_factory=list)  # prefix caching: the full blocks of the row's sequence
+    admitted: int = 0  # admission order: a preemption takes the youngest row
+    preemptions: int = 0
+
+    @property
+    def text_ids(self) -> list[int]:
+        """The tokens a (re)started row prefills: the prompt and anything generated before a preemption."""
+        return self.prompt_ids + self.generated
+
+    @property
+    def prefilling(self) -> bool:
+        return self.position < self.prefill_end
 
     def finish(self, reason: str) -> None:
         """End the request with its result (``reason``: stop, length, cancelled); its row must be free already."""

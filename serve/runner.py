@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.attention import ATTENTION, Batch, KVCache, attending
+from hotswap.serve.attention import ATTENTION, attending
+from hotswap.serve.kvcache import PagedCache, StaticCache
 
 # Layer kinds hotswap's attention computes; anything else (linear attention, state-space layers) is refused.
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
@@ -42,38 +44,43 @@ def check_supported(model: nn.Module) -> None:
         raise InvalidBaseModel(f"{kind}: its decoder layers are not at model.layers, where hotswap wraps them")
 
 
-class Runner:
-    """Batched forward of one causal LM over a per-row KV cache of ``max_batch`` rows × ``max_seq_len``."""
+def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a model's keys and values."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim(config)
 
-    def __init__(self, model: nn.Module, max_batch: int, max_seq_len: int) -> None:
+
+class Runner:
+    """Batched forward of one causal LM over a KV cache of ``max_batch`` rows of up to ``max_seq_len`` positions:
+    ``block_size`` > 0 pages it in ``num_blocks`` blocks of that many positions, else every row owns its positions."""
+
+    def __init__(
+        self, model: nn.Module, max_batch: int, max_seq_len: int, block_size: int = 0, num_blocks: int = 0
+    ) -> None:
         check_supported(model)
         model.set_attn_implementation(ATTENTION)
         self.model = model
-        config = model.config
         self.embed = model.get_input_embeddings()
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         w = self.embed.weight
-        layers = len(model.model.layers)
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.cache = KVCache(layers, max_batch, kv_heads, max_seq_len, head_dim(config), w.dtype, w.device)
+        layers, kv_heads, hd = kv_shape(model.config)
+        self.cache: StaticCache | PagedCache
+        if block_size:
+            self.cache = PagedCache(layers, max_batch, num_blocks, block_size, kv_heads, hd, w.dtype, w.device)
+        else:
+            self.cache = StaticCache(layers, max_batch, kv_heads, max_seq_len, hd, w.dtype, w.device)
         self._probe()
 
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def clear_row(self, row: int, end: int) -> None:
-        self.cache.clear_row(row, end)
-
-    def write_prefix(self, row: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.cache.write_prefix(row, prefix_kv)
-
     def prefill(
         self, rows: list[int], embeds: list[torch.Tensor], starts: list[int], all_positions: bool = False
     ) -> list[torch.Tensor]:
         """Run each row's ``embeds`` (L_i, hidden) at cache positions ``starts[i]`` onwards of cache row ``rows[i]``.
 
-        Rows are left-padded to one length (padding writes only the scratch position), so every row's last
+        Rows are left-padded to one length (padding writes only scratch space), so every row's last
         token is the batch's last column. Returns float logits per row: (V,) at its last token, or (L_i, V) with
         ``all_positions``."""
         lengths = [e.shape[0] for e in embeds]
@@ -83,28 +90,24 @@ class Runner:
         for i, (e, n, start) in enumerate(zip(embeds, lengths, starts, strict=True)):
             hidden[i, width - n :] = e
             positions[i, width - n :] = torch.arange(start, start + n)
-        logits = self.forward(torch.tensor(rows), hidden, positions, keep=0 if all_positions else 1)
+        logits = self.forward(rows, hidden, positions, keep=0 if all_positions else 1)
         if all_positions:
             return [logits[i, width - n :] for i, n in enumerate(lengths)]
         return list(logits[:, -1])
 
-    def decode(
-        self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, contiguous: bool
-    ) -> torch.Tensor:
+    def decode(self, rows: list[int], tokens: torch.Tensor, positions: torch.Tensor, contiguous: bool) -> torch.Tensor:
         """One token per row: ``tokens`` (n,) at ``positions`` (n,; -1 for an idle row) of cache ``rows`` (n,).
         Returns float logits (n, V)."""
         embeds = self.embed(tokens.to(self.device)[:, None])  # (n, 1, hidden)
         return self.forward(rows, embeds, positions[:, None], keep=1, contiguous=contiguous)[:, 0]
 
     def forward(
-        self, rows: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, keep: int, contiguous: bool = False
+        self, rows: list[int], embeds: torch.Tensor, positions: torch.Tensor, keep: int, contiguous: bool = False
     ) -> torch.Tensor:
         """The model on ``embeds`` (B, T, hidden) for cache ``rows`` (B,) at ``positions`` (B, T; -1 = padding):
         float logits (B, keep or T, V) of the last ``keep`` tokens (0 = all), post-processed as the family does."""
-        dev = self.device
-        positions = positions.to(dev)
-        batch = Batch(self.cache, rows.to(dev), positions, contiguous)
-        with attending(batch):
+        positions = positions.to(self.device)
+        with attending(self.cache.bind(rows, positions, contiguous)):
             out = self.model(
                 inputs_embeds=embeds, position_ids=positions.clamp(min=0), logits_to_keep=keep, use_cache=False
             )
@@ -114,14 +117,7 @@ class Runner:
     def _probe(self) -> None:
         """One token through the whole path at load: a family whose attention needs what ours lacks (sinks, its
         own masks) fails here, refused with its model type, rather than on a request."""
-        try:
-            self.decode(
-                torch.zeros(1, dtype=torch.long),
-                torch.zeros(1, dtype=torch.long),
-                torch.zeros(1, dtype=torch.long),
-                True,
-            )
+        try:  # position -1: a padding token, which writes only scratch space
+            self.decode([0], torch.zeros(1, dtype=torch.long), torch.full((1,), -1), True)
         except InvalidBaseModel as e:
             raise InvalidBaseModel(f"model type {self.model.config.model_type!r}: {e}") from e
-        finally:
-            self.cache.clear_row(0, 1)

@@ -3,32 +3,54 @@ the adapter loads that requests and Load calls wait on.
 
 Admission runs on the engine thread between steps: a request whose adapter is still loading waits without
 holding anyone up; one whose adapter failed to load ends with that error (one load, one answer for everyone
-waiting on it). Every method takes the engine's lock (the condition shared with the adapter pool, re-entrant).
+waiting on it). With the paged KV cache a request is admitted while blocks remain for its prefill (sharing the
+cached blocks of its prompt's prefix under its serving key), later ones queue behind it; a running row that needs
+a block when none is left preempts the youngest row, which frees its blocks and is recomputed when readmitted.
+Long prefills are fed in chunks of at most ``max_prefill_tokens`` per step, between the running rows' decode steps.
+Every method takes the engine's lock (the condition shared with the adapter pool, re-entrant).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import Future
 
 from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
+from hotswap.serve.kvcache import PagedCache, block_digests
 from hotswap.serve.pool import AdapterPool
 from hotswap.serve.proxy import ProxyBank
 from hotswap.serve.request import Job
 from hotswap.serve.runner import Runner
+from hotswap.serve.types import EngineObserver
 
 
 class Scheduler:
     def __init__(
-        self, max_queue: int, pool: AdapterPool, runner: Runner, proxies: ProxyBank, lock: threading.Condition
+        self,
+        max_queue: int,
+        pool: AdapterPool,
+        runner: Runner,
+        proxies: ProxyBank,
+        lock: threading.Condition,
+        observer: EngineObserver,
+        base_fingerprint: str,
+        prefix_cache: bool = True,
+        max_prefill_tokens: int = 0,
     ) -> None:
         self.max_queue = max_queue
-        self.pool, self.runner, self.proxies, self.lock = pool, runner, proxies, lock
+        self.pool, self.runner, self.proxies, self.lock, self.observer = pool, runner, proxies, lock, observer
+        self.cache = runner.cache
+        self.paged = isinstance(self.cache, PagedCache)
+        self.prefix_cache = prefix_cache and self.paged
+        self.base_fingerprint = base_fingerprint
+        self.max_prefill_tokens = max_prefill_tokens  # per step, over all prefilling rows; 0 = unlimited
         self.waiting: list[Job] = []
         self.rows: list[Job | None] = [None] * runner.max_batch  # cache row -> the job running in it
         self.wants: dict[str, list[Future[int]]] = {}  # Load calls waiting for an adapter (exact ref) to be resident
         self.closed = False
+        self._admissions = 0
 
     # -- callers' threads ---------------------------------------------------------------------------
     def add(self, job: Job) -> None:
@@ -57,8 +79,9 @@ class Scheduler:
         return future
 
     def running(self) -> list[Job]:
+        """The rows past their prefill (decoding)."""
         with self.lock:
-            return [j for j in self.rows if j is not None]
+            return [j for j in self.rows if j is not None and not j.prefilling]
 
     def counts(self) -> tuple[int, int]:
         """(waiting, running) requests right now."""
@@ -94,6 +117,7 @@ class Scheduler:
         with self.lock:
             self._service_wants()
             admitted: list[Job] = []
+            no_blocks = False  # once a request waits for KV blocks, later ones wait behind it
             for job in list(self.waiting):
                 if job.handle.cancelled:
                     self.waiting.remove(job)
@@ -105,7 +129,7 @@ class Scheduler:
                     job.handle.fail(failed)
                     continue
                 free = next((r for r, j in enumerate(self.rows) if j is None), None)
-                if free is None:
+                if free is None or no_blocks:
                     continue  # no row: later requests cannot join either, but their cancels and failures end now
                 try:
                     bound = self.bind(job, free)
@@ -115,8 +139,11 @@ class Scheduler:
                     continue
                 if bound:
                     self.waiting.remove(job)
-                    job.timings.queue_s = time.perf_counter() - job.submitted
+                    if not job.preemptions:
+                        job.timings.queue_s = time.perf_counter() - job.submitted
                     admitted.append(job)
+                elif all(ref in self.pool.slot_of for ref, _ in job.adapters):
+                    no_blocks = True  # its adapters are resident: it waits for blocks
             self.pool.failed.clear()  # reported to everyone waiting; a later request loads again
         return admitted
 
@@ -135,20 +162,21 @@ class Scheduler:
                     fut.set_exception(error) if error else fut.set_result(slot)  # type: ignore[func-returns-value]
 
     def drop_cancelled(self) -> list[Job]:
-        """End the running requests whose caller cancelled (freeing their rows); returns the rows still running."""
+        """End the requests whose caller cancelled (freeing their rows); returns the rows still decoding."""
         with self.lock:
             for job in [j for j in self.rows if j is not None and j.handle.cancelled]:
                 self.finish(job, "cancelled")
-            return [j for j in self.rows if j is not None]
+            return [j for j in self.rows if j is not None and not j.prefilling]
 
-    def bind(self, job: Job, row: int) -> bool:
-        """Give ``job`` cache row ``row`` if all its adapters are resident (installing host-ready ones).
+    def bind(self, job: Job, row: int, share: bool = True) -> bool:
+        """Give ``job`` cache row ``row`` if all its adapters are resident (installing host-ready ones) and the KV
+        cache has room for its prefill (``share``: reusing cached prompt blocks).
 
         Each slot is acquired as soon as it is installed, so installing a later adapter of the same
         request can never evict an earlier one; on failure every acquired slot is released.
         """
         slots: list[tuple[int, float]] = []
-        bound = False
+        bound, hit = False, 0
         with self.lock:
             try:
                 for ref, weight in job.adapters:
@@ -158,19 +186,83 @@ class Scheduler:
                     self.pool.acquire(slot)
                     slots.append((slot, weight))
                 extra = sum(self._context_len(s) for s, _ in slots)
+                # the engine sizes the KV cache for one row of max_seq_len at least: a request within it always fits
                 if extra + len(job.prompt_ids) + job.req.max_new_tokens > self.runner.max_seq_len:
                     raise InvalidArgument(
                         f"{extra} adapter context tokens + prompt ({len(job.prompt_ids)}) + max_new_tokens "
                         f"({job.req.max_new_tokens}) exceed max_seq_len {self.runner.max_seq_len}"
                     )
+                job.prefill_end = extra + len(job.text_ids)
+                job.digests = self._digests(job, slots) if self.prefix_cache and share else []
+                reserved = self.cache.reserve(row, job.prefill_end, job.digests)
+                if reserved is None:
+                    return False  # no blocks now: it waits (rows finish, cached blocks age out)
+                job.position = hit = reserved
                 bound = True
             finally:
                 if not bound:
                     for slot, _ in slots:
                         self.pool.release(slot)
-            job.slots, job.row = slots, row
+            if hit:
+                self.observer.prefix_hit(job.adapters, hit)
+            self._admissions += 1
+            job.slots, job.row, job.admitted = slots, row, self._admissions
             self.rows[row] = job
         return True
+
+    def _digests(self, job: Job, slots: list[tuple[int, float]]) -> list[bytes]:
+        """Prefix-cache digests of the full blocks of the job's sequence under its serving key: the base, the exact
+        adapters with weights, and the DyLoRA rank. Context positions (prefix keys/values, virtual tokens) belong to
+        the adapters, so they enter as placeholders. Proxy rows share nothing (their small models need the text)."""
+        if any(self.pool.resident[s].proxy is not None for s, _ in slots):
+            return []
+        key = json.dumps([self.base_fingerprint, job.adapters, job.req.rank or 0]).encode()
+        context = [-1] * (job.prefill_end - len(job.text_ids))
+        return block_digests(key, context + job.text_ids, self.cache.block_size)
+
+    def prefill_batch(self) -> list[Job]:
+        """The rows to prefill this step, oldest first, each with ``job.chunk`` positions (at most
+        ``max_prefill_tokens`` over all of them)."""
+        with self.lock:
+            jobs = sorted((j for j in self.rows if j is not None and j.prefilling), key=lambda j: j.admitted)
+            budget, out = self.max_prefill_tokens or self.runner.max_seq_len * len(jobs), []
+            for job in jobs:
+                if budget <= 0:
+                    break
+                job.chunk = min(job.prefill_end - job.position, budget)
+                budget -= job.chunk
+                out.append(job)
+            return out
+
+    def prefilled(self, jobs: list[Job]) -> None:
+        """Offer finished prefills' full prompt blocks to the prefix cache (once their logits proved finite)."""
+        with self.lock:
+            for job in jobs:
+                if job.digests and self.rows[job.row] is job:
+                    self.cache.register(job.row, job.digests, [ref for ref, _ in job.adapters])
+
+    def make_room(self, jobs: list[Job]) -> list[Job]:
+        """Give every decoding job a block for its next position, preempting the youngest rows while the cache has
+        none; returns the jobs that still decode this step."""
+        with self.lock:
+            keep = sorted(jobs, key=lambda j: j.admitted)
+            for job in list(keep):
+                while job in keep and not self.cache.extend(job.row, job.position):
+                    victim = max((j for j in self.rows if j is not None), key=lambda j: j.admitted)
+                    self.preempt(victim)
+                    if victim in keep:
+                        keep.remove(victim)
+            return keep
+
+    def preempt(self, job: Job) -> None:
+        """Free ``job``'s row and blocks and queue it first again: readmitted, it recomputes its prompt and what it
+        generated, then goes on (its stream and its sampler's state are kept)."""
+        with self.lock:
+            self.unbind(job)
+            job.row, job.slots, job.position, job.cache_end, job.chunk = -1, [], 0, 0, 0
+            job.preemptions += 1
+            self.waiting.insert(0, job)
+            self.observer.preempted()
 
     def bind_now(self, jobs: list[Job]) -> None:
         """Bind every job to a free row now, or none (forward_logits, whose adapters were just loaded)."""
@@ -180,8 +272,8 @@ class Scheduler:
                 raise CapacityExceeded("forward_logits needs free rows; the engine is busy")
             try:
                 for job, row in zip(jobs, free, strict=False):
-                    if not self.bind(job, row):
-                        raise CapacityExceeded(f"adapters of a request were evicted before use: {job.adapters}")
+                    if not self.bind(job, row, share=False):  # every position computed: all of them are asked for
+                        raise CapacityExceeded("forward_logits: the adapters were evicted or the KV cache is full")
             except HotswapError:
                 for bound in jobs:
                     if bound.row >= 0:
@@ -192,7 +284,7 @@ class Scheduler:
         with self.lock:
             # Zero what the row wrote: a later row attends over these positions masked, and a masked NaN or inf
             # (a faulted adapter's keys) would still reach it (softmax weight 0 times NaN is NaN).
-            self.runner.clear_row(job.row, job.cache_end)
+            self.cache.release(job.row, job.cache_end)
             self.proxies.clear_row(job.row, job.cache_end)
             self.rows[job.row] = None
             for slot, _ in job.slots:

@@ -21,39 +21,64 @@ def prefill(
     resident: dict[int, LoadedAdapter],
     jobs: list[Job],
     all_positions: bool = False,
-) -> list[torch.Tensor]:
-    """Prefill newly bound rows in one batch; returns last-position logits (V,) per job, or (L, V) over each
-    job's prompt positions with ``all_positions``. Sets each job's next cache position."""
-    assert jobs and all(j.row >= 0 and not j.generated for j in jobs), "prefill takes bound jobs, before decoding"
-    texts, offsets, skips = [], [], []
+) -> list[torch.Tensor | None]:
+    """Feed each bound job the next ``job.chunk`` positions of its prefill (chunked prefill: a long prompt takes
+    several steps), from cache position ``job.position`` on. Returns, for a job whose prefill this completes, its
+    logits at the last position (V,), or over its prompt's positions (L, V) with ``all_positions``; None for others."""
+    assert jobs and all(j.row >= 0 and j.prefilling and j.chunk > 0 for j in jobs), "prefill takes bound jobs' chunks"
+    chunks, starts, skips = [], [], []
     for job in jobs:
-        emb, offset, skip = _context(runner, resident, job)
-        texts.append(emb)
-        offsets.append(offset)
+        emb, offset, skip = _context(runner, resident, job)  # (virtual + text tokens, hidden) from position offset
+        start = max(job.position, offset)  # prefix-tuning positions are written, not computed
+        chunks.append(emb[start - offset : start - offset + job.chunk])
+        starts.append(start)
         skips.append(skip)
-    for job, emb, offset in zip(jobs, texts, offsets, strict=True):
-        job.position = offset + emb.shape[0]
-        job.cache_end = max(job.cache_end, job.position)  # before the forward: a failed one has written too
+    ends = [start + c.shape[0] for start, c in zip(starts, chunks, strict=True)]
+    for job, end in zip(jobs, ends, strict=True):
+        job.cache_end = max(job.cache_end, end)  # before the forward: a failed one has written too
     plan.set([j.slots for j in jobs], runner.device, [j.req.rank or 0 for j in jobs])
-    logits = runner.prefill([j.row for j in jobs], texts, offsets, all_positions)
+    logits = runner.prefill([j.row for j in jobs], chunks, starts, all_positions)
     if all_positions:
-        logits = [x[s:] for x, s in zip(logits, skips, strict=True)]
+        logits = [x[skip:] for x, skip in zip(logits, skips, strict=True)]  # the text's positions
     if proxies:
-        extra = proxies.offsets([ProxyRow(j.row, j.slots, j.prompt_ids, 0) for j in jobs], last_only=not all_positions)
-        logits = [x if o is None else x + o for x, o in zip(logits, extra, strict=True)]
-    return logits
+        logits = _with_proxies(proxies, jobs, starts, ends, logits, last_only=not all_positions)
+    out: list[torch.Tensor | None] = []
+    for job, end, x in zip(jobs, ends, logits, strict=True):
+        job.position = end
+        out.append(None if job.prefilling else x)
+    return out
+
+
+def _with_proxies(
+    proxies: ProxyBank, jobs: list[Job], starts: list[int], ends: list[int], logits: list[torch.Tensor], last_only: bool
+) -> list[torch.Tensor]:
+    """Add proxy-tuning offsets: the small models see text only, so each job's chunk feeds them the text tokens
+    among cache positions [start, end), at their index in the text."""
+    rows: list[ProxyRow | None] = []
+    for job, start, end in zip(jobs, starts, ends, strict=True):
+        text_start = job.prefill_end - len(job.text_ids)  # context (prefix, virtual tokens) comes first
+        first, stop = max(start - text_start, 0), end - text_start
+        rows.append(ProxyRow(job.row, job.slots, job.text_ids[first:stop], first) if stop > first else None)
+    extra = iter(proxies.offsets([r for r in rows if r is not None], last_only))
+    out = []
+    for x, row in zip(logits, rows, strict=True):
+        offset = None if row is None else next(extra)
+        out.append(x if offset is None else x + offset)
+    return out
 
 
 def _context(runner: Runner, resident: dict[int, LoadedAdapter], job: Job) -> tuple[torch.Tensor, int, int]:
-    """A job's prompt embeddings (L, hidden) with its context adapter applied: prompt tuning's virtual tokens go
-    first (``skip`` of them), prefix tuning's keys/values fill cache positions [0, offset) of its row."""
-    emb = runner.embed(torch.tensor(job.prompt_ids, device=runner.device))  # (L, hidden)
+    """A job's embeddings (virtual + text tokens, hidden) with its context adapter applied: prompt tuning's virtual
+    tokens go first (``skip`` of them); prefix tuning's keys/values fill cache positions [0, offset) of its row,
+    written on its first chunk."""
+    emb = runner.embed(torch.tensor(job.text_ids, device=runner.device))  # (L, hidden)
     offset, skip = 0, 0
     for slot, _ in job.slots:
         adapter = resident[slot]
         if adapter.prefix_kv is not None:
-            runner.write_prefix(job.row, adapter.prefix_kv)
             offset = adapter.prefix_len
+            if job.position < offset:
+                runner.cache.write_prefix(job.row, adapter.prefix_kv)
         if adapter.prompt_embeds is not None:
             emb = torch.cat([adapter.prompt_embeds.to(emb.dtype), emb])  # (P + L, hidden), virtual tokens first
             skip = adapter.virtual_tokens
@@ -67,7 +92,7 @@ def decode_step(runner: Runner, plan: BatchPlan, proxies: ProxyBank, jobs: list[
     n = max(j.row for j in jobs) + 1 if full else len(jobs)
     tokens = torch.zeros(n, dtype=torch.long)  # (n,)
     positions = torch.full((n,), -1, dtype=torch.long)  # (n,); idle rows inside [0, n) stay padding
-    rows = torch.arange(n) if full else torch.tensor([j.row for j in jobs])  # (n,)
+    rows = list(range(n)) if full else [j.row for j in jobs]
     plan_rows: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     plan_ranks = [0] * n
     for i, job in enumerate(jobs):

@@ -167,5 +167,14 @@ class EngineObserver:
     def step(self, batch_size: int) -> None:
         """One decode step ran over ``batch_size`` rows."""
 
+    def kv_blocks(self, used: int, free: int) -> None:
+        """After a step: KV cache blocks holding rows' keys/values, and free ones (cached-unreferenced count free)."""
+
+    def prefix_hit(self, adapters: list[tuple[str, float]], tokens: int) -> None:
+        """A request reused ``tokens`` cached prompt positions under its serving key (its exact adapters)."""
+
+    def preempted(self) -> None:
+        """A running row gave its KV blocks up (cache full) and was queued again, to be recomputed."""
+
     def health(self, healthy: bool) -> None:
         """The engine turned unhealthy (steps keep failing for no request's fault) or healthy again."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hotswap.bench import scaleout, scenarios, soak  # modules: names like `training` and `soak` stay modules here
+from hotswap.bench import kv, scaleout, scenarios, soak  # modules: names like `training` and `soak` stay modules here
 from hotswap.bench.common import Fixtures, Workload, write_results
 from hotswap.errors import InvalidArgument
 
@@ -19,6 +20,7 @@ SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
     "train": scenarios.training,
     "scale-out": scaleout.scale_out,
     "soak": soak.soak,
+    "kv": kv.kv,
 }
 DEFAULT_ADAPTERS = {
     "mixed": [1, 4, 16, 32],
@@ -29,6 +31,7 @@ DEFAULT_ADAPTERS = {
     "train": [0],
     "scale-out": [1000],
     "soak": [2],  # plain LoRA adapters in the mix
+    "kv": [16],  # adapters in the prefix-reuse part
 }
 DEFAULT_MODELS = {"soak": "tiny"}  # the base preset when --model is not given (else smollm2-135m, W1)
 
@@ -41,7 +44,7 @@ def run(
         raise InvalidArgument(f"{scenario} measures routing, not FLOPs: run it with --model tiny")
     fixtures = Fixtures(workload, cache)
     rows = SCENARIOS[scenario](fixtures, adapter_counts or DEFAULT_ADAPTERS[scenario])
-    return write_results(scenario, workload, rows, out_dir)
+    return write_results(scenario, replace(workload, dtype=fixtures.dtype), rows, out_dir)  # the dtype it ran in
 
 
 __all__ = ["DEFAULT_ADAPTERS", "DEFAULT_MODELS", "SCENARIOS", "Workload", "run"]

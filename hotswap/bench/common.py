@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 
 from hotswap.basemodel import build_model, fingerprint, load_model, save_model
+from hotswap.devices import resolve_dtype, torch_dtype
 from hotswap.methods import RandomKnobs, registered
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
@@ -40,7 +41,9 @@ class Workload:
     repeats: int = 3  # timed runs per figure (after one warm-up); the median is reported
     requests: int = 3000  # scale-out: requests replayed per routing
     soak_seconds: float = 300.0  # soak: seconds of traffic
-    device: str = "cpu"
+    api: str = "grpc"  # server: the clients' API, grpc, or http (the OpenAI-compatible one, beside grpc's row)
+    device: str = "cpu"  # settled (not auto): hotswap.devices.resolve_device
+    dtype: str = "auto"  # the engine's and the baselines' (hotswap.devices.resolve_dtype, per base)
 
     @property
     def label(self) -> str:
@@ -93,6 +96,11 @@ class Fixtures:
             save_model(build_model(workload.model, seed=workload.seed), self.base)
         self.fingerprint = fingerprint(self.base)
         self.registry = Registry(self.root / "registry")
+        self.dtype = resolve_dtype(workload.dtype, self.base, workload.device)
+
+    def load_base(self) -> torch.nn.Module:
+        """The base for a baseline (HF generate, PEFT): the engine's device and dtype."""
+        return load_model(self.base, dtype=torch_dtype(self.dtype), device=self.workload.device)
 
     def adapters(self, method: str, n: int) -> list[str]:
         """Names of ``n`` published adapters of ``method`` ("lora-0", ...), creating missing ones."""
@@ -136,13 +144,12 @@ class Fixtures:
             max_resident=max_resident,
             max_seq_len=w.prompt + w.new_tokens + 32,
             device=w.device,
+            dtype=self.dtype,
         )
 
     def peft(self, names: list[str]) -> PeftModel:
         """A PeftModel on its own copy of the base with ``names`` loaded (adapter name = registry name)."""
-        model = PeftModel.from_pretrained(
-            load_model(self.base, device=self.workload.device), self.artifact(names[0]), adapter_name=names[0]
-        )
+        model = PeftModel.from_pretrained(self.load_base(), self.artifact(names[0]), adapter_name=names[0])
         for name in names[1:]:
             model.load_adapter(self.artifact(name), adapter_name=name)
         return model.eval()

@@ -6,12 +6,14 @@ import argparse
 from pathlib import Path
 
 from hotswap.cli.common import AddCommand, positive_float, positive_int
+from hotswap.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from hotswap.bench import DEFAULT_MODELS, run
     from hotswap.bench.common import Workload
+    from hotswap.devices import resolve_device
 
     try:
         counts = [int(n) for n in args.adapters.split(",")] if args.adapters else None
@@ -26,7 +28,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         requests=args.requests,
         soak_seconds=args.minutes * 60,
-        device=args.device,
+        api=args.api,
+        device=resolve_device(args.device),
+        dtype=args.dtype,
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
     print(table)
@@ -34,13 +38,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# hotswap.bench's SCENARIOS, named here so that `hotswap --help` imports no torch (tests/bench checks they agree)
+SCENARIO_NAMES = ("mixed", "swap", "load", "methods", "server", "train", "scale-out", "soak", "kv")
+
+
 def register(add: AddCommand) -> None:
+
     help_ = "run a benchmark scenario (see README, Benchmarks): Markdown table + JSON"
     sp = add("bench", cmd_bench, help_, registry=False, hub=False)  # its registries live in --cache
-    sp.add_argument("scenario", choices=("mixed", "swap", "load", "methods", "server", "train", "scale-out", "soak"))
+    sp.add_argument("scenario", choices=SCENARIO_NAMES)
     sp.add_argument("--out", type=Path, default=Path("bench-results"))
     sp.add_argument("--cache", type=Path, default=Path("bench-results/.cache"), help="built bases and adapters")
-    sp.add_argument("--device", default="cpu", help="cpu or cuda")
+    sp.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto = cuda if present")
+    sp.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = the base's dtype (float32 on a CPU without bf16)"
+    )
     sp.add_argument("--model", help="base preset (default smollm2-135m, workload W1; tiny for soak)")
     sp.add_argument("--batch", type=positive_int, default=16)
     sp.add_argument("--prompt", type=positive_int, default=64)
@@ -49,5 +61,7 @@ def register(add: AddCommand) -> None:
     sp.add_argument("--repeats", type=positive_int, default=3)
     sp.add_argument("--requests", type=positive_int, default=3000, help="scale-out: requests replayed per routing")
     sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
+    api_help = "server: grpc clients, or http: the openai package's clients too, beside the gRPC row (same run)"
+    sp.add_argument("--api", choices=("grpc", "http"), default="grpc", help=api_help)
     soak_help = "soak: minutes of traffic (default 5; fractions allowed, e.g. 0.05 = 3 s for a smoke run)"
     sp.add_argument("--minutes", type=positive_float, default=5.0, help=soak_help)

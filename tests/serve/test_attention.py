@@ -8,10 +8,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.attention import Batch, KVCache, attending, attention_ref, hotswap_attention
+from hotswap.serve.attention import attending, attention_ref, hotswap_attention
+from hotswap.serve.kvcache import PagedCache, StaticCache
 from hotswap.serve.runner import Runner
 
-HEADS, KV_HEADS, HEAD_DIM, MAX_LEN = 4, 2, 8, 32
+HEADS, KV_HEADS, HEAD_DIM, MAX_LEN, BLOCK = 4, 2, 8, 32, 4
 
 
 class _Layer(nn.Module):
@@ -20,43 +21,69 @@ class _Layer(nn.Module):
         self.layer_idx = layer_idx
 
 
+def _cache(kind: str, rows: int = 4) -> StaticCache | PagedCache:
+    if kind == "static":
+        return StaticCache(2, rows, KV_HEADS, MAX_LEN, HEAD_DIM, torch.float32, "cpu")
+    cache = PagedCache(2, rows, rows * MAX_LEN // BLOCK + 3, BLOCK, KV_HEADS, HEAD_DIM, torch.float32, "cpu")
+    for row in range(rows):
+        cache.reserve(row, MAX_LEN)
+    return cache
+
+
+def _row_kv(cache: StaticCache | PagedCache, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's keys and values (KV, MAX_LEN, hd), read the slow way."""
+    if isinstance(cache, StaticCache):
+        return cache.k[layer, row, :, :MAX_LEN], cache.v[layer, row, :, :MAX_LEN]
+    table = cache.tables[row]
+    return tuple(t[layer][table].reshape(-1, KV_HEADS, HEAD_DIM).transpose(0, 1) for t in (cache.k, cache.v))
+
+
+@pytest.mark.parametrize("kind", ["static", "paged"])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("contiguous", [False, True])
-def test_fast_attention_equals_the_row_loop(window: int | None, softcap: float | None, contiguous: bool) -> None:
+def test_fast_attention_equals_the_row_loop(
+    kind: str, window: int | None, softcap: float | None, contiguous: bool
+) -> None:
     g = torch.Generator().manual_seed(0)
-    cache = KVCache(2, 4, KV_HEADS, MAX_LEN, HEAD_DIM, torch.float32, "cpu")
+    cache = _cache(kind)
     cache.k.normal_(generator=g)  # earlier tokens' keys/values, already in the rows
     cache.v.normal_(generator=g)
+    if isinstance(cache, PagedCache):
+        cache.k[:, cache.null] = cache.v[:, cache.null] = 0
     # three rows of one forward: a prefill of 5 tokens at 0.., a prefill of 3 at 9.. (left-padded), one decode at 20
     positions = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 9, 10, 11], [-1, -1, -1, -1, 20]])
-    rows = torch.arange(3) if contiguous else torch.tensor([3, 0, 2])
+    rows = [0, 1, 2] if contiguous else [3, 0, 2]
     query = torch.randn(3, HEADS, 5, HEAD_DIM, generator=g)
     key, value = torch.randn(2, 3, KV_HEADS, 5, HEAD_DIM, generator=g)
-    before = cache.k[1, rows[1]].clone()
-    with attending(Batch(cache, rows, positions, contiguous)):
+    before = _row_kv(cache, 1, rows[1])[0].clone()
+    with attending(cache.bind(rows, positions, contiguous)):
         out, _ = hotswap_attention(_Layer(1), query, key, value, None, 0.3, sliding_window=window, softcap=softcap)
     for b in range(3):
         real = positions[b] >= 0
         pos = positions[b][real].tolist()
-        k, v = cache.k[1, rows[b]], cache.v[1, rows[b]]  # (KV, L, hd), written by the call above
+        k, v = _row_kv(cache, 1, rows[b])  # written by the call above
         assert torch.equal(k[:, pos], key[b][:, real]), "keys land at their positions of their own row"
         ref = attention_ref(k, v, query[b][:, real], pos, 0.3, window, softcap)
         torch.testing.assert_close(out[b][real], ref, atol=1e-5, rtol=1e-5)
     untouched = [p for p in range(MAX_LEN) if p not in (9, 10, 11)]
-    assert torch.equal(cache.k[1, rows[1], :, untouched], before[:, untouched]), "padding wrote nowhere it is read"
+    assert torch.equal(_row_kv(cache, 1, rows[1])[0][:, untouched], before[:, untouched]), "padding wrote elsewhere"
 
 
-def test_padding_writes_only_the_scratch_position() -> None:
-    cache = KVCache(1, 2, KV_HEADS, MAX_LEN, HEAD_DIM, torch.float32, "cpu")
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_padding_writes_only_scratch_space(kind: str) -> None:
+    cache = _cache(kind, rows=2)
     positions = torch.tensor([[-1, -1, 0], [0, 1, 2]])
     q = torch.randn(2, HEADS, 3, HEAD_DIM)
     k, v = torch.randn(2, 2, KV_HEADS, 3, HEAD_DIM)
-    with attending(Batch(cache, torch.arange(2), positions)):
+    with attending(cache.bind([0, 1], positions)):
         out, _ = hotswap_attention(_Layer(0), q, k, v, None, 1.0)
     assert torch.isfinite(out).all(), "a padding query sees position 0 of its row, never an empty set"
-    assert cache.k[0, 0, :, 1:MAX_LEN].abs().sum() == 0, "row 0's padding touched none of its real positions"
-    assert cache.k[0, 0, :, MAX_LEN].abs().sum() > 0
+    assert _row_kv(cache, 0, 0)[0][:, 1:].abs().sum() == 0, "row 0's padding touched none of its real positions"
+    scratch = cache.k[0, 0, :, MAX_LEN] if kind == "static" else cache.k[0, cache.scratch]
+    assert scratch.abs().sum() > 0
+    if isinstance(cache, PagedCache):
+        assert cache.k[:, cache.null].abs().sum() == 0, "the null block padding tables read stays zero"
 
 
 def test_the_attention_runs_only_inside_a_batch() -> None:

@@ -45,7 +45,8 @@ def test_every_field_is_a_setting_with_help() -> None:
     assert set(settings()) == names
     assert all(s.help for s in settings().values())
     assert set(APP_ARGS) == names - {"ray", "log_level", "host", "port", "metrics_port", "tls_cert", "tls_key",
-                                     "grace_seconds", "address", "http_port"}  # fmt: skip
+                                     "grace_seconds", "address", "http_port", "http_metrics",
+                                     "ray_http_port"}  # fmt: skip
 
 
 def test_serve_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,7 +112,7 @@ def test_flags_win_over_the_file_and_old_keys_work(tmp_path: Path) -> None:
         ("max_batchh = 3", r"unknown keys \['max_batchh'\]; known: \["),
         ('max_batch = "32"', "max_batch must be an integer, got '32'"),
         ("no_auth = 1", "no_auth must be true or false, got 1"),
-        ('dtype = "int8"', "dtype must be one of float32, bfloat16, float16, got 'int8'"),
+        ('dtype = "int8"', "dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
         ("grace = 1\ngrace_seconds = 2", "grace and grace_seconds are one setting"),
     ],
 )
