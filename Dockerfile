@@ -1,6 +1,7 @@
 # hotswap image: `hotswap serve` over a mounted base model and registry.
 #   docker build -t hotswap .
-#   docker run -p 50051:50051 -p 9090:9090 -v $PWD/base:/models/base:ro -v $PWD/registry:/data/registry \
+#   docker run -p 50051:50051 -p 8000:8000 -p 9090:9090 -v $PWD/base:/models/base:ro \
+#     -v $PWD/registry:/data/registry \
 #     -v $PWD/tokens.toml:/etc/hotswap/tokens.toml:ro hotswap
 # The settings are deploy/serve.toml (copied to /etc/hotswap/serve.toml); mount your own over it, or
 # append flags, which win: `docker run ... hotswap serve --config /etc/hotswap/serve.toml --max-batch 64`.
@@ -31,8 +32,9 @@ COPY deploy/serve.toml /etc/hotswap/serve.toml
 
 USER hotswap
 VOLUME ["/data"]
-# gRPC, Prometheus /metrics; with Ray: Serve's gRPC proxy, Serve's HTTP proxy, Ray's metrics endpoint
-EXPOSE 50051 9090 9000 8000 8080
+# gRPC, Prometheus /metrics, the OpenAI-compatible HTTP API (deploy/serve.toml's http_port; with Ray: on Serve's
+# HTTP proxy); with Ray: Serve's gRPC proxy, Ray's metrics endpoint
+EXPOSE 50051 9090 8000 9000 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["hotswap", "health", "--server", "127.0.0.1:50051", "--timeout", "4"]
 ENTRYPOINT ["hotswap"]

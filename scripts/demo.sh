@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: build a small base model, train two adapters and publish them to a local registry, push
 # a third made outside training, list them, show a manifest, move an alias, pull a verified copy, then
-# serve over gRPC, query two adapters concurrently, show their /metrics lines and stop the server.
+# serve over gRPC and the OpenAI-compatible HTTP API, query two adapters concurrently, show their /metrics
+# lines, ask the same adapters through the official openai client, and stop the server.
 # Re-runnable: starts clean.
 set -euo pipefail
 D=demo
@@ -38,14 +39,15 @@ step "In-process: both adapters and the base in ONE batch (unmerged, row by row)
 step "A bad reference is refused with one line and a non-zero exit" \
   bash -c 'hotswap show "../etc" ; echo "exit code $?"'
 
-step "Start the gRPC server (free ports; --no-auth for the demo, production uses --auth tokens.toml)" \
-  bash -c "hotswap serve --base $D/base --port 0 --metrics-port 0 --no-auth >$D/server.out 2>$D/server.log &
+step "Start the server: gRPC and the OpenAI-compatible API (free ports; --no-auth for the demo, production uses --auth tokens.toml)" \
+  bash -c "hotswap serve --base $D/base --port 0 --http-port 0 --metrics-port 0 --no-auth >$D/server.out 2>$D/server.log &
            echo \$! >$D/server.pid"
 trap 'kill "$(cat $D/server.pid)" 2>/dev/null || true' EXIT
 for _ in $(seq 300); do grep -q "serving" "$D/server.out" 2>/dev/null && break; sleep 0.1; done
 cat "$D/server.out"
 ADDR=$(sed -n 's/.* on \([0-9.]*:[0-9]*\).*/\1/p' "$D/server.out")
 METRICS=$(sed -n 's/.*metrics \(http[^ ]*\).*/\1/p' "$D/server.out")
+API=$(sed -n 's/.*OpenAI API \(http[^ ,]*\).*/\1/p' "$D/server.out")
 step "Health check (the gRPC health service)" hotswap health --server "$ADDR"
 step "Ask acme/capitals:staging, math:prod and the base at the same time (one batch), over gRPC" \
   python scripts/demo_query.py "$ADDR" "$METRICS" "the capital of italy is" acme/capitals:staging math:prod -
@@ -53,6 +55,8 @@ step "Stream from the CLI (text as it is generated)" \
   hotswap generate --server "$ADDR" --adapter acme/capitals:staging --max-new-tokens 12 --stream "the capital of japan is"
 step "The full response as JSON (token ids, usage, timings)" \
   hotswap generate --server "$ADDR" --adapter math:prod --max-new-tokens 6 --json "hello"
+step "The same adapters through the official openai client: every adapter is a model (the base is \"base\")" \
+  python scripts/demo_openai.py "$API" "the capital of italy is" acme/capitals:staging math:prod
 step "Stop the server with SIGTERM (drains in-flight requests, exits 0)" \
   bash -c "kill -TERM \$(cat $D/server.pid); while kill -0 \$(cat $D/server.pid) 2>/dev/null; do sleep 0.1; done"
 cat "$D/server.out"

@@ -7,6 +7,11 @@ engine). The multiplexed id of a request is its first adapter's ref, exactly as 
 it (``hotswap.client`` sets the metadata; a weighted list is routed by its first adapter). Requests
 reach the replicas through Ray Serve's gRPC proxy, which serves ``hotswap.v1`` (with reflection).
 
+The OpenAI-compatible HTTP API (:mod:`hotswap.serve.http`) is a second application on Ray Serve's HTTP proxy:
+OpenAI clients name the adapter in the body (``model``), which the proxy does not read, so a small FastAPI
+ingress deployment (:class:`HttpIngress`) reads it and calls the replicas' handle with that routing id. With
+two applications on the cluster, Ray's gRPC proxy needs gRPC clients to name theirs (metadata ``application``).
+
 Ray is an optional extra (``pip install hotswap[ray]``); nothing in the single-server mode imports
 this module.
 """
@@ -19,27 +24,35 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import ray
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray._private import ray_constants
+from ray.exceptions import RayError
 from ray.serve.config import gRPCOptions
+from ray.serve.exceptions import RayServeException
 from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle
 from ray.util import metrics as ray_metrics
 
 from hotswap.client import MODEL_ID_KEY
-from hotswap.errors import HotswapError, InvalidArgument
+from hotswap.errors import HotswapError, InvalidArgument, ServerUnavailable
 from hotswap.registry import Registry
 from hotswap.registry.registry import check_base
 from hotswap.serve import settings
 from hotswap.serve.auth import TokenAuth
 from hotswap.serve.config import APP, RayOptions
 from hotswap.serve.engine import Engine
+from hotswap.serve.http import Head, HttpCore, Part, error_parts
+from hotswap.serve.http import build_app as build_http_api
+from hotswap.serve.http_api import Body, route_key
 from hotswap.serve.metrics import Metrics
 from hotswap.serve.server import SERVICES, ServerConfig
-from hotswap.serve.servicer import Servicer
+from hotswap.serve.servicer import Generation, Servicer
 from hotswap.serve.status import ray_errors
 from hotswap.v1 import hotswap_pb2 as pb
 
@@ -137,6 +150,9 @@ class Replica:
         self.core = Servicer(self.registry, self.metrics, auth, log)
         self.core.engine = engine = self.engine
         self.metrics.watch(lambda: len(engine.resident()), lambda: engine.counts()[0], lambda: engine.counts()[1])
+        # HTTP calls wait for tokens on threads of their own: as many as Ray sends this replica at once
+        threads = futures.ThreadPoolExecutor(max_ongoing(config) + 8, thread_name_prefix="hotswap-http")
+        self.http = HttpCore(self.core, Path(config.base), config.model_name, threads, self._http_place)
 
     async def adapter(self, ref: str) -> _Resident:
         """Make ``ref`` resident: the multiplexed loader (``deployment()`` puts Ray's model cache around it,
@@ -175,14 +191,8 @@ class Replica:
         self, request: pb.GenerateRequest, context: RayServegRPCContext, stream: bool
     ) -> AsyncIterator[pb.GenerateChunk]:
         with self.core.generation(request, "GenerateStream" if stream else "Generate", context.peer()) as g:
-            for manifest in g.authorize(context.invocation_metadata()):  # another base's adapter: refused
-                check_base(manifest, self.engine.base_fingerprint)  # before routing or loading, as the engine would
-            first = request.adapters[0].ref if request.adapters else ""
-            tier = self.engine.cache_tier(g.refs[0]) if g.refs else "resident"
-            if self.route_by_adapter:
-                self._check_route(first)
-                if first:
-                    await self.adapter(first)
+            g.authorize(context.invocation_metadata())
+            tier = await self._place(g)
             handle = g.submit()
             if stream:
                 # tokens produced while the last chunk was in flight go out together: Ray's streaming
@@ -194,6 +204,20 @@ class Replica:
             context.set_trailing_metadata([(REPLICA_KEY, self.replica_id), (CACHE_KEY, tier), (LOADS_KEY, str(loads))])
             for chunk in final:
                 yield chunk
+
+    async def _place(self, g: Generation) -> str:
+        """Between authorizing a generation and submitting it: refuse another base's adapter (before routing or
+        loading, as the engine would), check the routing id and make the first adapter resident through Ray's
+        multiplexed loader. Returns where that adapter was (Engine.cache_tier)."""
+        for manifest in g.manifests:
+            check_base(manifest, self.engine.base_fingerprint)
+        first = g.request.adapters[0].ref if g.request.adapters else ""
+        tier = self.engine.cache_tier(g.refs[0]) if g.refs else "resident"
+        if self.route_by_adapter:
+            self._check_route(first)
+            if first:
+                await self.adapter(first)
+        return tier
 
     def _check_route(self, first: str) -> None:
         model_id = serve.get_multiplexed_model_id()
@@ -227,12 +251,83 @@ class Replica:
     async def Describe(self, request: pb.DescribeRequest, grpc_context: RayServegRPCContext) -> pb.DescribeResponse:
         return self.core.describe(grpc_context.invocation_metadata(), request)
 
+    # -- the OpenAI-compatible HTTP API, called by HttpIngress --------------------------------------------------
+    async def http_generate(self, body: Body, authorization: str | None, peer: str) -> AsyncIterator[Part]:
+        async for part in self.http.generate(body, authorization, peer):
+            yield part
+
+    async def http_models(self, authorization: str | None) -> list[Part]:
+        return await self.http.models(authorization)
+
+    async def http_health(self) -> bool:
+        return self.engine.alive and self.engine.healthy
+
+    async def _http_place(self, g: Generation) -> dict[str, str]:
+        """:meth:`_place`, and the answer's headers: as the gRPC answer's trailing metadata."""
+        tier = await self._place(g)
+        loads = str(self.engine.pool.stats.registry_loads)
+        return {REPLICA_KEY: self.replica_id, CACHE_KEY: tier, LOADS_KEY: loads}
+
     # -- grpc.health.v1.Health -----------------------------------------------------------------------------
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
         status = health_pb2.HealthCheckResponse
         if request.service not in ("", *SERVICES):
             return status(status=status.SERVICE_UNKNOWN)
         return status(status=status.SERVING if self.engine.healthy else status.NOT_SERVING)
+
+
+class RayBackend:
+    """The HTTP API's calls on the replicas: a generation goes to the replica Ray routes its first adapter to."""
+
+    def __init__(self, replicas: DeploymentHandle, model_name: str) -> None:
+        self.replicas, self.model_name = replicas, model_name
+
+    async def models(self, authorization: str | None) -> list[Part]:
+        return await self.replicas.http_models.remote(authorization)
+
+    async def health(self) -> bool:
+        return await self.replicas.http_health.remote()
+
+    async def generate(self, body: Body, authorization: str | None, peer: str) -> AsyncIterator[Part]:
+        key = route_key(body, self.model_name)
+        call = self.replicas.options(stream=True, **({"multiplexed_model_id": key} if key else {})).http_generate
+        streaming = False
+        try:
+            async for part in call.remote(body, authorization, peer):
+                streaming = streaming or (isinstance(part, Head) and part.stream)
+                yield part
+        except (RayError, RayServeException) as e:  # the replica died, or Ray refused the request
+            log.warning("HTTP request failed in Ray: %s", e)
+            error = ServerUnavailable(f"the replica serving this request failed ({type(e).__name__}); retry")
+            for part in error_parts(error, streaming):
+                yield part
+
+
+class HttpIngress:
+    """The HTTP API's ingress deployment (FastAPI; :func:`http_deployment`): reads ``model`` and calls the
+    replicas of application ``app`` with its routing id (``multiplexed_model_id``), as the gRPC client sends it."""
+
+    def __init__(self, app: str, model_name: str) -> None:
+        self.backend = RayBackend(serve.get_deployment_handle("HotswapReplica", app_name=app), model_name)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_http_api(self.backend)
+
+
+def max_ongoing(config: ServerConfig) -> int:
+    """Requests Ray sends one engine replica at once."""
+    return max(config.engine.max_batch * 2, 8)
+
+
+def http_deployment(config: ServerConfig, options: RayOptions) -> Any:
+    """The HTTP ingress deployment: light (no CPU reserved), relaying as many requests as the replicas hold."""
+    return serve.deployment(
+        serve.ingress()(HttpIngress),
+        name="HotswapHTTP",
+        num_replicas=options.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max_ongoing(config) * options.replicas,
+    )
 
 
 def deployment(config: ServerConfig, options: RayOptions) -> Any:
@@ -245,7 +340,7 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
         name="HotswapReplica",
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus},
-        max_ongoing_requests=max(config.engine.max_batch * 2, 8),
+        max_ongoing_requests=max_ongoing(config),
     )
 
 
@@ -259,6 +354,22 @@ def build_app(args: dict[str, Any]) -> Any:
     config = settings.build(ServerConfig, values, source)
     options = settings.build(RayOptions, values, source)
     return deployment(config, options).bind(config, options.route_by_adapter)
+
+
+def build_http_app(args: dict[str, Any]) -> Any:
+    """The HTTP API's application builder, for a Serve config's second application (``route_prefix: /``): the same
+    ``args`` as :func:`build_app`'s (``app`` names the gRPC application whose replicas answer, default hotswap)."""
+    source = "hotswap HTTP application args"
+    app = args.get("app", APP)
+    values = settings.normalize({k: v for k, v in args.items() if k != "app"}, settings.APP_ARGS, source)
+    config = settings.build(ServerConfig, values, source)
+    options = settings.build(RayOptions, values, source)
+    return http_deployment(config, options).bind(app, config.model_name)
+
+
+def http_app_name(app: str) -> str:
+    """The HTTP API's application beside the gRPC application ``app``."""
+    return f"{app}-http"
 
 
 def init_local_ray(**kwargs: Any) -> None:
@@ -291,9 +402,14 @@ def deploy(config: ServerConfig, options: RayOptions) -> None:
     """Deploy (or redeploy) the application on the running Serve instance; returns once it is ready."""
     app = deployment(config, options).bind(config, options.route_by_adapter)
     serve.run(app, name=options.app, route_prefix=f"/{options.app}")
+    if config.http_port is not None:  # the OpenAI API at the root of Ray Serve's HTTP proxy
+        ingress = http_deployment(config, options).bind(options.app, config.model_name)
+        serve.run(ingress, name=http_app_name(options.app), route_prefix="/")
 
 
 def stop(app: str = APP) -> None:
-    """Delete the application (other applications on the cluster keep running); leave Ray."""
+    """Delete the applications (other applications on the cluster keep running); leave Ray."""
+    if http_app_name(app) in serve.status().applications:
+        serve.delete(http_app_name(app))
     serve.delete(app)
     ray.shutdown()

@@ -1,5 +1,6 @@
 """The gRPC server: ``hotswap.v1`` (Inference, Adapters) over one :class:`Engine`, plus the standard health
-and reflection services and Prometheus ``/metrics``.
+and reflection services and Prometheus ``/metrics``; with ``http_port``, the OpenAI-compatible HTTP API
+(:mod:`hotswap.serve.http`) in the same process, over the same engine, admitted and drained with the gRPC calls.
 
 Life cycle: :meth:`Server.open` binds the port and answers health (NOT_SERVING) and metrics at once;
 :meth:`Server.load` loads the base model (Generate answers UNAVAILABLE until then) and turns SERVING;
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,6 +32,7 @@ from hotswap.registry import Registry
 from hotswap.serve.auth import TokenAuth
 from hotswap.serve.config import ServerConfig
 from hotswap.serve.engine import Engine
+from hotswap.serve.http import HttpCore, HttpServer, LocalBackend, build_app
 from hotswap.serve.metrics import Metrics
 from hotswap.serve.servicer import Servicer
 from hotswap.serve.status import ErrorInterceptor
@@ -56,9 +59,13 @@ class Server:
         self.core = Servicer(self.registry, self.metrics, self.auth, log)
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the OpenAI-compatible API's, when config.http_port is set
         self._health = health.HealthServicer()
+        self._serving = False  # what the health service says
         self._grpc: grpc.Server | None = None
-        self._http: object | None = None
+        self._http: object | None = None  # the metrics endpoint
+        self._api: HttpServer | None = None
+        self._api_threads: futures.ThreadPoolExecutor | None = None
         self._lock = threading.Condition()
         self._inflight = 0
         self._state = "starting"  # -> serving -> draining -> stopped
@@ -90,9 +97,24 @@ class Server:
         self._grpc = server
         if cfg.metrics_port is not None:
             self._http, self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
-        log.info("listening on %s:%d (%s), metrics on %s", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext",
-                 f"{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "off")  # fmt: skip
+        if cfg.http_port is not None:
+            self._open_api(workers)
+        log.info("listening on %s:%d (%s), metrics on %s, HTTP API on %s", cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext",
+                 f"{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 f"{cfg.host}:{self.http_port}/v1" if self.http_port else "off")  # fmt: skip
         return self
+
+    def _open_api(self, workers: int) -> None:
+        """The OpenAI-compatible API on ``http_port``: its calls wait for tokens on threads of their own."""
+        cfg = self.config
+        self._api_threads = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotswap-http")
+        core = HttpCore(self.core, Path(cfg.base), cfg.model_name, self._api_threads)
+        backend = LocalBackend(core, self.admit, self._leave, lambda: self._serving)
+        app = build_app(backend, self.metrics.registry if cfg.http_metrics else None)
+        tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert is not None and cfg.tls_key is not None else None
+        self._api = HttpServer(app, cfg.host, cfg.http_port, tls).start()
+        self.http_port = self._api.port
 
     def load(self) -> Server:
         """Load the base model into the engine and start SERVING."""
@@ -135,7 +157,11 @@ class Server:
         if self._grpc is not None:
             self._grpc.stop(grace=0).wait()  # cancels what is left; their callbacks cancel the engine rows
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close()  # HTTP calls still running end with EngineClosed
+        if self._api is not None:
+            self._api.stop()
+        if self._api_threads is not None:
+            self._api_threads.shutdown(wait=False)
         if self._http is not None:
             self._http.shutdown()  # type: ignore[attr-defined]
         with self._lock:
@@ -162,6 +188,7 @@ class Server:
         self._set_health(status.SERVING if healthy else status.NOT_SERVING)
 
     def _set_health(self, status: int) -> None:
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in ("", *SERVICES):
             self._health.set(service, status)
 
@@ -177,14 +204,18 @@ class Server:
         The RPC counts as in flight until gRPC has sent its status (its termination callback), not merely
         until the handler returns: a drain that stopped the gRPC server between the two would cancel an
         answer that was complete."""
+        self.admit()
+        if not context.add_callback(self._leave):
+            self._leave()  # already terminated
+
+    def admit(self) -> None:
+        """Admit a call of either API (it counts as in flight until ``_leave``): the server must be serving."""
         with self._lock:
             if self._state == "draining" or self._state == "stopped":
                 raise ServerUnavailable("the server is shutting down; retry on another replica")
             if self._state == "starting":
                 raise ServerUnavailable("the server is still loading its base model; retry shortly")
             self._inflight += 1
-        if not context.add_callback(self._leave):
-            self._leave()  # already terminated
 
     def _leave(self) -> None:
         with self._lock:

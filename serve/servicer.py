@@ -1,5 +1,6 @@
 """The servicer core: what each ``hotswap.v1`` call does, written once for every transport (the gRPC server in
-:mod:`hotswap.serve.server`, the Ray replica in :mod:`hotswap.serve.scaleout`).
+:mod:`hotswap.serve.server`, the Ray replica in :mod:`hotswap.serve.scaleout`, the OpenAI-compatible HTTP API in
+:mod:`hotswap.serve.http`, which speaks to it in ``hotswap.v1`` requests too).
 
 A generation (:class:`Generation`) goes: authorize the caller for each adapter ref, which resolves it (once per
 request; the engine's own resolve of the exact version is a file read, or a cache hit for a remote registry) ->
@@ -16,10 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 from types import TracebackType
 
 from hotswap.errors import DeadlineExceeded, HotswapError, PermissionDenied, mapping_for
 from hotswap.registry import AdapterRef, Manifest, Registry
+from hotswap.registry.registry import AdapterSummary
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
 from hotswap.serve.detok import Detokenizer
 from hotswap.serve.engine import Engine, RequestHandle
@@ -37,6 +40,15 @@ _FINISH = {
 
 def _cancelled() -> str:
     return "cancelled"
+
+
+@dataclass(frozen=True)
+class Visible:
+    """An adapter a caller may see: its registry summary, its versions and those resident in the engine."""
+
+    summary: AdapterSummary
+    versions: list[int]
+    resident: list[str]  # exact refs, e.g. "math@2"
 
 
 class Servicer:
@@ -63,11 +75,20 @@ class Servicer:
         return principal
 
     def generation(
-        self, request: pb.GenerateRequest, rpc: str, peer: str, ended: Callable[[], str] = _cancelled
+        self,
+        request: pb.GenerateRequest,
+        rpc: str,
+        peer: str,
+        ended: Callable[[], str] = _cancelled,
+        *,
+        stream: bool | None = None,
+        api: str = "grpc",
     ) -> Generation:
         """One Generate (``rpc``) call, recorded as it leaves the ``with`` block; ``ended`` names the status of a
-        call its client ended (cancelled, or deadline_exceeded where the transport can tell)."""
-        return Generation(self, request, rpc, peer, ended)
+        call its client ended (cancelled, or deadline_exceeded where the transport can tell). ``stream``: whether
+        it streams (default: ``rpc`` is GenerateStream); ``api``: the metrics' api label."""
+        stream = rpc == "GenerateStream" if stream is None else stream
+        return Generation(self, request, rpc, peer, ended, stream, api)
 
     # -- hotswap.v1.Adapters ---------------------------------------------------------------------------------
     def load(self, metadata: Metadata, request: pb.LoadRequest, timeout: float | None) -> pb.LoadResponse:
@@ -83,24 +104,30 @@ class Servicer:
         self.admin(metadata)
         return pb.UnloadResponse(ref=self.ready.unload_adapter(request.ref))
 
-    def list(self, metadata: Metadata) -> pb.ListResponse:
+    def visible(self, metadata: Metadata) -> list[Visible]:
         """The adapters the caller may see, with the versions of each that are resident."""
         principal = self.principal(metadata)
         resident: dict[str, list[str]] = {}
         for ref in self.ready.resident():
             resident.setdefault(AdapterRef.parse(ref).full_name, []).append(ref)
-        infos = [
-            pb.AdapterInfo(
-                name=item.name,
-                latest=item.latest,
-                versions=[m.version for m in self.registry.versions(item.name)],
-                aliases=item.aliases,
-                method=item.method,
-                visibility=item.visibility,
-                resident=resident.get(item.name, []),
-            )
+        return [
+            Visible(item, [m.version for m in self.registry.versions(item.name)], resident.get(item.name, []))
             for item in self.registry.list()
             if principal.may_see(item.visibility, AdapterRef.parse(item.name).tenant)
+        ]
+
+    def list(self, metadata: Metadata) -> pb.ListResponse:
+        infos = [
+            pb.AdapterInfo(
+                name=v.summary.name,
+                latest=v.summary.latest,
+                versions=v.versions,
+                aliases=v.summary.aliases,
+                method=v.summary.method,
+                visibility=v.summary.visibility,
+                resident=v.resident,
+            )
+            for v in self.visible(metadata)
         ]
         return pb.ListResponse(adapters=infos)
 
@@ -120,9 +147,9 @@ class Servicer:
         """Count a finished generation and log its line."""
         r = g.result
         if r is None:
-            self.metrics.request_done(g.label, g.status, None)
+            self.metrics.request_done(g.label, g.status, None, api=g.api)
         else:
-            self.metrics.request_done(g.label, g.status, r.timings, r.prompt_tokens, len(r.token_ids))
+            self.metrics.request_done(g.label, g.status, r.timings, r.prompt_tokens, len(r.token_ids), g.api)
         t = r.timings if r is not None else None
         self.log.info(
             "%s adapter=%s status=%s prompt_tokens=%d tokens=%d finish=%s "
@@ -145,10 +172,17 @@ class Generation:
     token batch (streaming) and :meth:`final`. Leaving the block records it with the status of how it left."""
 
     def __init__(
-        self, core: Servicer, request: pb.GenerateRequest, rpc: str, peer: str, ended: Callable[[], str]
+        self,
+        core: Servicer,
+        request: pb.GenerateRequest,
+        rpc: str,
+        peer: str,
+        ended: Callable[[], str],
+        stream: bool,
+        api: str,
     ) -> None:
         self.core, self.request, self.rpc, self.peer, self.ended = core, request, rpc, peer, ended
-        self.stream = rpc == "GenerateStream"
+        self.stream, self.api = stream, api
         self.t0 = time.perf_counter()
         self.label, self.status = UNRESOLVED, "ok"
         self.manifests: list[Manifest] = []
@@ -216,6 +250,7 @@ def to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:
     return Request(
         prompt=msg.prompt or None,
         prompt_ids=list(msg.prompt_ids) or None,
+        messages=[{"role": m.role, "content": m.content} for m in msg.messages] or None,
         adapters=list(zip(exact_refs, weights, strict=True)),
         max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else 16,
         temperature=msg.temperature,

@@ -1,5 +1,6 @@
 """Our errors as gRPC statuses, in one place for each transport: :class:`ErrorInterceptor` on the gRPC server,
-:func:`ray_errors` around the Ray replica's methods. Servicer methods raise; they catch nothing.
+:func:`ray_errors` around the Ray replica's methods; and as HTTP statuses with OpenAI-style bodies
+(:func:`http_error`, for :mod:`hotswap.serve.http`). Servicer methods raise; they catch nothing.
 
 The code comes from :data:`hotswap.errors.ERROR_TABLE` (:func:`status_of`), the message is the error's, bounded
 by :func:`~hotswap.errors.clip_message` (details travel in metadata), and the error's class travels with it so the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -22,10 +24,14 @@ from hotswap.errors import GRPC_ERROR_KEY, HotswapError, clip_message, mapping_f
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _class_of(err: HotswapError) -> type[HotswapError]:
+    """``err``'s class among ours (not a wrapper's, e.g. Ray's exception around a replica's)."""
+    return next(c for c in type(err).__mro__ if c.__module__ == HotswapError.__module__)
+
+
 def status_of(err: HotswapError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
     """The gRPC status of ``err`` and the trailing metadata naming its class (the client re-raises it)."""
-    ours = next(c for c in type(err).__mro__ if c.__module__ == HotswapError.__module__)  # not a wrapper's
-    return grpc.StatusCode[mapping_for(err).grpc_status], ((GRPC_ERROR_KEY, ours.__name__),)
+    return grpc.StatusCode[mapping_for(err).grpc_status], ((GRPC_ERROR_KEY, _class_of(err).__name__),)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -109,3 +115,37 @@ def ray_errors(method: F) -> F:
             raise
 
     return unary  # type: ignore[return-value]
+
+
+# -- HTTP (the OpenAI-compatible API, hotswap.serve.http) -------------------------------------------------------
+# The HTTP status and OpenAI error ``type`` of each gRPC status, so of each error class through ERROR_TABLE.
+HTTP_STATUS: dict[str, tuple[int, str]] = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "conflict_error"),
+    "FAILED_PRECONDITION": (409, "conflict_error"),  # another base's adapter, a corrupt or rejected artifact
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "CANCELLED": (499, "cancelled"),
+    "INTERNAL": (500, "server_error"),
+    "UNAVAILABLE": (503, "service_unavailable_error"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error"),
+}
+RETRY_AFTER_SECONDS = 1  # what a 429 (queue full) or 503 (loading, draining) tells clients to wait
+
+
+def error_body(message: str, kind: str, code: str) -> dict[str, Any]:
+    """An OpenAI-style error body: ``{"error": {"message", "type", "code", "param"}}``."""
+    return {"error": {"message": clip_message(message), "type": kind, "code": code, "param": None}}
+
+
+def http_error(err: HotswapError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, OpenAI-style body, headers) of ``err``; the body's ``code`` names its class in snake case
+    (``adapter_not_found``), as gRPC's trailing metadata does."""
+    status, kind = HTTP_STATUS[mapping_for(err).grpc_status]
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    code = re.sub(r"(?<!^)(?=[A-Z])", "_", _class_of(err).__name__).lower()
+    return status, error_body(str(err), kind, code), headers

@@ -64,7 +64,7 @@ def scale_out(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
         affinity["vs_blind_loads"] = blind["registry_loads"] / max(affinity["registry_loads"], 1)
         affinity["vs_blind_misses_second_half"] = blind["misses_second_half"] / max(affinity["misses_second_half"], 1)
         scaleout.deploy(config, replace(base, replicas=1))
-        with served(fx, w.batch, SCALE_OUT_SLOTS) as direct:
+        with served(fx, w.batch, SCALE_OUT_SLOTS) as (direct, _):
             hop = _proxy_hop(target, direct, names[:4], prompts, w.new_tokens, w.repeats)
         rows.append({"label": "1 replica through Ray ÷ hotswap serve", **hop})
     finally:

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-from hotswap.basemodel import load_model
 from hotswap.bench.common import (
     METHODS,
     Fixtures,
@@ -28,6 +27,7 @@ from hotswap.bench.common import (
 )
 from hotswap.bench.training import train_bench
 from hotswap.client import Client
+from hotswap.errors import InvalidArgument
 from hotswap.methods import registered
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _max_diff(fx: Fixtures, engine: Any, peft: Any, prompts: list[list[int]], na
 def mixed(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     """N distinct LoRA adapters in one batch (request i uses adapter i mod N) vs base and PEFT adapter_names."""
     rows: list[dict[str, Any]] = []
-    hf_model = load_model(fx.base, device=fx.workload.device)
+    hf_model = fx.load_base()
     for n in adapter_counts:
         row, base_row = _mixed_one(fx, n, hf_model)
         rows += [base_row, row] if not rows else [row]
@@ -237,80 +237,123 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
 
 
 def server(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
-    """``mixed`` through ``hotswap serve`` (its own process) with one streaming gRPC client per row on
-    127.0.0.1, vs the same batch on an in-process engine; TTFT and inter-token latency seen by clients."""
+    """``mixed`` through ``hotswap serve`` (its own process) with one streaming client per row on 127.0.0.1, vs the
+    same batch on an in-process engine; TTFT and inter-token latency seen by clients. The clients are gRPC's, and
+    with ``--api http`` also the ``openai`` package's on the OpenAI-compatible API, in the same interleaved run."""
     w = fx.workload
     n = max(adapter_counts)
     batch = max(w.batch, n)
     names = fx.adapters("lora", n)
     prompts = fx.prompts(batch)
     row_adapters = [names[i % n] for i in range(batch)]
-    latencies: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in names}
-    with served(fx, batch, n) as target, fx.engine(max_batch=batch) as engine:
+    apis = ["grpc", "http"] if w.api == "http" else ["grpc"]
+    latencies: dict[str, dict[str, list[tuple[float, list[float]]]]] = {a: {name: [] for name in names} for a in apis}
+    with served(fx, batch, n, http=w.api == "http") as (target, url), fx.engine(max_batch=batch) as engine:
         clients = [Client(target, timeout=600) for _ in range(batch)]
         for name in names:
             clients[0].load(name)
             engine.load_adapter(name)
-        seconds = interleaved(
-            {
-                "engine": lambda: engine.generate(requests(prompts, [[a] for a in row_adapters], w.new_tokens)),
-                "grpc": lambda: stream_all(clients, prompts, row_adapters, w.new_tokens, latencies),
-            },
-            w.repeats,
-        )
+        streams = {"grpc": [_grpc_stream(c, w.new_tokens) for c in clients]}
+        if url is not None:
+            streams["http"] = [_http_stream(url, w.new_tokens) for _ in range(batch)]
+        runs: dict[str, Callable[[], object]] = {
+            "engine": lambda: engine.generate(requests(prompts, [[a] for a in row_adapters], w.new_tokens))
+        }
+        for api, starts in streams.items():
+            runs[api] = partial(stream_rows, starts, prompts, row_adapters, w.new_tokens, latencies[api])
+        seconds = interleaved(runs, w.repeats)
         for c in clients:
             c.close()
     tok = {k: tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
-    ttft = [t for runs in latencies.values() for t, _ in runs]
-    itl = [gap for runs in latencies.values() for _, gaps in runs for gap in gaps]
-    rows = [
-        {
-            "label": f"{n} adapters, {batch} streaming clients",
-            "n_adapters": n,
-            "batch": batch,
-            "tok_s": tok["grpc"],
-            "engine_tok_s": tok["engine"],
-            "vs_engine": tok["grpc"] / tok["engine"],
-            "ttft_ms_p50": percentile(ttft, 50) * 1e3,
-            "ttft_ms_p95": percentile(ttft, 95) * 1e3,
-            "itl_ms_p50": percentile(itl, 50) * 1e3,
-            "itl_ms_p95": percentile(itl, 95) * 1e3,
-        }
-    ]
-    for name, runs in latencies.items():
-        gaps = [g for _, gs in runs for g in gs]
+    rows = []
+    for api in apis:
+        ttft = [t for runs in latencies[api].values() for t, _ in runs]
+        itl = [gap for runs in latencies[api].values() for _, gaps in runs for gap in gaps]
         rows.append(
             {
-                "label": f"adapter {name}",
-                "ttft_ms_p50": percentile([t for t, _ in runs], 50) * 1e3,
-                "ttft_ms_p95": percentile([t for t, _ in runs], 95) * 1e3,
-                "itl_ms_p50": percentile(gaps, 50) * 1e3,
-                "itl_ms_p95": percentile(gaps, 95) * 1e3,
+                "label": f"{n} adapters, {batch} streaming clients",
+                "api": api,
+                "n_adapters": n,
+                "batch": batch,
+                "tok_s": tok[api],
+                "engine_tok_s": tok["engine"],
+                "vs_engine": tok[api] / tok["engine"],
+                "ttft_ms_p50": percentile(ttft, 50) * 1e3,
+                "ttft_ms_p95": percentile(ttft, 95) * 1e3,
+                "itl_ms_p50": percentile(itl, 50) * 1e3,
+                "itl_ms_p95": percentile(itl, 95) * 1e3,
             }
         )
+    for api in apis:
+        for name, runs in latencies[api].items():
+            gaps = [g for _, gs in runs for g in gs]
+            rows.append(
+                {
+                    "label": f"adapter {name}",
+                    "api": api,
+                    "ttft_ms_p50": percentile([t for t, _ in runs], 50) * 1e3,
+                    "ttft_ms_p95": percentile([t for t, _ in runs], 95) * 1e3,
+                    "itl_ms_p50": percentile(gaps, 50) * 1e3,
+                    "itl_ms_p95": percentile(gaps, 95) * 1e3,
+                }
+            )
     return rows
 
 
 @contextmanager
-def served(fx: Fixtures, max_batch: int, max_resident: int) -> Iterator[str]:
-    """``hotswap serve`` in a subprocess on a free port of 127.0.0.1; yields its address."""
+def served(fx: Fixtures, max_batch: int, max_resident: int, http: bool = False) -> Iterator[tuple[str, str | None]]:
+    """``hotswap serve`` in a subprocess on free ports of 127.0.0.1; yields its gRPC address and, with ``http``,
+    the OpenAI-compatible API's base URL (``http://127.0.0.1:PORT/v1``)."""
     w = fx.workload
     cmd = [
         sys.executable, "-m", "hotswap.cli", "--registry", str(fx.registry.url), "serve", "--base", str(fx.base),
         "--port", "0", "--metrics-port", "0", "--no-auth", "--max-batch", str(max_batch), "--max-resident",
         str(max(max_resident, 1)), "--max-seq-len", str(w.prompt + w.new_tokens + 32), "--device", w.device,
-        "--log-level", "warning",
+        "--log-level", "warning", *(["--http-port", "0"] if http else []),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         match = re.search(r" on (\S+:\d+)", line)
-        if match is None:
+        api = re.search(r"OpenAI API (http://\S+/v1)", line)
+        if match is None or (http and api is None):
             raise RuntimeError(f"hotswap serve did not start (exit {proc.poll()}): {line!r}")
-        yield match.group(1)
+        yield match.group(1), api.group(1) if api else None
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+Stream = Callable[[list[int], str], Iterator[int]]  # starts one row's stream; yields each chunk's token count
+
+
+def _grpc_stream(client: Client, new_tokens: int) -> Stream:
+    def start(prompt: list[int], adapter: str) -> Iterator[int]:
+        for chunk in client.stream(prompt_ids=prompt, adapters=[adapter], max_new_tokens=new_tokens, ignore_eos=True):
+            yield len(chunk.token_ids)
+
+    return start
+
+
+def _http_stream(url: str, new_tokens: int) -> Stream:
+    """One ``openai`` client (its own connection pool) streaming completions from the OpenAI-compatible API."""
+    try:
+        from openai import OpenAI
+    except ImportError as e:
+        raise InvalidArgument(f"--api http runs the openai package's client: pip install openai ({e})") from None
+    client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+
+    def start(prompt: list[int], adapter: str) -> Iterator[int]:
+        stream = client.completions.create(
+            model=adapter, prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        for chunk in stream:
+            tokens = len(chunk.choices[0].token_ids) if chunk.choices else 0  # type: ignore[attr-defined]
+            if tokens:
+                yield tokens
+
+    return start
 
 
 def stream_all(
@@ -320,26 +363,41 @@ def stream_all(
     new_tokens: int,
     latencies: dict[str, list[tuple[float, list[float]]]],
 ) -> None:
-    """All rows at once, one streaming client each; records (TTFT, inter-token gaps) per adapter."""
-    start = threading.Barrier(len(clients) + 1)
+    """All rows at once, one streaming gRPC client each; records (TTFT, inter-token gaps) per adapter."""
+    stream_rows([_grpc_stream(c, new_tokens) for c in clients], prompts, adapters, new_tokens, latencies)
+
+
+def stream_rows(
+    starts: list[Stream],
+    prompts: list[list[int]],
+    adapters: list[str],
+    new_tokens: int,
+    latencies: dict[str, list[tuple[float, list[float]]]],
+) -> None:
+    """All rows at once, one stream each (``starts``, one per row); records (TTFT, gaps between chunks) per adapter
+    and checks that every row got exactly ``new_tokens`` tokens."""
+    start = threading.Barrier(len(starts) + 1)
     seen: list[tuple[str, float, list[float]]] = []
 
-    def one(client: Client, prompt: list[int], adapter: str) -> None:
+    def one(stream: Stream, prompt: list[int], adapter: str) -> None:
         start.wait()
         t0 = time.perf_counter()
-        times = []
-        for _chunk in client.stream(prompt_ids=prompt, adapters=[adapter], max_new_tokens=new_tokens, ignore_eos=True):
+        times, tokens = [], 0
+        for n in stream(prompt, adapter):
             times.append(time.perf_counter())
+            tokens += n
+        if tokens != new_tokens:
+            raise RuntimeError(f"a stream of {adapter} got {tokens} tokens, not {new_tokens}")
         seen.append((adapter, times[0] - t0, [b - a for a, b in itertools.pairwise(times)]))
 
-    threads = [threading.Thread(target=one, args=a) for a in zip(clients, prompts, adapters, strict=True)]
+    threads = [threading.Thread(target=one, args=a) for a in zip(starts, prompts, adapters, strict=True)]
     for t in threads:
         t.start()
     start.wait()
     for t in threads:
         t.join()
-    if len(seen) != len(clients):
-        raise RuntimeError(f"{len(clients) - len(seen)} streams failed; see the errors above")
+    if len(seen) != len(starts):
+        raise RuntimeError(f"{len(starts) - len(seen)} streams failed; see the errors above")
     for adapter, ttft, gaps in seen:
         latencies[adapter].append((ttft, gaps))
 

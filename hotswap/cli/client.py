@@ -19,9 +19,8 @@ if TYPE_CHECKING:
 def _client(args: argparse.Namespace) -> Client:
     from hotswap.client import Client
 
-    return Client(
-        args.server, token=args.token or os.environ.get("HOTSWAP_TOKEN"), tls_ca=args.tls_ca, timeout=args.timeout
-    )
+    token = args.token or os.environ.get("HOTSWAP_TOKEN")
+    return Client(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout, application=args.application)
 
 
 def _adapter_arg(text: str) -> str | tuple[str, float]:
@@ -117,6 +116,9 @@ def _client_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--token", help="bearer token (default $HOTSWAP_TOKEN)")
     sp.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS")
     sp.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    sp.add_argument(
+        "--application", help="Ray Serve application to address (needed where Ray runs several, e.g. with --http-port)"
+    )
 
 
 def register(add: AddCommand) -> None:

@@ -1,4 +1,5 @@
-"""``hotswap serve`` (one gRPC server, or Ray Serve replicas with ``--ray``).
+"""``hotswap serve`` (one gRPC server, or Ray Serve replicas with ``--ray``; with ``--http-port``, the
+OpenAI-compatible HTTP API too).
 
 Its flags and ``--config`` TOML keys are generated from the serving dataclasses (``ServerConfig`` with its
 ``EngineConfig``, ``RayOptions``) and :class:`ServeCommand` by field name (:mod:`hotswap.serve.settings`):
@@ -32,6 +33,10 @@ class ServeCommand:
     ray: bool = field(default=False, metadata={"help": "serve on Ray Serve replicas (pip install 'hotswap[ray]')"})
     log_level: str = field(
         default="info", metadata={"help": "hotswap's log level", "choices": ("debug", "info", "warning", "error")}
+    )
+    ray_http_port: int | None = field(  # None: --http-port where given (serving the HTTP API), else RayOptions'
+        default=None,
+        metadata={"help": "with --ray and no --http-port: Ray Serve's HTTP proxy port, no HTTP API on it (8000)"},
     )
 
 
@@ -91,7 +96,11 @@ def configs(args: argparse.Namespace) -> tuple[ServeCommand, ServerConfig, RayOp
     if "base" not in values:
         raise InvalidArgument("serve needs --base PATH (or base = ... in --config)")
     command = build(ServeCommand, values, "serve")
-    return command, build(ServerConfig, values, "serve"), build(RayOptions, values, "serve")
+    config, options = build(ServerConfig, values, "serve"), build(RayOptions, values, "serve")
+    if config.http_port is not None and command.ray_http_port not in (None, config.http_port):
+        raise InvalidArgument("--http-port is Ray Serve's HTTP proxy port with --ray: give it or --ray-http-port")
+    proxy = config.http_port if config.http_port is not None else command.ray_http_port
+    return command, config, options if proxy is None else dataclasses.replace(options, http_port=proxy)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -111,13 +120,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         server.stop(grace=0)
         raise
+    api = f", OpenAI API {_scheme(config)}://{config.host}:{server.http_port}/v1" if server.http_port else ""
     metrics = f", metrics http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    print(f"hotswap: serving {config.base} on {config.host}:{server.port}{metrics}", flush=True)
+    print(f"hotswap: serving {config.base} on {config.host}:{server.port}{api}{metrics}", flush=True)
     while not stop.wait(0.2):  # the signal handler runs between waits
         pass
     print(f"hotswap: shutting down (grace {config.grace_seconds:g} s)", flush=True)
     server.stop()
     return 0
+
+
+def _scheme(config: ServerConfig) -> str:
+    return "https" if config.tls_cert is not None else "http"
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -135,11 +149,16 @@ def _serve_ray(config: ServerConfig, options: RayOptions, stop: threading.Event)
         raise InvalidArgument(f"--ray needs the ray extra (pip install 'hotswap[ray]'): {e}") from None
     if config.tls_cert is not None:
         raise InvalidArgument("--ray serves through Ray Serve's gRPC proxy, which has no TLS: terminate TLS before it")
-    options = dataclasses.replace(options, grpc_port=config.port)  # --port is the gRPC proxy's
+    if config.http_port == 0:
+        raise InvalidArgument("--ray: Ray Serve's HTTP proxy needs a fixed --http-port (not 0)")
+    if config.http_metrics:
+        raise InvalidArgument("--http-metrics is for the single server; with --ray, Ray's metrics endpoint has them")
+    options = dataclasses.replace(options, grpc_port=config.port)  # --port is the gRPC proxy's (--http-port its HTTP)
     scaleout.start(config, options)
     _stop_on_signals(stop)  # ray.init installed its own handlers
+    api = f", OpenAI API http://{config.host}:{options.http_port}/v1" if config.http_port is not None else ""
     print(f"hotswap: serving {config.base} on Ray Serve, {options.replicas} replicas, "
-          f"gRPC proxy port {options.grpc_port}", flush=True)  # fmt: skip
+          f"gRPC proxy port {options.grpc_port}{api}", flush=True)  # fmt: skip
     while not stop.wait(0.2):  # the signal handler runs between waits
         pass
     print("hotswap: shutting down (deleting the Ray Serve application)", flush=True)
@@ -148,7 +167,8 @@ def _serve_ray(config: ServerConfig, options: RayOptions, stop: threading.Event)
 
 
 def register(add: AddCommand) -> None:
-    sp = add("serve", cmd_serve, "serve the base and the registry's adapters over gRPC (until SIGTERM/SIGINT)")
+    help_ = "serve the base and the registry's adapters over gRPC and, with --http-port, the OpenAI API (until SIGTERM)"
+    sp = add("serve", cmd_serve, help_)
     sp.add_argument(
         "--config",
         type=Path,

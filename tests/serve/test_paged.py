@@ -178,3 +178,26 @@ def test_digests_chain_over_the_key_and_the_whole_prefix() -> None:
     assert block_digests(b"other", tokens, 4)[0] != same[0], "another serving key shares nothing"
     changed = block_digests(b"k", [7, *tokens[1:]], 4)
     assert changed[0] != same[0] and changed[2] != same[2], "a later block depends on every earlier token"
+
+
+def test_kv_metrics(tiny_base: Path, registry_path: Path) -> None:
+    """Blocks used/free after each step, prefix-cache hit tokens per adapter, preemptions: Prometheus series."""
+    from hotswap.serve.metrics import Metrics
+
+    metrics = Metrics()
+    with Engine(tiny_base, registry_path, max_batch=10, max_resident=10, max_seq_len=64, kv_block_size=BLOCK,
+                kv_cache_memory=24 * TINY_BLOCK_BYTES, observer=metrics, prefix_cache=False) as engine:  # fmt: skip
+        engine.generate(_requests())  # preempts
+    with Engine(tiny_base, registry_path, max_batch=10, max_resident=10, max_seq_len=64, kv_block_size=BLOCK,
+                observer=metrics) as engine:  # fmt: skip
+        engine.generate(_requests()[:2])
+        engine.generate(_requests()[:2])  # lora4's 3 tokens share nothing; dora's 37 share 9 blocks
+        blocks = engine.runner.cache.pool.num_blocks
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("hotswap_prefix_cache_hit_tokens_total", adapter="dora@1") == 36
+    assert sample("hotswap_prefix_cache_hit_tokens_total", adapter="lora4@1") is None
+    assert sample("hotswap_preemptions_total") > 0
+    assert sample("hotswap_kv_blocks_used") + sample("hotswap_kv_blocks_free") == blocks

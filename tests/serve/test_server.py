@@ -217,9 +217,10 @@ def test_deadline_and_cancel_free_the_slot(one_slot: Server) -> None:
         wait_idle(one_slot)
         assert c.generate(PROMPT, adapters=["math"], max_new_tokens=3, ignore_eos=True).completion_tokens == 3
     m = scrape(one_slot)
-    assert m[("hotswap_requests_total", (("adapter", "math@1"), ("status", "deadline_exceeded")))] == 1
-    assert m[("hotswap_requests_total", (("adapter", "math@1"), ("status", "cancelled")))] == 1
-    assert m[("hotswap_generated_tokens_total", (("adapter", "math@1"),))] < 1000
+    grpc = ("api", "grpc")
+    assert m[("hotswap_requests_total", (("adapter", "math@1"), grpc, ("status", "deadline_exceeded")))] == 1
+    assert m[("hotswap_requests_total", (("adapter", "math@1"), grpc, ("status", "cancelled")))] == 1
+    assert m[("hotswap_generated_tokens_total", (("adapter", "math@1"), grpc))] < 1000
 
 
 def test_full_queue_is_resource_exhausted_and_recovers(one_slot: Server) -> None:
@@ -293,7 +294,7 @@ def test_metrics_count_every_request(server: Server) -> None:
     after = scrape(server)
 
     def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted({"api": "grpc", **labels}.items())))  # the gRPC API's requests
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     for label, n in sent.items():
@@ -342,7 +343,7 @@ def test_each_ref_resolved_once_and_bugs_are_internal(
     assert any(r.message == "Generate failed" and r.exc_info for r in caplog.records)
     after = scrape(server)
     for status in ("unauthenticated", "internal"):
-        key = ("hotswap_requests_total", (("adapter", "unresolved"), ("status", status)))
+        key = ("hotswap_requests_total", (("adapter", "unresolved"), ("api", "grpc"), ("status", status)))
         assert after[key] - before.get(key, 0.0) == 1
 
 
