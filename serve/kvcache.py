@@ -104,7 +104,7 @@ class StaticCache:
 
 class _StaticBatch(Batch):
     def __init__(self, cache: StaticCache, rows: Sequence[int], positions: torch.Tensor, contiguous: bool) -> None:
-        super().__init__(positions, int(positions.max()) + 1)
+        super().__init__(positions, max(int(positions.max()) + 1, 1))  # padding alone still reads position 0
         self.cache, self.contiguous = cache, contiguous  # contiguous: rows == arange(B), read without a gather
         self.rows = torch.as_tensor(rows, device=positions.device)
         self.index = torch.where(positions >= 0, positions, cache.max_seq_len)  # (B, T) write index
