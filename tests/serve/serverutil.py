@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -54,3 +56,21 @@ def wait_idle(srv: Server, timeout: float = 30) -> None:
     while srv.engine.counts() != (0, 0) or srv.inflight:
         assert time.monotonic() < end, f"busy: {srv.engine.counts()}, {srv.inflight} RPCs"
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for servers started by another process, which cannot be told 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def self_signed_cert(openssl: str, out: Path) -> tuple[Path, Path]:
+    """(key, certificate) PEM files for 127.0.0.1, valid one day."""
+    key, cert = out / "key.pem", out / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from hotswap.client import Client
 from hotswap.errors import ServerUnavailable
 from hotswap.registry import Registry
 from hotswap.train import RandomLoraConfig, random_bitfit, random_bottlenecks, random_lora, random_prefix
-from tests.serve.serverutil import PROMPT
+from tests.serve.serverutil import PROMPT, free_port
 
 CLI = [sys.executable, "-m", "hotswap.cli"]
 OTHER_PROMPT = "pack my box with five dozen liquor jugs"
@@ -64,12 +63,6 @@ class Outcome:
     resolved: list[str] = field(default_factory=list)
     error: BaseException | None = None
     after_kill: bool = False  # the call ended (with its error) once the kill was under way
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], logs: Path) -> subprocess.Popen[str]:
@@ -222,7 +215,7 @@ def test_sigkill_server_and_publisher_mid_traffic(text_base: Path, tmp_path: Pat
     big = _big_artifact(art / "big")
     assert cli.main(["push", str(big), "--name", "big", "--registry", str(root), "--no-base"]) == 0  # big@1
 
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     args = [*CLI, "serve", "--base", str(text_base), "--registry", str(root), "--port", str(port), "--no-auth",
             "--metrics-port", "0", "--max-batch", "8"]  # fmt: skip

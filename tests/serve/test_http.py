@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from hotswap.errors import ERROR_TABLE, HotswapError
 from hotswap.serve.server import Server
 from hotswap.serve.status import HTTP_STATUS, http_error
-from tests.serve.serverutil import ACME, GLOBEX, PROMPT, client, make_server, scrape, wait_idle
+from tests.serve.serverutil import ACME, GLOBEX, PROMPT, client, make_server, scrape, self_signed_cert, wait_idle
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
@@ -442,12 +442,7 @@ def test_tls_covers_the_http_api(text_base: Path, server_registry: Path, tmp_pat
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    key, cert = self_signed_cert(openssl, tmp_path)
     s = http_server(text_base, server_registry)
     s = Server(replace(s.config, tls_cert=cert, tls_key=key)).start()
     try:

@@ -3,7 +3,6 @@ HTTP proxy, through the FastAPI ingress, to two engine replicas routed by adapte
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
 from hotswap.serve.config import ServerConfig
 from hotswap.train import RandomLoraConfig, random_bitfit, random_loras
+from tests.serve.serverutil import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 PROMPTS = [[5, 17, 99, 3], [42, 7]]
 LIMITS = {"max_batch": 8, "max_seq_len": 512, "max_resident": 8}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +45,10 @@ def registry(tiny_base: Path, other_base: Path, tmp_path_factory: pytest.TempPat
 def cluster(tiny_base: Path, registry: Path) -> Iterator[tuple[str, str]]:
     """Ray with hotswap on two replicas and the HTTP API; yields (OpenAI base URL, gRPC proxy address)."""
     scaleout.init_local_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    http_port = _free_port()
+    http_port = free_port()
     config = ServerConfig(base=tiny_base, registry=str(registry), no_auth=True, http_port=http_port,
                           served_model_name="tiny", engine=EngineConfig(**LIMITS))  # fmt: skip
-    options = scaleout.RayOptions(replicas=2, grpc_port=_free_port(), http_port=http_port, replica_cpus=0.5)
+    options = scaleout.RayOptions(replicas=2, grpc_port=free_port(), http_port=http_port, replica_cpus=0.5)
     try:
         scaleout.start(config, options)
         yield f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{options.grpc_port}"

@@ -3,7 +3,6 @@ proxy, routed by adapter through Ray's model multiplexing."""
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from hotswap.serve.config import ServerConfig
 from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_loras
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
-from tests.serve.serverutil import ACME, ADMIN, GLOBEX
+from tests.serve.serverutil import ACME, ADMIN, GLOBEX, free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -42,12 +41,6 @@ pytestmark = pytest.mark.slow
 ADAPTERS = [f"a{i}" for i in range(5)] + ["bias"]
 PROMPTS = [[5, 17, 99, 3], [42, 7], [11, 12, 13, 14, 15], [200, 1, 2]]
 LIMITS = {"max_batch": 8, "max_seq_len": 2048, "max_resident": 8}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def registry(tiny_base: Path, other_base: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module")
 def metrics_port() -> int:
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ def cluster(tiny_base: Path, registry: Path, metrics_port: int) -> Iterator[str]
         num_cpus=2, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port
     )
     config = ServerConfig(base=tiny_base, registry=str(registry), no_auth=True, engine=EngineConfig(**LIMITS))
-    options = scaleout.RayOptions(replicas=2, grpc_port=_free_port(), http_port=_free_port(), replica_cpus=0.5)
+    options = scaleout.RayOptions(replicas=2, grpc_port=free_port(), http_port=free_port(), replica_cpus=0.5)
     try:
         scaleout.start(config, options)
         yield f"127.0.0.1:{options.grpc_port}"

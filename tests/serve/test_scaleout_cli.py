@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,25 +15,20 @@ from hotswap import cli
 from hotswap.basemodel import fingerprint
 from hotswap.registry import Registry
 from hotswap.train import RandomLoraConfig, random_lora
+from tests.serve.serverutil import free_port
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_ray_process(tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     reg = Registry(tmp_path / "registry")
     reg.publish(random_lora(tiny_base, tmp_path / "math", RandomLoraConfig(rank=4, init_std=0.3)), "math",
                 base_fingerprint=fingerprint(tiny_base))  # fmt: skip
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "hotswap.cli", "--registry", str(tmp_path / "registry"), "serve", "--ray",
             "--replicas", "1", "--replica-cpus", "0.5", "--base", str(tiny_base), "--no-auth", "--port", str(port),
-            "--ray-http-port", str(_free_port()), "--max-seq-len", "128"]  # fmt: skip
+            "--ray-http-port", str(free_port()), "--max-seq-len", "128"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -32,7 +32,7 @@ from hotswap.errors import (
 from hotswap.serve import Engine, EngineConfig, Request
 from hotswap.serve.config import ServerConfig
 from hotswap.serve.server import Server
-from tests.serve.serverutil import ACME, ADMIN, GLOBEX, PROMPT, client, make_server, scrape, wait_idle
+from tests.serve.serverutil import ACME, ADMIN, GLOBEX, PROMPT, client, make_server, scrape, self_signed_cert, wait_idle
 
 # -- correctness ----------------------------------------------------------------------------------
 CASES = [
@@ -402,17 +402,11 @@ def test_reflection_built_client_calls_generate(server: Server) -> None:
 
 def test_tls(text_base: Path, server_registry: Path, tmp_path: Path) -> None:
     import shutil
-    import subprocess
 
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    key, cert = self_signed_cert(openssl, tmp_path)
     config = ServerConfig(
         base=text_base, registry=str(server_registry), port=0, metrics_port=None, no_auth=True,
         tls_cert=cert, tls_key=key, engine=EngineConfig(max_batch=2, max_seq_len=128),
