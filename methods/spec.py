@@ -38,6 +38,8 @@ class MethodSpec:
     lr: float = 1e-3  # default learning rate for the built-in tasks
     resume: Callable[[Any, Path], Any] | None = None  # (model, parent artifact dir) -> Trainable
     checkpointing: bool = True  # trains with gradient checkpointing
+    weight_decay: bool = True  # AdamW's weight decay may apply (False: it would move weights the method keeps exact)
+    sharding: bool = False  # trains under DeepSpeed / FSDP: Trainer checkpoints and gathers it (no state of ours)
     random: RandomArtifacts | None = None  # synthetic artifacts with random non-zero weights (tests, benchmarks)
     context: bool = False  # changes the row's context (prefix/prompt): one per request, weight 1
     ranked: bool = False  # a request may ask for a lower rank (DyLoRA)

@@ -1,4 +1,5 @@
-"""hotswap.train: fine-tune adapters on a frozen base (``train``); publishes only through hotswap.registry.
+"""hotswap.train: fine-tune adapters on a frozen base (``train``, on transformers' ``Trainer``: ``hotswap.train.hf``);
+publishes only through hotswap.registry.
 
 The methods themselves (options, training, artifacts, and the synthetic artifacts tests and benchmarks use)
 live in their folders under ``hotswap.methods``; the synthetic writers are re-exported here for convenience."""

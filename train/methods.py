@@ -22,6 +22,7 @@ class AttachContext:
 
     steps: int  # total optimizer steps (AdaLoRA's budget schedule)
     loss_batches: Callable[[torch.nn.Module, int], Iterator[torch.Tensor]]  # losses of the first n batches (Fisher)
+    seed: int = 0  # the run's seed (Child-tuning's per-step masks)
 
 
 def trainable_methods() -> Mapping[str, MethodSpec]:

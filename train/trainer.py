@@ -4,75 +4,53 @@
                    base="path/to/base", data="builtin:mapping", out="runs/math", push="math",
                    registry="path-or-url", aliases=["staging"])
 
-Everything is written under ``out`` (``adapter/``, ``loss_curve.csv``, ``loss_curve.png``), each file
-atomically; publishing is the last step, so a run that fails publishes nothing.
+The loop is transformers' ``Trainer`` (``hotswap.train.hf``); this module sets a run up around it: the data,
+the base and the method attached to it, the checkpoint a resume continues from, and afterwards the artifact,
+the curve and the publish. Under a launcher (``torchrun``, ``accelerate launch``) every process runs this, each
+on its share of every batch; only the first process writes files and publishes.
+
+Everything is written under ``out`` (``adapter/``, ``loss_curve.csv``, ``loss_curve.png``, Trainer's
+``checkpoint-N/`` with ``save_steps``), each file atomically; publishing is the last step, so a run that fails
+publishes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import random
 import resource
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from transformers import TrainerCallback, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 from hotswap import __version__
-from hotswap.basemodel import bundled_tokenizer, encode_prompt, fingerprint, load_model
-from hotswap.devices import DTYPE_CHOICES, resolve_dtype, torch_dtype
+from hotswap.basemodel import bundled_tokenizer, check_checkpoint, encode_prompt, fingerprint, load_model
+from hotswap.devices import cpu_has_bf16, resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import InvalidArgument
+from hotswap.methods.trainable import Trainable
 from hotswap.registry import Lineage, Manifest, Registry
 from hotswap.registry.fsutil import building_dir
 from hotswap.serve.adapters import base_checker
+from hotswap.train import checkpoints
+from hotswap.train.config import TrainConfig
 from hotswap.train.curve import Point, write_csv, write_png
-from hotswap.train.data import BUILTIN_PREFIX, Dataset, Example, TextCodec, load_data
+from hotswap.train.data import BUILTIN_PREFIX, Dataset, TextCodec, load_data
+from hotswap.train.hf import HotswapTrainer, Progress, curve_of, make_trainer, training_arguments
+from hotswap.train.loss import collate, evaluate, to_device, token_losses
 from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options, trainable_methods
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. rank, alpha)
-    steps: int | None = None  # optimizer steps; default 200 unless epochs is given
-    epochs: float | None = None  # passes over the training data (instead of steps)
-    lr: float | None = None  # default: the method's (the method's spec)
-    batch_size: int = 16
-    seed: int = 0
-    eval_every: int = 50  # steps between evaluations (and at the end)
-    data_size: int = 512  # examples drawn from a built-in task
-    device: str = "cpu"
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more time
-    dtype: str = "auto"  # the base's while training (auto: hotswap.devices.resolve_dtype); adapters train in fp32
-
-    def __post_init__(self) -> None:
-        method_options(self.method, self.options)  # unknown method / foreign options fail here
-        if self.steps is not None and self.epochs is not None:
-            raise InvalidArgument("give steps or epochs, not both")
-        for name in ("steps", "batch_size", "eval_every", "data_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InvalidArgument(f"{name} must be >= 1, got {value}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise InvalidArgument(f"lr must be > 0, got {self.lr}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if self.gradient_checkpointing and not trainable_methods()[self.method].checkpointing:
-            raise InvalidArgument(
-                f"{self.method} cannot train with gradient checkpointing (its virtual tokens reach the layers "
-                "through the KV cache, which checkpointed layers drop)"
-            )
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
 
 
 @dataclass
@@ -82,6 +60,7 @@ class TrainResult:
     curve: list[Point]
     manifest: Manifest | None  # set when published
     model: torch.nn.Module  # the trained model (base + adapter), in eval mode
+    primary: bool = True  # the process that wrote the files and published (False: another data-parallel one)
 
 
 def _codec(base: Path, model: torch.nn.Module) -> TextCodec | None:
@@ -113,123 +92,74 @@ def _datasets(
     return train_ds, train_ds, "the training data (fewer than 10 records)"
 
 
-def _batch(examples: list[Example], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, and a mask of the positions whose next token is a target."""
-    seqs = [ex.prompt + ex.completion for ex in examples]
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
-    target = torch.zeros(len(seqs), width, dtype=torch.bool)  # target[i, t]: ids[i, t+1] is scored
-    for i, (ex, seq) in enumerate(zip(examples, seqs, strict=True)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attention[i, : len(seq)] = 1
-        target[i, max(len(ex.prompt) - 1, 0) : len(seq) - 1] = True
-    return ids.to(device), attention.to(device), target.to(device)
-
-
-def token_losses(model: torch.nn.Module, examples: list[Example], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-target-token cross-entropy, and per-example exact match of the greedy (teacher-forced) tokens."""
-    ids, attention, target = _batch(examples, device)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, -ids.shape[1] :]  # drop virtual tokens
-    pred, gold, mask = logits[:, :-1], ids[:, 1:], target[:, :-1]
-    losses = torch.nn.functional.cross_entropy(pred[mask].float(), gold[mask], reduction="none")
-    wrong = (pred.argmax(-1) != gold) & mask
-    return losses, ~wrong.any(dim=1)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, ds: Dataset, batch_size: int, device: str) -> tuple[float, float]:
-    """(mean token loss, exact-match accuracy) over ``ds``."""
-    was_training = model.training
-    model.eval()
-    losses, correct = [], []
-    for i in range(0, len(ds.examples), batch_size):
-        batch_losses, exact = token_losses(model, ds.examples[i : i + batch_size], device)
-        losses.append(batch_losses)
-        correct.append(exact)
-    model.train(was_training)
-    return torch.cat(losses).mean().item(), torch.cat(correct).float().mean().item()
-
-
-def _peak_memory_bytes(device: str) -> int:
+def _peak_memory_bytes(device: str | torch.device) -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _first_losses(train_ds: Dataset, config: TrainConfig, m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:
-    """The losses of the first ``n`` training batches (methods that estimate Fisher information need them)."""
+def _first_losses(
+    train_ds: Dataset, batch_size: int, device: torch.device, m: torch.nn.Module, n: int
+) -> Iterator[torch.Tensor]:
+    """The mean losses of the first ``n`` training batches (methods that estimate Fisher information need them);
+    every data-parallel process takes the same ones, so their masks agree."""
     for i in range(n):
-        batch = train_ds.examples[i * config.batch_size : (i + 1) * config.batch_size]
+        batch = train_ds.examples[i * batch_size : (i + 1) * batch_size]
         if batch:
-            yield token_losses(m, batch, config.device)[0].mean()
+            yield token_losses(m, to_device(collate(batch), device)).mean()
 
 
-def _fit(
-    model: torch.nn.Module,
-    trainable: Any,
-    params: list[torch.nn.Parameter],
-    train_ds: Dataset,
-    eval_ds: Dataset,
-    config: TrainConfig,
-    steps: int,
-    lr: float,
-    quiet: bool,
-) -> tuple[list[Point], tuple[float, float], tuple[float, float], float]:
-    """The training loop: AdamW with linear decay, the method's penalty and step hook, evaluation every
-    ``eval_every`` steps. Returns the loss curve, eval (loss, accuracy) before and after, and the seconds."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))
-    eval_loss_start, eval_acc_start = evaluate(model, eval_ds, config.batch_size, config.device)
+def _device(config: TrainConfig) -> str:
+    """The device to train on (a launcher's processes each take their own GPU: ``cuda``)."""
+    device = resolve_device(config.device)
+    if device.startswith("cuda:") and torch.device(device).index != 0:
+        raise InvalidArgument(
+            f"device {device}: train on one chosen GPU with CUDA_VISIBLE_DEVICES={torch.device(device).index} and "
+            "device cuda, or on several with torchrun / accelerate launch"
+        )
+    return device
 
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    curve: list[Point] = []
-    start = time.perf_counter()
-    model.train()
-    bar = tqdm(total=steps, desc=f"train {config.method}", disable=quiet or not sys.stderr.isatty(), unit="step")
-    eval_loss, eval_acc = eval_loss_start, eval_acc_start
-    for step in range(1, steps + 1):
-        if len(order) < config.batch_size:
-            fresh = list(range(len(train_ds.examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch, order = [train_ds.examples[i] for i in order[: config.batch_size]], order[config.batch_size :]
-        losses, _ = token_losses(model, batch, config.device)
-        loss = losses.mean()
-        penalty = trainable.penalty()
-        optimizer.zero_grad(set_to_none=True)
-        (loss if penalty is None else loss + penalty).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if trainable.after_step(step):
-            optimizer.state.clear()  # e.g. PLoRA restarted its factors
-        evaluated = step % config.eval_every == 0 or step == steps
-        if evaluated:
-            eval_loss, eval_acc = evaluate(model, eval_ds, config.batch_size, config.device)
-            log.info("step %d/%d: train loss %.4f, eval loss %.4f, eval accuracy %.3f", step, steps, loss.item(),
-                     eval_loss, eval_acc)  # fmt: skip
-        curve.append((step, loss.item(), eval_loss if evaluated else None))
-        bar.set_postfix(loss=f"{loss.item():.4f}", eval=f"{eval_loss:.4f}")
-        bar.update()
-    bar.close()
-    model.eval()
-    return curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), time.perf_counter() - start
+
+def _check_precision(config: TrainConfig, dtype: str, device: str) -> None:
+    """Mixed precision the device can run, over a base it can run on: refused here in one line."""
+    on_cuda = device.startswith("cuda")
+    if config.fp16 and not on_cuda:
+        raise InvalidArgument("fp16 mixed precision needs a CUDA device (loss scaling); on a CPU train with bf16")
+    if config.bf16 and on_cuda and not torch.cuda.is_bf16_supported():
+        raise InvalidArgument(f"bf16: {torch.cuda.get_device_name()} has no bfloat16 (an Ampere or newer GPU has)")
+    if (config.bf16 and dtype == "float16") or (config.fp16 and dtype == "bfloat16"):
+        raise InvalidArgument(f"{config.mixed_precision} mixed precision over a {dtype} base: use one half type")
+    if config.bf16 and not on_cuda and not cpu_has_bf16():
+        log.warning("bf16 on a CPU without native bfloat16: emulated, expect it slower than float32")
+
+
+@contextmanager
+def _library_bars(shown: bool) -> Iterator[None]:
+    """transformers' and the Hub's own progress bars (loading and writing weights) off while ``shown`` is False."""
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            hf_logging.enable_progress_bar()
 
 
 def _export(
-    trainable: Any,
+    trainable: Trainable,
     model: torch.nn.Module,
     curve: list[Point],
     before: tuple[float, float],
     after: tuple[float, float],
     steps: int,
     seconds: float,
-    config: TrainConfig,
+    device: torch.device,
     out_dir: Path,
+    gathered: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/adapter`` (atomically) and the loss curve; return the run's metrics."""
+    """Write ``out_dir/adapter`` (atomically) and the loss curve; return the run's metrics. ``gathered``: the full
+    weights of a sharded run (DeepSpeed / FSDP), which only PEFT's methods allow and PEFT saves."""
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     metrics: dict[str, Any] = {
@@ -242,11 +172,14 @@ def _export(
         "trainable_pct": 100 * n_trainable / n_total,
         "steps": steps,
         "wall_seconds": seconds,
-        "peak_memory_bytes": _peak_memory_bytes(config.device),
+        "peak_memory_bytes": _peak_memory_bytes(device),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with building_dir(out_dir / "adapter") as tmp:
-        metrics |= trainable.export(tmp)
+        if gathered is None:
+            metrics |= trainable.export(tmp)
+        else:
+            trainable.model.save_pretrained(tmp, state_dict=gathered)
     write_csv(out_dir / "loss_curve.csv", curve)
     write_png(out_dir / "loss_curve.png", curve)
     return metrics
@@ -264,6 +197,146 @@ def _parent(config: TrainConfig, reg: Registry, parent: str, base_path: Path) ->
     return parent_manifest, parent_dir
 
 
+def _settings(config: TrainConfig, base: Path, data: str, eval_data: str | None, parent: str | None) -> dict:
+    """What a resumed run must share with the interrupted one (everything but where it reports)."""
+    recorded = {k: v for k, v in asdict(config).items() if k != "report_to"}
+    return {**recorded, "base": str(base.resolve()), "data": data, "eval_data": eval_data, "parent": parent}
+
+
+def _steps(config: TrainConfig, examples: int, per_step: int) -> int:
+    """Optimizer steps: ``steps``, else ``epochs`` passes of ``per_step`` examples each, else 200."""
+    if config.steps:
+        return config.steps
+    return max(1, round(config.epochs * math.ceil(examples / per_step))) if config.epochs else 200
+
+
+def _publish(
+    reg: Registry,
+    run: dict[str, Any],
+    metrics: dict[str, Any],
+    base_path: Path,
+    out_dir: Path,
+    push: str,
+    parent_manifest: Manifest | None,
+    data_digest: str,
+    aliases: Sequence[str],
+    visibility: str | None,
+    description: str,
+) -> Manifest:
+    lineage = Lineage(
+        parent=parent_manifest.ref if parent_manifest else None,
+        training_config=run,
+        data_digest=data_digest,
+        code_version=f"hotswap {__version__}",
+    )
+    return reg.publish(out_dir / "adapter", push, method=run["method"], base_fingerprint=fingerprint(base_path),
+                       aliases=list(aliases), lineage=lineage, metrics=metrics, visibility=visibility,
+                       description=description, check=base_checker(base_path))  # fmt: skip
+
+
+@dataclass
+class _Run:
+    """A run set up: Trainer's arguments, the data, and the method attached to the base."""
+
+    args: TrainingArguments
+    trainable: Trainable
+    train_ds: Dataset
+    eval_ds: Dataset
+    eval_source: str  # where the eval data comes from (the lineage's eval_data)
+    dtype: str  # the base's, as "auto" resolved
+    steps: int
+    per_step: int  # examples per optimizer step over all processes: the effective batch
+
+
+def _prepare(
+    config: TrainConfig,
+    base_path: Path,
+    data: str,
+    eval_data: str | None,
+    out_dir: Path,
+    parent_dir: Path | None,
+    resuming: bool,
+) -> _Run:
+    """Trainer's arguments (which start the process group under a launcher), then the base on this process's
+    device, the data, and the method attached (or the parent version loaded)."""
+    spec = trainable_methods()[config.method]
+    device = _device(config)
+    args = training_arguments(config, out_dir, config.lr or spec.lr, device, resuming)
+    dtype = resolve_dtype(config.dtype, base_path, device)
+    _check_precision(config, dtype, device)
+    model = load_model(base_path, dtype=torch_dtype(dtype), device=args.device)
+    train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
+    for ds in (train_ds, eval_ds):
+        top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
+        if top >= model.config.vocab_size:
+            raise InvalidArgument(
+                f"{ds.name}: token id {top} is outside the base's vocabulary ({model.config.vocab_size})"
+            )
+    per_step = args.train_batch_size * config.gradient_accumulation_steps * args.world_size
+    args.max_steps = steps = _steps(config, len(train_ds.examples), per_step)
+    torch.manual_seed(config.seed)
+    if parent_dir is not None:
+        trainable = spec.resume(model, parent_dir)
+    else:
+        first_losses = partial(_first_losses, train_ds, config.batch_size, args.device)
+        options = method_options(config.method, config.options)
+        trainable = spec.attach(model, options, AttachContext(steps, first_losses, config.seed))
+    trainable.model.to(args.device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(trainable.model)
+    return _Run(args, trainable, train_ds, eval_ds, eval_source, dtype, steps, per_step)
+
+
+def _fit(
+    run: _Run, config: TrainConfig, resume_from: Path | None, callbacks: Sequence[TrainerCallback]
+) -> tuple[HotswapTrainer, float]:
+    """Trainer's loop over the run; returns the trainer and the seconds it took. The model ends in eval mode, in
+    its own precision (mixed precision wraps its forward in autocast while it trains, evaluations included) and
+    with its KV-cache setting as it was (Trainer turns it off for training)."""
+    model = run.trainable.model
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("%s: %d trainable parameters (%.3f%%), %d steps of %d examples, lr %g, base in %s, %d process(es)",
+             config.method, n_trainable, 100 * n_trainable / n_total, run.steps, run.per_step, run.args.learning_rate,
+             run.dtype, run.args.world_size)  # fmt: skip
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    trainer = make_trainer(run.trainable, run.args, run.train_ds.examples, run.eval_ds.examples, callbacks)
+    start = time.perf_counter()
+    trainer.train_from(resume_from)
+    seconds = time.perf_counter() - start
+    trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)  # mixed precision's autocast off
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    return trainer, seconds
+
+
+def _lineage_config(
+    config: TrainConfig,
+    run: _Run,
+    options: Any,
+    parent_manifest: Manifest | None,
+    data: str,
+    eval_data: str | None,
+    resume_from: Path | None,
+) -> dict[str, Any]:
+    """The training config a published version records: the config, and what the run made of it."""
+    return {
+        **asdict(config),
+        "dtype": run.dtype,  # what "auto" resolved to
+        "options": asdict(options) if parent_manifest is None else {"from_parent": parent_manifest.ref},
+        "lr": run.args.learning_rate,
+        "steps": run.steps,
+        "data": data,
+        "eval_data": eval_data or run.eval_source,
+        "precision": config.mixed_precision,  # what forward and backward computed in (no: the weights' dtypes)
+        "lr_scheduler": config.scheduler(),  # transformers' name, warmup included
+        "world_size": run.args.world_size,
+        "effective_batch_size": run.per_step,
+        **({"resumed_from_step": int(resume_from.name.split("-")[1])} if resume_from else {}),
+    }
+
+
 def train(
     config: TrainConfig,
     base: str | os.PathLike[str],
@@ -278,66 +351,40 @@ def train(
     description: str = "",
     parent: str | None = None,
     quiet: bool = False,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train, evaluate, write ``out/adapter`` and the loss curve, and publish as ``push`` if given.
 
     ``parent`` (a ref in ``registry``) continues training from that published version; the new version
-    records it as its lineage parent."""
+    records it as its lineage parent. ``resume`` continues an interrupted run in ``out`` from its last
+    checkpoint (``save_steps``), with the same settings; it ends as the uninterrupted run would have.
+    ``callbacks``: more ``TrainerCallback``s (after the method's own)."""
     base_path, out_dir = Path(base), Path(out)
     if (out_dir / "adapter").exists():
         raise InvalidArgument(f"{out_dir / 'adapter'} already exists; train into a new --out directory")
     options = method_options(config.method, config.options)
+    check_checkpoint(base_path)
     reg = (registry if isinstance(registry, Registry) else Registry(registry)) if push or parent else None
     parent_manifest, parent_dir = _parent(config, reg, parent, base_path) if parent and reg else (None, None)
-    torch.manual_seed(config.seed)
-    dtype = resolve_dtype(config.dtype, base_path, config.device)
-    model = load_model(base_path, dtype=torch_dtype(dtype), device=config.device)
-    train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
-    for ds in (train_ds, eval_ds):
-        top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
-        if top >= model.config.vocab_size:
-            raise InvalidArgument(
-                f"{ds.name}: token id {top} is outside the base's vocabulary ({model.config.vocab_size})"
-            )
-    first_losses = partial(_first_losses, train_ds, config)
-    per_epoch = -(-len(train_ds.examples) // config.batch_size)
-    steps = config.steps or max(1, round(config.epochs * per_epoch) if config.epochs else 200)
-    if parent_dir is not None:
-        trainable = trainable_methods()[config.method].resume(model, parent_dir)
-    else:
-        trainable = trainable_methods()[config.method].attach(model, options, AttachContext(steps, first_losses))
-    model = trainable.model.to(config.device)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    lr = config.lr or trainable_methods()[config.method].lr
-    log.info("%s: %d trainable parameters (%.3f%%), %d steps, lr %g, base in %s", config.method, n_trainable,
-             100 * n_trainable / n_total, steps, lr, dtype)  # fmt: skip
-    curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), seconds = _fit(
-        model, trainable, params, train_ds, eval_ds, config, steps, lr, quiet
-    )
-    metrics = _export(trainable, model, curve, (eval_loss_start, eval_acc_start), (eval_loss, eval_acc), steps,
-                      seconds, config, out_dir)  # fmt: skip
-    manifest = None
-    if push is not None and reg is not None:
-        training_config = {
-            **asdict(config),
-            "dtype": dtype,  # what "auto" resolved to
-            "options": asdict(options) if parent_manifest is None else {"from_parent": parent_manifest.ref},
-            "lr": lr,
-            "steps": steps,
-            "data": data,
-            "eval_data": eval_data or eval_source,
-        }
-        lineage = Lineage(
-            parent=parent_manifest.ref if parent_manifest else None,
-            training_config=training_config,
-            data_digest=train_ds.digest,
-            code_version=f"hotswap {__version__}",
-        )
-        manifest = reg.publish(out_dir / "adapter", push, method=config.method, base_fingerprint=fingerprint(base_path),
-                               aliases=list(aliases), lineage=lineage, metrics=metrics, visibility=visibility,
-                               description=description, check=base_checker(base_path))  # fmt: skip
+    settings = _settings(config, base_path, data, eval_data, parent)
+    resume_from = checkpoints.start(out_dir, settings, resume)
+    with _library_bars(not quiet):
+        run = _prepare(config, base_path, data, eval_data, out_dir, parent_dir, resume_from is not None)
+        if resume_from is None and run.args.should_save:
+            checkpoints.record(out_dir, settings)
+        progress = Progress(f"train {config.method}", not quiet)
+        trainer, seconds = _fit(run, config, resume_from, [progress, *callbacks])
+        model, step = run.trainable.model, trainer.state.global_step
+        curve, evals = curve_of(trainer.state.log_history)
+        gathered = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.sharded else None
+        if not trainer.is_world_process_zero():  # the first process writes and publishes
+            return TrainResult(out_dir / "adapter", {}, curve, None, model, primary=False)
+        metrics = _export(run.trainable, model, curve, evals[0], evals[step], step, seconds, run.args.device, out_dir,
+                          gathered)  # fmt: skip
+        manifest = None
+        if push is not None and reg is not None:  # its check loads the base: under the same bars
+            lineage = _lineage_config(config, run, options, parent_manifest, data, eval_data, resume_from)
+            manifest = _publish(reg, lineage, metrics, base_path, out_dir, push, parent_manifest, run.train_ds.digest,
+                                aliases, visibility, description)  # fmt: skip
     return TrainResult(out_dir / "adapter", metrics, curve, manifest, model)

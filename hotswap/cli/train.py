@@ -65,11 +65,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        lr_scheduler=args.lr_scheduler,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        bf16=args.bf16,
+        fp16=args.fp16,
         seed=args.seed,
-        eval_every=args.eval_every,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        report_to=tuple(name for name in args.report_to.split(",") if name and name != "none"),
         device=args.device,
         gradient_checkpointing=args.gradient_checkpointing,
         dtype=args.dtype,
+        deepspeed=args.deepspeed,
+        fsdp=args.fsdp,
     )
     if args.alias and not args.push:
         raise InvalidArgument("--alias needs --push NAME")
@@ -87,7 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         description=args.description,
         parent=args.parent,
         quiet=args.quiet,
+        resume=args.resume,
     )
+    if not result.primary:  # another data-parallel process: the first one reports
+        return 0
     m = result.metrics
     print(
         f"trained {args.method}: eval loss {m['eval_loss_untrained']:.4f} -> {m['eval_loss']:.4f}, "
@@ -157,11 +171,12 @@ def _add_train(add: AddCommand) -> None:
     sp.add_argument("--parent", help="continue from this published version (same method), e.g. math@2")
     sp.add_argument("--steps", type=positive_int, help="optimizer steps (default 200)")
     sp.add_argument("--epochs", type=float, help="passes over the data, instead of --steps")
-    sp.add_argument("--lr", type=float, help="learning rate (default per method)")
-    sp.add_argument("--batch-size", type=positive_int, default=16)
-    sp.add_argument("--eval-every", type=positive_int, default=50)
+    sp.add_argument("--lr", type=float, help="peak learning rate (default per method)")
+    sp.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch in each process")
+    sp.add_argument("--eval-steps", "--eval-every", type=positive_int, default=50,
+                    help="steps between evaluations (also at the start and the end)")  # fmt: skip
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda or auto (under a launcher: each process's own GPU)")
     sp.add_argument(
         "--dtype",
         default="auto",
@@ -172,8 +187,40 @@ def _add_train(add: AddCommand) -> None:
     sp.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower"
     )
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    sp.defer(_add_method_options)  # the methods' options dataclasses come with torch: only for `train`
+    sp.add_argument("--quiet", action="store_true", help="no progress bars (ours, transformers' and the Hub's)")
+    sp.defer(_add_deferred)  # the scheduler table and the methods' options dataclasses come with torch
+
+
+def _add_deferred(sp: argparse.ArgumentParser) -> None:
+    """The options that import hotswap.train (and torch): added only when `train` itself is parsed."""
+    _add_scale_options(sp)
+    _add_method_options(sp)
+
+
+def _add_scale_options(sp: argparse.ArgumentParser) -> None:
+    """transformers Trainer's options, by its names (README, "Training at scale")."""
+    from hotswap.train.config import SCHEDULERS
+
+    group = sp.add_argument_group("training at scale (transformers' Trainer)")
+    accumulate = "micro-batches per optimizer step: effective batch = batch size x this x processes"
+    group.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help=accumulate)
+    group.add_argument("--lr-scheduler", choices=list(SCHEDULERS), default="linear",
+                       help="the learning rate after the warmup: linear or cosine decay to 0, or constant")  # fmt: skip
+    group.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps warming up from 0")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: never)")
+    precision = group.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="mixed precision: compute in bfloat16 (CPU or GPU)")
+    precision.add_argument("--fp16", action="store_true", help="mixed precision: compute in float16 (CUDA)")
+    group.add_argument("--save-steps", type=positive_int, help="checkpoint into --out every N steps (for --resume)")
+    resume = "continue the interrupted run in --out from its last checkpoint (same settings)"
+    group.add_argument("--resume", action="store_true", help=resume)
+    group.add_argument("--report-to", default="none", metavar="NAMES",
+                       help="comma-separated Trainer integrations: tensorboard (pip install 'hotswap[tensorboard]'), "
+                       "wandb, mlflow, ...; none (default)")  # fmt: skip
+    group.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config JSON (PEFT's methods only)")
+    group.add_argument("--fsdp", default="", metavar="OPTIONS",
+                       help="FSDP options, e.g. 'full_shard auto_wrap' (PEFT's methods only)")  # fmt: skip
 
 
 _OPTION = "method_option."  # namespace prefix of the method options' destinations

@@ -1,9 +1,10 @@
 """AdaLoRA through PEFT: SVD-form adapters (P Λ Q) whose rank budget is reallocated by importance
 during training, then published as plain LoRA files with each layer's final rank.
 
-PEFT does the method (``AdaLoraConfig``, ``update_and_allocate`` after each step). Two things are
-ours: the orthogonality penalty is added to our loss (PEFT adds it only to a loss the model computes
-from labels, and the trainer computes its own loss), and the export: PEFT saves AdaLoRA's SVD
+PEFT does the method (``AdaLoraConfig``, ``update_and_allocate`` after each optimizer step: a
+``TrainerCallback`` here, with the allocator's scores in checkpoints). Two things are ours: the
+orthogonality penalty is added to our loss (PEFT adds it only to a loss the model computes from
+labels, and the trainer computes its own loss), and the export: PEFT saves AdaLoRA's SVD
 triplets, which no LoRA server loads, so we keep the unpruned triplets of each layer and write
 B' = B[:, kept] · scale, A' = (A ⊙ E)[kept] -- the same delta, at the layer's final rank.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from peft import AdaLoraConfig, PeftModel
 from peft.tuners.adalora.layer import AdaLoraLayer
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
 from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, resolve_targets
@@ -61,9 +63,31 @@ class AdaLoraTrainable:
                 )
         return self.weight * torch.stack(terms).mean() if terms else None
 
-    def after_step(self, step: int) -> bool:
-        self.model.base_model.update_and_allocate(step)
-        return False
+    def callbacks(self) -> list[TrainerCallback]:
+        return [_BudgetStep(self.model)]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The rank allocator's importance scores and, once the budget is final, the rank pattern."""
+        allocator = self.model.base_model.rankallocator
+        out = {f"{kind}:{name}": t for kind in _SCORES for name, t in getattr(allocator, kind).items()}
+        pattern = self.model.peft_config["default"].rank_pattern or {}
+        return out | {f"rank_pattern:{name}": torch.tensor(kept, dtype=torch.bool) for name, kept in pattern.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        allocator = self.model.base_model.rankallocator
+        device = next(self.model.parameters()).device
+        for kind in _SCORES:
+            prefix = f"{kind}:"
+            setattr(
+                allocator,
+                kind,
+                {k.removeprefix(prefix): t.to(device) for k, t in state.items() if k.startswith(prefix)},
+            )
+        pattern = {
+            k.removeprefix("rank_pattern:"): t.tolist() for k, t in state.items() if k.startswith("rank_pattern:")
+        }
+        if pattern:
+            self.model.peft_config["default"].rank_pattern = pattern
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
@@ -77,6 +101,20 @@ class AdaLoraTrainable:
     def export(self, out: Path) -> dict[str, float]:
         ranks = write_lora_factors(out, self.factors())
         return {"adalora_final_rank_total": float(sum(ranks.values())), "adalora_layers": float(len(ranks))}
+
+
+_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator: importance, its averages, uncertainty
+
+
+class _BudgetStep(TrainerCallback):
+    """PEFT's ``update_and_allocate`` after each optimizer step, while the gradients are still there (it scores
+    importance by |p · grad|); the 1-based step number, as PEFT's budget schedule counts."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+
+    def on_optimizer_step(self, args: object, state: TrainerState, control: TrainerControl, **kwargs: object) -> None:
+        self.model.base_model.update_and_allocate(state.global_step + 1)
 
 
 def attach_adalora(model: torch.nn.Module, opts: AdaLoraOptions, steps: int) -> AdaLoraTrainable:

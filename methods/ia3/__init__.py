@@ -11,7 +11,7 @@ from hotswap.methods.spec import MethodSpec
 IA3 = MethodSpec(
     "ia3", "learned scales on keys, values and the feed-forward input (PEFT's IA3)", load_ia3, IA3Options,
     lambda m, o, _: attach_ia3(m, o), 3e-2, resume_peft, random=lambda base, outs, _: random_ia3s(base, outs),
-    peft=True,
+    peft=True, sharding=True,
 )  # fmt: skip
 
 __all__ = ["IA3", "IA3Options", "random_ia3s"]

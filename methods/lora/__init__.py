@@ -18,10 +18,12 @@ def _random(dora: bool):
 LORA = MethodSpec(
     "lora", "low-rank update (alpha/r) B A on the target linears (PEFT)", load_lora, LoraOptions,
     lambda m, o, _: attach_lora(m, o, dora=False), 5e-3, resume_peft, random=_random(False), peft=True,
+    sharding=True,
 )  # fmt: skip
 DORA = MethodSpec(
     "dora", "LoRA with a learned per-output magnitude (PEFT's DoRA)", load_lora, LoraOptions,
     lambda m, o, _: attach_lora(m, o, dora=True), 5e-3, resume_peft, random=_random(True), peft=True,
+    sharding=True,
 )  # fmt: skip
 
 __all__ = ["DORA", "LORA", "LoraOptions", "RandomLoraConfig", "random_lora", "random_loras"]

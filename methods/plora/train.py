@@ -5,7 +5,8 @@ Offload with momentum m, per adapted linear (scale s = alpha / r):
     W <- W + (1 - m) · s · B A,    A <- m · A,    B <- m · B
 m = 0 is a full offload and restart: B = 0 and A re-initialised (PEFT's LoRA init). The optimizer's
 moments are reset at each offload (the factors restart). PEFT has no PLoRA, so this is ours, on top
-of PEFT's LoRA layers.
+of PEFT's LoRA layers. The offload is a ``TrainerCallback`` at the end of every K-th optimizer step;
+checkpoints carry each offload's factors, and a resumed run replays them into the backbone it loads.
 
 The served base stays frozen, so the artifact carries the accumulated delta
     ΔW = Σ_t (1 - m) · s · B_t A_t + s · B A   (the offloaded parts, then the live factors)
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
 from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
@@ -56,15 +59,25 @@ class PLoraOptions:
             raise InvalidArgument("svd_rank must be >= 1 and goes with export='svd'")
 
 
+def _offloaded_b(b: torch.Tensor, momentum: float, scale: float) -> torch.Tensor:
+    """The B factor of an offloaded part: (1 - m) · s · B, so that part_b @ A is what the offload added."""
+    return b * ((1 - momentum) * scale)
+
+
+def fold(layer: LoraLayer, adapter: str, b: torch.Tensor, a: torch.Tensor, momentum: float) -> None:
+    """W <- W + (1 - m) · s · B A in the training copy of the backbone (an offload, or its replay on resume)."""
+    base = layer.get_base_layer().weight
+    with torch.no_grad():
+        base += ((1 - momentum) * layer.scaling[adapter] * (b @ a)).to(base.dtype)
+
+
 def offload(layer: LoraLayer, adapter: str, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One offload of ``layer`` (see the module docstring); returns the offloaded (B·(1-m)·s, A) pair."""
     a = layer.lora_A[adapter].weight
     b = layer.lora_B[adapter].weight
-    s = layer.scaling[adapter]
     with torch.no_grad():
-        part_b, part_a = (b * ((1 - momentum) * s)).detach().clone(), a.detach().clone()
-        base = layer.get_base_layer().weight
-        base += ((1 - momentum) * s * (b @ a)).to(base.dtype)
+        part_b, part_a = _offloaded_b(b, momentum, layer.scaling[adapter]).detach().clone(), a.detach().clone()
+        fold(layer, adapter, b, a, momentum)
         if momentum == 0:
             layer.reset_lora_parameters(adapter, init_lora_weights=True)  # B = 0, A re-initialised
         else:
@@ -77,6 +90,7 @@ def offload(layer: LoraLayer, adapter: str, momentum: float) -> tuple[torch.Tens
 class PLoraTrainable(PlainSteps):
     model: PeftModel
     options: PLoraOptions
+    # per layer, the live (B, A) of each offload so far, on the CPU: what export and a resume replay from
     offloaded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -88,22 +102,47 @@ class PLoraTrainable(PlainSteps):
             if isinstance(m, LoraLayer) and "default" in m.lora_A
         }
 
-    def after_step(self, step: int) -> bool:
-        """Offload every ``period`` steps; True means the optimizer's state must restart."""
-        if step % self.options.period:
-            return False
+    def offload_all(self) -> None:
         for name, layer in self._layers().items():
-            b, a = offload(layer, "default", self.options.momentum)
-            self.offloaded.setdefault(name, []).append((b.cpu(), a.cpu()))
-        return True
+            live = tuple(f["default"].weight.detach().to("cpu", copy=True) for f in (layer.lora_B, layer.lora_A))
+            offload(layer, "default", self.options.momentum)
+            self.offloaded.setdefault(name, []).append(live)
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [_Offload(self)]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{t}.{part}": tensor
+            for name, parts in self.offloaded.items()
+            for t, pair in enumerate(parts)
+            for part, tensor in zip(("lora_B", "lora_A"), pair, strict=True)
+        }
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replay the checkpoint's offloads into the freshly loaded backbone: the same additions in the same order
+        on the same device, so the backbone is bit-exact what the interrupted run had."""
+        self.offloaded = {}
+        for name, layer in self._layers().items():
+            device = layer.lora_A["default"].weight.device
+            t = 0
+            while f"{name}.{t}.lora_B" in state:
+                b, a = state.pop(f"{name}.{t}.lora_B"), state.pop(f"{name}.{t}.lora_A")
+                fold(layer, "default", b.to(device), a.to(device), self.options.momentum)
+                self.offloaded.setdefault(name, []).append((b, a))
+                t += 1
+        if state:
+            raise InvalidArgument(f"PLoRA checkpoint state names layers this model lacks: {', '.join(sorted(state))}")
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, (B, A) whose product is the whole accumulated delta ΔW (scale 1)."""
         out = {}
+        m = self.options.momentum
         for name, layer in self._layers().items():
-            live_b = (layer.lora_B["default"].weight * layer.scaling["default"]).detach().cpu()
+            s = layer.scaling["default"]
+            live_b = (layer.lora_B["default"].weight * s).detach().cpu()
             live_a = layer.lora_A["default"].weight.detach().cpu()
-            parts = [*self.offloaded.get(name, []), (live_b, live_a)]
+            parts = [*((_offloaded_b(b, m, s), a) for b, a in self.offloaded.get(name, [])), (live_b, live_a)]
             b = torch.cat([p[0] for p in parts], dim=1)
             a = torch.cat([p[1] for p in parts], dim=0)
             if self.options.export == "svd":
@@ -126,6 +165,20 @@ class PLoraTrainable(PlainSteps):
         ranks = write_lora_factors(out, self.factors())
         offloads = max((len(v) for v in self.offloaded.values()), default=0)
         return {"plora_offloads": float(offloads), "plora_exported_rank": float(max(ranks.values())), **self.metrics}
+
+
+class _Offload(TrainerCallback):
+    """Every ``period`` optimizer steps: offload, and restart the optimizer's moments (the factors restart)."""
+
+    def __init__(self, trainable: PLoraTrainable) -> None:
+        self.trainable = trainable
+
+    def on_step_end(
+        self, args: object, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kwargs: object
+    ) -> None:
+        if state.global_step % self.trainable.options.period == 0:
+            self.trainable.offload_all()
+            optimizer.state.clear()
 
 
 def attach_plora(model: torch.nn.Module, opts: PLoraOptions) -> PLoraTrainable:

@@ -12,6 +12,7 @@ PREFIX = MethodSpec(
     "prefix", "learned key/value prefix in every layer (PEFT)", load_prefix, VirtualTokenOptions,
     lambda m, o, _: attach_prefix(m, o), 3e-2, resume_peft, checkpointing=False,
     random=lambda base, outs, _: random_prefixes(base, outs, num_virtual_tokens=16), context=True, peft=True,
+    sharding=True,
 )  # fmt: skip
 
 __all__ = ["PREFIX", "VirtualTokenOptions", "random_prefix", "random_prefixes"]

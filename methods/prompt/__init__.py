@@ -12,6 +12,7 @@ PROMPT = MethodSpec(
     "prompt", "learned virtual-token embeddings before the prompt (PEFT)", load_prompt, VirtualTokenOptions,
     lambda m, o, _: attach_prompt(m, o), 1e-1, resume_peft,
     random=lambda base, outs, _: random_prompts(base, outs, num_virtual_tokens=16), context=True, peft=True,
+    sharding=True,
 )  # fmt: skip
 
 __all__ = ["PROMPT", "random_prompt", "random_prompts"]

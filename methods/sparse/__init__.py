@@ -10,12 +10,13 @@ from hotswap.methods.spec import MethodSpec
 
 FISHMASK = MethodSpec(
     "fishmask", "a fixed mask of the weights with the most Fisher information", load_sparse, SparseOptions,
-    lambda m, o, ctx: attach_sparse(m, o, "fishmask", ctx.loss_batches), 3e-2,
+    lambda m, o, ctx: attach_sparse(m, o, "fishmask", ctx.loss_batches, ctx.seed), 3e-2, weight_decay=False,
     random=lambda base, outs, _: random_sparses(base, outs, "fishmask", density=0.005),
 )  # fmt: skip
 CHILD_TUNING = MethodSpec(
     "child-tuning", "a child network of the weights (Fisher mask, or per-step Bernoulli)", load_sparse,
-    ChildTuningOptions, lambda m, o, ctx: attach_sparse(m, o, "child-tuning", ctx.loss_batches), 1e-3,
+    ChildTuningOptions, lambda m, o, ctx: attach_sparse(m, o, "child-tuning", ctx.loss_batches, ctx.seed), 1e-3,
+    weight_decay=False,
     random=lambda base, outs, _: random_sparses(base, outs, "child-tuning", density=0.2),
 )  # fmt: skip
 

@@ -5,14 +5,16 @@
   all target layers; only masked weights train.
 - ``child-tuning``: the "child network". Variant ``d`` (task-driven, default) selects it like
   FishMask, by Fisher information, typically denser (``density`` 0.2). Variant ``f`` (task-free)
-  draws a fresh Bernoulli(``density``) mask over the gradients at every step and scales kept
+  draws a fresh Bernoulli(``density``) mask over the gradients at every optimizer step (seeded by the
+  run's seed, the step and the layer, so every micro-batch and process of a step agrees) and scales kept
   gradients by 1/density; the published delta is whatever changed, so it densifies with steps
   (about 1 - (1 - density)^steps of the weights).
 
 PEFT has neither, so they are ours. The mask is applied to the gradients (hooks), and AdamW without
 weight decay never moves a weight whose gradient is always zero, so untouched weights stay bit-exact
-(tested). The optimizer keeps dense moments for the target matrices: memory like full fine-tuning of
-those layers (a sparse optimizer would fix that; not needed at the sizes served here).
+(tested); weight decay would move every weight, so these methods refuse it (``MethodSpec.weight_decay``).
+The optimizer keeps dense moments for the target matrices: memory like full fine-tuning of those
+layers (a sparse optimizer would fix that; not needed at the sizes served here).
 
 Artifact: ``hotswap.methods.sparse.artifact.write_sparse`` (flat indices + values per linear).
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
 from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
@@ -100,6 +103,20 @@ class SparseTrainable(PlainSteps):
     weights: dict[str, torch.nn.Parameter]  # module name -> its trainable weight
     start: dict[str, torch.Tensor]  # the weights before training
     masks: dict[str, torch.Tensor] | None  # fixed masks (fishmask, child-tuning d); None for variant f
+    seed: int = 0  # variant f: its masks are drawn from (seed, step, layer)
+    step: int = 0  # variant f: the optimizer step being computed (0-based), set at each step's start
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [] if self.masks is not None else [_StepMasks(self)]
+
+    def bernoulli(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """Variant f: ``grad`` masked by a fresh Bernoulli(p) draw, kept entries scaled by 1/p. The draw depends on
+        (seed, step, layer) only, so the micro-batches of a step, data-parallel processes and a resumed run all
+        draw the same mask."""
+        p = self.options.density
+        key = ((self.seed * 1_000_003 + self.step) * 1_000_003 + index) % 2**63  # one seed per (seed, step, layer)
+        gen = torch.Generator(grad.device).manual_seed(key)
+        return grad * (torch.rand(grad.shape, generator=gen, device=grad.device) < p) / p
 
     def export(self, out: Path) -> dict[str, float]:
         deltas = {}
@@ -115,11 +132,20 @@ class SparseTrainable(PlainSteps):
         return {"trainable_params": nnz, "trainable_pct": 100 * nnz / everything, "sparse_density": nnz / total}
 
 
+class _StepMasks(TrainerCallback):
+    def __init__(self, trainable: SparseTrainable) -> None:
+        self.trainable = trainable
+
+    def on_step_begin(self, args: object, state: TrainerState, control: TrainerControl, **kwargs: object) -> None:
+        self.trainable.step = state.global_step
+
+
 def attach_sparse(
     model: torch.nn.Module,
     opts: SparseOptions,
     method: str,
     loss_batches: Callable[[torch.nn.Module, int], Iterator[torch.Tensor]],
+    seed: int,
 ) -> SparseTrainable:
     """Freeze everything but the target linears' weights, pick the mask, and hook the gradients."""
     model.requires_grad_(False)
@@ -134,10 +160,11 @@ def attach_sparse(
     masks = None
     if getattr(opts, "variant", "d") == "d":
         masks = top_mask(fisher_information(weights, loss_batches(model, opts.fisher_batches)), opts.density)
-        for name, w in weights.items():
+    trainable = SparseTrainable(model, method, opts, weights, start, masks, seed)
+    for index, (name, w) in enumerate(weights.items()):
+        if masks is not None:
             mask = masks[name].to(w.device)
             w.register_hook(lambda g, m=mask: g * m)
-    else:  # task-free: a fresh Bernoulli mask per step, kept gradients scaled by 1/p
-        for w in weights.values():
-            w.register_hook(lambda g: g * (torch.rand_like(g) < opts.density) / opts.density)
-    return SparseTrainable(model, method, opts, weights, start, masks)
+        else:  # task-free: a fresh Bernoulli mask per step, kept gradients scaled by 1/p
+            w.register_hook(lambda g, i=index: trainable.bernoulli(i, g))
+    return trainable

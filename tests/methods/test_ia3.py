@@ -50,7 +50,7 @@ def test_trained_ia3_serves_equal_to_peft(tiny_base: Path, tmp_path: Path) -> No
     """hotswap train --method ia3 through PEFT, published; the engine's row (beside a base row and a LoRA row)
     equals PEFT's IA3 model, logits and greedy tokens."""
     result = train(
-        TrainConfig(method="ia3", steps=40, batch_size=8, eval_every=20, lr=0.3),
+        TrainConfig(method="ia3", steps=40, batch_size=8, eval_steps=20, lr=0.3),
         tiny_base,
         "builtin:mapping",
         tmp_path / "run",

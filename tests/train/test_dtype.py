@@ -26,7 +26,7 @@ def _dtypes(model: torch.nn.Module, trainable: bool) -> set[torch.dtype]:
 
 
 def test_bf16_lora_trains_float32_adapters_that_peft_loads(trainable_base: Path, tmp_path: Path) -> None:
-    config = TrainConfig(method="lora", steps=30, eval_every=30, dtype="bfloat16")
+    config = TrainConfig(method="lora", steps=30, eval_steps=30, dtype="bfloat16")
     result = train(config, trainable_base, "builtin:mapping", tmp_path / "run", quiet=True)
     m = result.metrics
     assert m["eval_loss"] < m["eval_loss_untrained"] - 1.0, m
@@ -49,7 +49,7 @@ def test_bf16_keeps_every_methods_trainable_weights_float32(
 ) -> None:
     """Our own methods (bitfit, bottleneck, proxy's expert) as well as PEFT's."""
     options = {"small_model": str(trainable_small)} if method == "proxy" else {}
-    config = TrainConfig(method=method, options=options, steps=3, eval_every=3, dtype="bfloat16")
+    config = TrainConfig(method=method, options=options, steps=3, eval_steps=3, dtype="bfloat16")
     result = train(config, trainable_base, "builtin:mapping", tmp_path / "run", quiet=True)
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_untrained"]
     assert _dtypes(result.model, trainable=True) == {torch.float32}

@@ -25,7 +25,7 @@ R = 8
 @pytest.fixture(scope="module")
 def dylora_run(trainable_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path]:
     root = tmp_path_factory.mktemp("dylora")
-    config = TrainConfig(method="dylora", options={"rank": R}, steps=200, eval_every=100)
+    config = TrainConfig(method="dylora", options={"rank": R}, steps=200, eval_steps=100)
     result = train(
         config, trainable_base, "builtin:mapping", root / "run", push="dy", registry=root / "reg", quiet=True
     )

@@ -61,7 +61,7 @@ def _expected_targets(method: str, family: str) -> set[str] | None:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_on_every_family(method: str, family: str, family_bases: Bases, tmp_path: Path) -> None:
     base, small = family_bases(family)
-    config = TrainConfig(method=method, options=_options(method, small), steps=2, eval_every=2, batch_size=8)
+    config = TrainConfig(method=method, options=_options(method, small), steps=2, eval_steps=2, batch_size=8)
     result = train(config, base, "builtin:mapping", tmp_path / "run", quiet=True)
     m = result.metrics
     assert m["eval_loss"] != m["eval_loss_untrained"] and m["trainable_params"] > 0
@@ -102,6 +102,6 @@ def test_every_method_has_a_family_to_learn_on() -> None:
 @pytest.mark.parametrize(("method", "family"), LEARNS_ON.items())
 def test_method_lowers_the_eval_loss(method: str, family: str, family_bases: Bases, tmp_path: Path) -> None:
     base, small = family_bases(family)
-    config = TrainConfig(method=method, options=_options(method, small), steps=40, eval_every=40)
+    config = TrainConfig(method=method, options=_options(method, small), steps=40, eval_steps=40)
     m = train(config, base, "builtin:mapping", tmp_path / "run", quiet=True).metrics
     assert m["eval_loss"] < m["eval_loss_untrained"] - 0.5, m

@@ -59,7 +59,7 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 def test_published_delta_reproduces_the_trained_model(
     trainable_base: Path, tmp_path: Path, options: dict, rank: int
 ) -> None:
-    config = TrainConfig(method="plora", options={"rank": 4, "period": 20, **options}, steps=60, eval_every=30)
+    config = TrainConfig(method="plora", options={"rank": 4, "period": 20, **options}, steps=60, eval_steps=30)
     result = train(config, trainable_base, "builtin:mapping", tmp_path / "run", push="p", registry=tmp_path / "reg",
                    quiet=True)  # fmt: skip
     m = result.metrics
@@ -84,7 +84,7 @@ def test_published_delta_reproduces_the_trained_model(
 
 def test_plora_beats_lora_at_a_too_small_rank(trainable_base: Path, tmp_path: Path) -> None:
     """Same rank 1, same steps: the accumulated update of PLoRA reaches higher rank than LoRA's."""
-    common = {"steps": 300, "eval_every": 300, "seed": 0}
+    common = {"steps": 300, "eval_steps": 300, "seed": 0}
     targets = {"target_modules": ("down_proj",)}
     lora = train(TrainConfig(method="lora", options={"rank": 1, **targets}, **common), trainable_base,
                  "builtin:mapping", tmp_path / "lora", quiet=True)  # fmt: skip

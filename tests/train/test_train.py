@@ -35,7 +35,7 @@ def runs(
     out = {}
     for method in METHODS:
         options = {"small_model": str(trainable_small)} if method == "proxy" else {}
-        config = TrainConfig(method=method, options=options, steps=150, eval_every=50, seed=0)
+        config = TrainConfig(method=method, options=options, steps=150, eval_steps=50, seed=0)
         result = train(config, trainable_base, "builtin:mapping", root / method, push=f"t-{method}",
                        registry=registry, aliases=["staging"], quiet=True)  # fmt: skip
         out[method] = (result, registry)
@@ -109,7 +109,7 @@ def test_trains_on_jsonl_text(tmp_path: Path) -> None:
     colours = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "pink"]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"the colour {c} is", "completion": c}) + "\n" for c in colours * 4))
-    result = train(TrainConfig(method="lora", steps=60, eval_every=30), base, str(data), tmp_path / "run", quiet=True)
+    result = train(TrainConfig(method="lora", steps=60, eval_steps=30), base, str(data), tmp_path / "run", quiet=True)
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_untrained"] - 1.0
     assert result.manifest is None and (result.artifact / "adapter_config.json").is_file()
 
@@ -189,7 +189,7 @@ def test_gradient_checkpointing_trains_the_same(
     options = {"small_model": str(trainable_small)} if method == "proxy" else {}
     results = {}
     for ckpt in (False, True):
-        config = TrainConfig(method=method, options=options, steps=4, eval_every=4, gradient_checkpointing=ckpt)
+        config = TrainConfig(method=method, options=options, steps=4, eval_steps=4, gradient_checkpointing=ckpt)
         results[ckpt] = train(config, trainable_base, "builtin:mapping", tmp_path / str(ckpt), quiet=True)
     layers = [m for m in results[True].model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers and not any(getattr(m, "gradient_checkpointing", False) for m in results[False].model.modules())
@@ -215,7 +215,7 @@ def test_cli_gradient_checkpointing(tmp_path: Path, trainable_base: Path, capsys
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
 def test_fine_tune_further_from_a_parent(runs: dict, method: str, trainable_base: Path, tmp_path: Path) -> None:
     first, registry = runs[method]
-    config = TrainConfig(method=method, steps=30, eval_every=30, seed=1)
+    config = TrainConfig(method=method, steps=30, eval_steps=30, seed=1)
     child = train(config, trainable_base, "builtin:mapping", tmp_path / "child", push=f"t-{method}",
                   registry=registry, parent=f"t-{method}:staging", quiet=True)  # fmt: skip
     assert child.manifest is not None and child.manifest.lineage.parent == f"t-{method}@1"
@@ -269,10 +269,10 @@ def test_sparse_methods_touch_only_masked_weights(runs: dict, method: str, train
 
 def test_child_tuning_task_free_variant(trainable_base: Path, tmp_path: Path) -> None:
     """Bernoulli(p) gradient masks per step: after t steps about 1 - (1 - p)^t of the weights moved."""
-    config = TrainConfig(method="child-tuning", options={"variant": "f", "density": 0.3}, steps=40, eval_every=40)
+    config = TrainConfig(method="child-tuning", options={"variant": "f", "density": 0.3}, steps=40, eval_steps=40)
     m = train(config, trainable_base, "builtin:mapping", tmp_path / "run", quiet=True).metrics
     assert m["eval_loss"] < m["eval_loss_untrained"] - 0.5
-    short = TrainConfig(method="child-tuning", options={"variant": "f", "density": 0.3}, steps=2, eval_every=2)
+    short = TrainConfig(method="child-tuning", options={"variant": "f", "density": 0.3}, steps=2, eval_steps=2)
     m2 = train(short, trainable_base, "builtin:mapping", tmp_path / "short", quiet=True).metrics
     assert abs(m2["sparse_density"] - (1 - 0.7**2)) < 0.02 and m["sparse_density"] > 0.99
 
