@@ -403,8 +403,9 @@ def stream_rows(
 
 
 def training(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
-    """Peak memory and step time per training method vs full fine-tuning (hotswap.bench.training), at a
-    quarter of the workload's batch (full fine-tuning of W1 on a CPU is slow) and its full length."""
+    """Peak memory and step time per training method vs full fine-tuning, and of hotswap train's Trainer path
+    (fp32 and bf16) vs the hand-written loop it replaced (hotswap.bench.training), at a quarter of the
+    workload's batch (full fine-tuning of W1 on a CPU is slow) and its full length."""
     w = fx.workload
     batch = max(1, w.batch // 4)
     rows = train_bench(str(fx.base), batch, w.prompt + w.new_tokens, 3, w.device, str(fx.proxy_small()))

@@ -1,38 +1,52 @@
-"""``hotswap bench train``: peak memory and step time of each training method vs full fine-tuning.
+"""``hotswap bench train``: peak memory and step time of each training method vs full fine-tuning, and of
+``hotswap train``'s Trainer path (fp32 and bf16 mixed precision) vs the hand-written loop it replaced.
 
-Each method runs in a fresh process (``python -m hotswap.bench.training``), so one method's allocator
+Each figure comes from a fresh process (``python -m hotswap.bench.training``), so one method's allocator
 state cannot inflate another's peak. A worker loads the base, attaches the method exactly as
 ``hotswap train`` does (or makes every weight trainable, for full fine-tuning; PLoRA offloads every
 2 steps so its offloads are measured; proxy-tuning fine-tunes the small model given, beside the
-loaded base and anti-expert), and times AdamW steps on a fixed random batch of the workload's shape
-(batch x (prompt + new_tokens) tokens, loss on every token). Each method runs twice: as is, and with
-gradient checkpointing (``hotswap train --gradient-checkpointing``; its ratios are against full
-fine-tuning checkpointed the same way). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
-the peak RSS above the RSS after imports (the model, gradients, optimizer state and activations,
-without the Python/torch runtime), measured in a worker of its own with glibc's mmap threshold fixed
-at 64 KiB (:data:`MEMORY_ENV`): every tensor then has its own mapping, returned to the OS when freed,
-so the peak is that of live memory. With glibc's adaptive threshold, tensors freed between steps
-stay in its heap, and how much stays depends on the allocation pattern, not on what a method needs
-(LoRA measured ~900 MB above its live peak that way; ``malloc_trim`` gave it back). Step times come
-from a worker with the default allocator (a mapping per tensor slows every step).
+loaded base and anti-expert), and times optimizer steps on a fixed random batch of the workload's shape
+(batch x (prompt + new_tokens) tokens, loss on every token) along one of three paths (:data:`PATHS`):
+
+- ``loop``: the step ``hotswap train`` ran by hand before it moved to transformers' Trainer: forward, the
+  method's penalty, backward, clipping to norm 1, ``torch.optim.AdamW``, a linear decay, and the method's
+  callbacks called as Trainer calls them. Full fine-tuning runs this path only, as the reference.
+- ``trainer``: ``hotswap train``'s own path, ``hotswap.train.hf.HotswapTrainer`` with the arguments
+  ``hotswap train`` builds (Trainer's default fused AdamW, logging every step) but no evaluation; a step is
+  the time between two step ends, so it includes loading the batch and logging.
+- ``trainer-bf16``: the same with ``--bf16`` (autocast in bfloat16).
+
+The loop also runs with gradient checkpointing (``hotswap train --gradient-checkpointing``; its ratios are
+against full fine-tuning checkpointed the same way). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on
+CPU the peak RSS above the RSS after imports (the model, gradients, optimizer state and activations, without
+the Python/torch runtime), measured in a worker of its own with glibc's mmap threshold fixed at 64 KiB
+(:data:`MEMORY_ENV`): every tensor then has its own mapping, returned to the OS when freed, so the peak is that
+of live memory. With glibc's adaptive threshold, tensors freed between steps stay in its heap, and how much
+stays depends on the allocation pattern, not on what a method needs (LoRA measured ~900 MB above its live peak
+that way; ``malloc_trim`` gave it back). Step times come from a worker with the default allocator (a mapping
+per tensor slows every step).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 FULL = "full"
+PATHS = ("loop", "trainer", "trainer-bf16")
 
 
 def methods() -> tuple[str, ...]:
@@ -50,77 +64,158 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(
-    method: str, base: str, batch: int, length: int, steps: int, device: str, small_model: str, checkpointing: bool
-) -> dict[str, Any]:
-    """One method's figures (run inside the worker process)."""
-    from hotswap.basemodel import load_model
-    from hotswap.train.data import Example
-    from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options, trainable_methods
-    from hotswap.train.trainer import token_losses
+def _options(method: str, small_model: str) -> dict[str, Any]:
+    return {"plora": {"period": 2}, "proxy": {"small_model": small_model}}.get(method, {})
 
-    baseline = _rss_bytes()
+
+def _attached(method: str, base: str, examples: list[Any], steps: int, device: str, small_model: str) -> Any:
+    """The base with ``method`` attached as ``hotswap train`` attaches it (None for full fine-tuning: every weight
+    of the base trains), and the model to train."""
+    from hotswap.basemodel import load_model
+    from hotswap.train.loss import collate, to_device, token_losses
+    from hotswap.train.methods import AttachContext, method_options, trainable_methods
+
     torch.manual_seed(0)
     model = load_model(base, device=device)
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    examples = [Example([], torch.randint(0, vocab, (length,), generator=g).tolist()) for _ in range(batch)]
     if method == FULL:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        trainable = None
-    else:
-        options = {"plora": {"period": 2}, "proxy": {"small_model": small_model}}.get(method, {})
+        return None, model.requires_grad_(True)
+    batch = to_device(collate(examples), device)
 
-        def losses(m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:  # Fisher batches (sparse methods)
-            return (token_losses(m, examples, device)[0].mean() for _ in range(n))
+    def losses(m: torch.nn.Module, n: int) -> Iterator[torch.Tensor]:  # Fisher batches (sparse methods)
+        return (token_losses(m, batch).mean() for _ in range(n))
 
-        context = AttachContext(steps, losses)
-        trainable = trainable_methods()[method].attach(model, method_options(method, options), context)
-        model = trainable.model.to(device)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
+    options = method_options(method, _options(method, small_model))
+    trainable = trainable_methods()[method].attach(model, options, AttachContext(steps, losses))
+    return trainable, trainable.model.to(device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _loop(model: torch.nn.Module, trainable: Any, examples: list[Any], steps: int, device: str) -> list[float]:
+    """The hand-written step (see the module docstring); each step's seconds."""
+    from transformers import TrainerControl, TrainerState
+
+    from hotswap.train.loss import collate, to_device, token_losses
+
+    batch = to_device(collate(examples), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))
+    callbacks, state, control = trainable.callbacks() if trainable else [], TrainerState(), TrainerControl()
+
+    def event(name: str) -> None:
+        for callback in callbacks:
+            getattr(callback, name)(None, state, control, model=model, optimizer=optimizer)
+
+    model.train()
     times = []
-    for step in range(1, steps + 1):
+    for _ in range(steps):
         start = time.perf_counter()
-        loss = token_losses(model, examples, device)[0].mean()
+        event("on_step_begin")
+        loss = token_losses(model, batch).mean()
         penalty = trainable.penalty() if trainable is not None else None
         optimizer.zero_grad(set_to_none=True)
         (loss if penalty is None else loss + penalty).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if trainable is not None and trainable.after_step(step):
-            optimizer.state.clear()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        event("on_optimizer_step")
+        schedule.step()
+        state.global_step += 1
+        event("on_step_end")
+        _sync(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def _trainer(
+    method: str, trainable: Any, examples: list[Any], steps: int, device: str, small_model: str, bf16: bool
+) -> list[float]:
+    """``hotswap train``'s Trainer over the same batch; each step's seconds (step end to step end)."""
+    from transformers import TrainerCallback
+
+    from hotswap.train.config import TrainConfig
+    from hotswap.train.hf import make_trainer, training_arguments
+
+    ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_begin(self, args: object, state: object, control: object, **kwargs: object) -> None:
+            if not ends:
+                ends.append(time.perf_counter())
+
+        def on_step_end(self, args: object, state: object, control: object, **kwargs: object) -> None:
+            _sync(device)
+            ends.append(time.perf_counter())
+
+    config = TrainConfig(method, _options(method, small_model), steps=steps, batch_size=len(examples), bf16=bf16,
+                         device=device)  # fmt: skip
+    with tempfile.TemporaryDirectory() as run_dir:  # no evaluation: the loop has none either
+        args = training_arguments(config, Path(run_dir), 1e-4, device, resume=False, evaluate=False)
+        args.max_steps = steps
+        make_trainer(trainable, args, examples * steps, examples[:1], [StepEnds()]).train()
+    return [b - a for a, b in itertools.pairwise(ends)]
+
+
+def measure(
+    method: str,
+    base: str,
+    batch: int,
+    length: int,
+    steps: int,
+    device: str,
+    small_model: str,
+    checkpointing: bool,
+    path: str = "loop",
+) -> dict[str, Any]:
+    """One method's figures along one path (run inside the worker process)."""
+    from hotswap.train.data import Example
+    from hotswap.train.methods import enable_gradient_checkpointing
+
+    baseline = _rss_bytes()
+    g = torch.Generator().manual_seed(0)
+    vocab = json.loads((Path(base) / "config.json").read_text())["vocab_size"]
+    examples = [Example([], torch.randint(0, vocab, (length,), generator=g).tolist()) for _ in range(batch)]
+    trainable, model = _attached(method, base, examples, steps, device, small_model)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if path == "loop":
+        times = _loop(model, trainable, examples, steps, device)
+    else:
+        times = _trainer(method, trainable, examples, steps, device, small_model, path == "trainer-bf16")
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return {
         "method": method,
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": params,
         "step_s": statistics.median(times[1:] if len(times) > 1 else times),  # the first step warms up
         "peak_memory_mb": peak / 2**20,
     }
 
 
 def train_bench(base: str, batch: int, length: int, steps: int, device: str, small_model: str) -> list[dict[str, Any]]:
-    """Every method in its own process, without and with gradient checkpointing; ratios against full
-    fine-tuning from the same run and mode. ``small_model``: the checkpoint proxy-tuning fine-tunes."""
+    """Every method in its own processes: the loop without and with gradient checkpointing (ratios against full
+    fine-tuning from the same run and mode), and the Trainer path in fp32 and bf16 (ratios against the loop, and
+    bf16 against fp32). ``small_model``: the checkpoint proxy-tuning fine-tunes."""
     from hotswap.train.methods import trainable_methods
 
-    rows = [_run_worker(method, base, batch, length, steps, device, small_model, False) for method in methods()]
-    checkpointed = {
-        method: _run_worker(method, base, batch, length, steps, device, small_model, True)
-        for method in methods()
-        if method == FULL or trainable_methods()[method].checkpointing
-    }
+    def run(method: str, checkpointing: bool = False, path: str = "loop") -> dict[str, Any]:
+        return _run_worker(method, base, batch, length, steps, device, small_model, checkpointing, path)
+
+    rows, checkpointed, trainer = [], {}, {}
+    for m in methods():  # a method's figures one after the other: its ratios come from the same minutes
+        rows.append(run(m))
+        if m != FULL:
+            trainer[m] = {path: run(m, path=path) for path in PATHS[1:]}
+        if m == FULL or trainable_methods()[m].checkpointing:
+            checkpointed[m] = run(m, True)
     full, lora, full_ckpt = rows[0], rows[1], checkpointed[FULL]
     for row in rows:
         row["label"] = "full fine-tuning" if row["method"] == FULL else row["method"]
@@ -131,21 +226,46 @@ def train_bench(base: str, batch: int, length: int, steps: int, device: str, sma
         row["ckpt_peak_memory_mb"] = ckpt and ckpt["peak_memory_mb"]
         row["ckpt_vs_full_memory"] = ckpt and ckpt["peak_memory_mb"] / full_ckpt["peak_memory_mb"]
         row["ckpt_vs_full_step"] = ckpt and ckpt["step_s"] / full_ckpt["step_s"]
+        row |= _trainer_columns(row, trainer.get(row["method"]))
     return rows
 
 
+def _trainer_columns(loop: dict[str, Any], paths: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The Trainer path's figures beside the loop's (None for full fine-tuning, which runs the loop only)."""
+    fp32, bf16 = (paths or {}).get("trainer"), (paths or {}).get("trainer-bf16")
+    return {
+        "trainer_step_s": fp32 and fp32["step_s"],
+        "trainer_peak_memory_mb": fp32 and fp32["peak_memory_mb"],
+        "trainer_vs_loop_step": fp32 and fp32["step_s"] / loop["step_s"],
+        "trainer_vs_loop_memory": fp32 and fp32["peak_memory_mb"] / loop["peak_memory_mb"],
+        "bf16_step_s": bf16 and bf16["step_s"],
+        "bf16_peak_memory_mb": bf16 and bf16["peak_memory_mb"],
+        "bf16_vs_fp32_step": bf16 and fp32 and bf16["step_s"] / fp32["step_s"],
+        "bf16_vs_fp32_memory": bf16 and fp32 and bf16["peak_memory_mb"] / fp32["peak_memory_mb"],
+    }
+
+
 def _run_worker(
-    method: str, base: str, batch: int, length: int, steps: int, device: str, small_model: str, checkpointing: bool
+    method: str,
+    base: str,
+    batch: int,
+    length: int,
+    steps: int,
+    device: str,
+    small_model: str,
+    checkpointing: bool,
+    path: str,
 ) -> dict[str, Any]:
-    """One method's row: on CPU its step time from one worker and its memory from another (MEMORY_ENV)."""
+    """One method's figures along one path: on CPU its step time from one worker and its memory from another
+    (MEMORY_ENV)."""
     cmd = [sys.executable, "-m", "hotswap.bench.training", method, base, str(batch), str(length), str(steps), device,
-           small_model, str(int(checkpointing))]  # fmt: skip
+           small_model, str(int(checkpointing)), path]  # fmt: skip
 
     def worker(env: dict[str, str]) -> dict[str, Any]:
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
         if done.returncode != 0:
             mode = " with gradient checkpointing" if checkpointing else ""
-            raise RuntimeError(f"train bench worker for {method}{mode} failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"train bench worker for {method} ({path}){mode} failed:\n{done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     timed = worker({})
@@ -163,9 +283,10 @@ def _worker() -> None:
     p.add_argument("device")
     p.add_argument("small_model")
     p.add_argument("checkpointing", type=int, choices=(0, 1))
+    p.add_argument("path", choices=PATHS)
     a = p.parse_args()
     print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device, a.small_model,
-                             bool(a.checkpointing))))  # fmt: skip
+                             bool(a.checkpointing), a.path)))  # fmt: skip
 
 
 if __name__ == "__main__":

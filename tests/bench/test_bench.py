@@ -113,19 +113,25 @@ def test_server(tmp_path: Path, cache: Path) -> None:
 
 @pytest.mark.slow
 def test_train(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each method in its own processes (time, and memory under a fixed mmap threshold), without and with
-    gradient checkpointing, ratios against full fine-tuning from the same run and mode (prefix-tuning
-    cannot be checkpointed). Four methods here: each costs four worker processes."""
+    """Each method in its own processes (time, and memory under a fixed mmap threshold): the hand-written loop
+    without and with gradient checkpointing, ratios against full fine-tuning from the same run and mode
+    (prefix-tuning cannot be checkpointed), and hotswap train's Trainer path in fp32 and bf16, ratios against the
+    loop (full fine-tuning runs the loop only). Three methods here: each costs up to eight worker processes."""
     from hotswap.bench import training
 
-    monkeypatch.setattr(training, "methods", lambda: ("full", "lora", "prefix", "proxy"))
+    monkeypatch.setattr(training, "methods", lambda: ("full", "lora", "prefix"))
     rows = _load(run("train", TINY, tmp_path, cache, [0])[0])["rows"]
-    assert [r["method"] for r in rows] == ["full", "lora", "prefix", "proxy"]
+    assert [r["method"] for r in rows] == ["full", "lora", "prefix"]
     full = rows[0]
+    assert full["trainer_step_s"] is None and full["bf16_vs_fp32_step"] is None
     for r in rows:
         assert r["peak_memory_mb"] > 0 and r["step_s"] > 0
         assert r["vs_full_memory"] == pytest.approx(r["peak_memory_mb"] / full["peak_memory_mb"])
         assert 0 < r["trainable_params"] <= full["trainable_params"]
+        if r["method"] != "full":
+            assert r["trainer_step_s"] > 0 and r["trainer_peak_memory_mb"] > 0 and r["bf16_step_s"] > 0
+            assert r["trainer_vs_loop_step"] == pytest.approx(r["trainer_step_s"] / r["step_s"])
+            assert r["bf16_vs_fp32_memory"] == pytest.approx(r["bf16_peak_memory_mb"] / r["trainer_peak_memory_mb"])
         if r["method"] == "prefix":
             assert r["ckpt_peak_memory_mb"] is None and r["ckpt_vs_full_memory"] is None
         else:
