@@ -29,7 +29,6 @@ per tensor slows every step).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -40,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,35 +159,41 @@ def _trainer(
     return [b - a for a, b in itertools.pairwise(ends)]
 
 
-def measure(
-    method: str,
-    base: str,
-    batch: int,
-    length: int,
-    steps: int,
-    device: str,
-    small_model: str,
-    checkpointing: bool,
-    path: str = "loop",
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Job:
+    """One worker's measurement: a method along one path, on the workload's fixed batch."""
+
+    method: str
+    base: str
+    batch: int
+    length: int
+    steps: int
+    device: str
+    small_model: str  # the checkpoint proxy-tuning fine-tunes
+    checkpointing: bool = False
+    path: str = "loop"  # one of PATHS
+
+
+def measure(job: Job) -> dict[str, Any]:
     """One method's figures along one path (run inside the worker process)."""
     from hotswap.train.data import Example
     from hotswap.train.methods import enable_gradient_checkpointing
 
+    method, steps, device = job.method, job.steps, job.device
     baseline = _rss_bytes()
     g = torch.Generator().manual_seed(0)
-    vocab = json.loads((Path(base) / "config.json").read_text())["vocab_size"]
-    examples = [Example([], torch.randint(0, vocab, (length,), generator=g).tolist()) for _ in range(batch)]
-    trainable, model = _attached(method, base, examples, steps, device, small_model)
-    if checkpointing:
+    vocab = json.loads((Path(job.base) / "config.json").read_text())["vocab_size"]
+    examples = [Example([], torch.randint(0, vocab, (job.length,), generator=g).tolist()) for _ in range(job.batch)]
+    trainable, model = _attached(method, job.base, examples, steps, device, job.small_model)
+    if job.checkpointing:
         enable_gradient_checkpointing(model)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    if path == "loop":
+    if job.path == "loop":
         times = _loop(model, trainable, examples, steps, device)
     else:
-        times = _trainer(method, trainable, examples, steps, device, small_model, path == "trainer-bf16")
+        times = _trainer(method, trainable, examples, steps, device, job.small_model, job.path == "trainer-bf16")
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -207,7 +213,7 @@ def train_bench(base: str, batch: int, length: int, steps: int, device: str, sma
     from hotswap.train.methods import trainable_methods
 
     def run(method: str, checkpointing: bool = False, path: str = "loop") -> dict[str, Any]:
-        return _run_worker(method, base, batch, length, steps, device, small_model, checkpointing, path)
+        return _run_worker(Job(method, base, batch, length, steps, device, small_model, checkpointing, path))
 
     rows, checkpointed, trainer = [], {}, {}
     for m in methods():  # a method's figures one after the other: its ratios come from the same minutes
@@ -245,48 +251,27 @@ def _trainer_columns(loop: dict[str, Any], paths: dict[str, dict[str, Any]] | No
     }
 
 
-def _run_worker(
-    method: str,
-    base: str,
-    batch: int,
-    length: int,
-    steps: int,
-    device: str,
-    small_model: str,
-    checkpointing: bool,
-    path: str,
-) -> dict[str, Any]:
+def _run_worker(job: Job) -> dict[str, Any]:
     """One method's figures along one path: on CPU its step time from one worker and its memory from another
     (MEMORY_ENV)."""
-    cmd = [sys.executable, "-m", "hotswap.bench.training", method, base, str(batch), str(length), str(steps), device,
-           small_model, str(int(checkpointing)), path]  # fmt: skip
+    cmd = [sys.executable, "-m", "hotswap.bench.training", json.dumps(asdict(job))]
 
     def worker(env: dict[str, str]) -> dict[str, Any]:
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
         if done.returncode != 0:
-            mode = " with gradient checkpointing" if checkpointing else ""
-            raise RuntimeError(f"train bench worker for {method} ({path}){mode} failed:\n{done.stderr[-2000:]}")
+            mode = " with gradient checkpointing" if job.checkpointing else ""
+            raise RuntimeError(f"train bench worker for {job.method} ({job.path}){mode} failed:\n{done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     timed = worker({})
-    if device.startswith("cuda"):
+    if job.device.startswith("cuda"):
         return timed
     return {**timed, "peak_memory_mb": worker(MEMORY_ENV)["peak_memory_mb"]}
 
 
 def _worker() -> None:
-    p = argparse.ArgumentParser()
-    for name in ("method", "base"):
-        p.add_argument(name)
-    for name in ("batch", "length", "steps"):
-        p.add_argument(name, type=int)
-    p.add_argument("device")
-    p.add_argument("small_model")
-    p.add_argument("checkpointing", type=int, choices=(0, 1))
-    p.add_argument("path", choices=PATHS)
-    a = p.parse_args()
-    print(json.dumps(measure(a.method, a.base, a.batch, a.length, a.steps, a.device, a.small_model,
-                             bool(a.checkpointing), a.path)))  # fmt: skip
+    """The worker process: ``python -m hotswap.bench.training JOB_JSON``; prints the figures as JSON."""
+    print(json.dumps(measure(Job(**json.loads(sys.argv[1])))))
 
 
 if __name__ == "__main__":
