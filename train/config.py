@@ -7,6 +7,7 @@ Names follow transformers' ``TrainingArguments`` where one exists (``gradient_ac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {value}")
+        for name in ("epochs", "lr", "warmup_ratio", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InvalidArgument(f"{name} must be a finite number, got {value}")
         if self.epochs is not None and self.epochs <= 0:
             raise InvalidArgument(f"epochs must be > 0, got {self.epochs}")
         if self.lr is not None and not self.lr > 0:

@@ -174,6 +174,11 @@ CONFIG_REFUSED = [
     ({"method": "lora", "warmup_ratio": 1.0}, r"^warmup_ratio must be in \[0, 1\)"),
     ({"method": "lora", "gradient_accumulation_steps": 0}, r"^gradient_accumulation_steps must be >= 1"),
     ({"method": "lora", "max_grad_norm": -1.0}, r"^weight_decay and max_grad_norm must be >= 0"),
+    ({"method": "lora", "weight_decay": float("nan")}, r"^weight_decay must be a finite number, got nan$"),
+    ({"method": "lora", "max_grad_norm": float("inf")}, r"^max_grad_norm must be a finite number, got inf$"),
+    ({"method": "lora", "lr": float("inf")}, r"^lr must be a finite number, got inf$"),
+    ({"method": "lora", "epochs": float("inf")}, r"^epochs must be a finite number, got inf$"),
+    ({"method": "lora", "warmup_ratio": float("nan")}, r"^warmup_ratio must be a finite number, got nan$"),
 ]
 
 
