@@ -146,6 +146,11 @@ def _library_bars(shown: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
 def _export(
     trainable: Trainable,
     model: torch.nn.Module,
@@ -160,8 +165,7 @@ def _export(
 ) -> dict[str, Any]:
     """Write ``out_dir/adapter`` (atomically) and the loss curve; return the run's metrics. ``gathered``: the full
     weights of a sharded run (DeepSpeed / FSDP), which only PEFT's methods allow and PEFT saves."""
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable, n_total = _parameter_counts(model)
     metrics: dict[str, Any] = {
         "train_loss": curve[-1][1],
         "eval_loss": after[0],
@@ -256,6 +260,7 @@ def _prepare(
     out_dir: Path,
     parent_dir: Path | None,
     resuming: bool,
+    options: Any,
 ) -> _Run:
     """Trainer's arguments (which start the process group under a launcher), then the base on this process's
     device, the data, and the method attached (or the parent version loaded)."""
@@ -279,7 +284,6 @@ def _prepare(
         trainable = spec.resume(model, parent_dir)
     else:
         first_losses = partial(_first_losses, train_ds, config.batch_size, args.device)
-        options = method_options(config.method, config.options)
         trainable = spec.attach(model, options, AttachContext(steps, first_losses, config.seed))
     trainable.model.to(args.device)
     if config.gradient_checkpointing:
@@ -294,8 +298,7 @@ def _fit(
     its own precision (mixed precision wraps its forward in autocast while it trains, evaluations included) and
     with its KV-cache setting as it was (Trainer turns it off for training)."""
     model = run.trainable.model
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable, n_total = _parameter_counts(model)
     log.info("%s: %d trainable parameters (%.3f%%), %d steps of %d examples, lr %g, base in %s, %d process(es)",
              config.method, n_trainable, 100 * n_trainable / n_total, run.steps, run.per_step, run.args.learning_rate,
              run.dtype, run.args.world_size)  # fmt: skip
@@ -370,7 +373,7 @@ def train(
     settings = _settings(config, base_path, data, eval_data, parent)
     resume_from = checkpoints.start(out_dir, settings, resume)
     with _library_bars(not quiet):
-        run = _prepare(config, base_path, data, eval_data, out_dir, parent_dir, resume_from is not None)
+        run = _prepare(config, base_path, data, eval_data, out_dir, parent_dir, resume_from is not None, options)
         if resume_from is None and run.args.should_save:
             checkpoints.record(out_dir, settings)
         progress = Progress(f"train {config.method}", not quiet)
