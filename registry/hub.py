@@ -4,7 +4,10 @@ Layout on the Hub: one model repo per adapter, ``ORG/NAME`` (a tenant adapter ``
 ``ORG/T4_acme_tone``, see :meth:`HubBackend.repo_id`), private when the adapter is private. Each
 version is one commit on ``main`` holding exactly that version's files and ``manifest.json`` (files
 of the previous version that the new one lacks are deleted in the same commit), tagged ``v<N>``.
-Aliases live in ``aliases.json`` on ``main``; moving one is a single commit.
+Aliases live in ``aliases.json`` on ``main``; moving one is a single commit, which also rewrites
+``alias_history.jsonl`` on ``main`` with the move appended (the alias history, see
+:mod:`hotswap.registry.backend`), so a move and its entry land together or not at all. Both files
+belong to no version: a publish never deletes them.
 
 Version numbers: the next version is one above both the highest ``v<N>`` tag and the version in the
 manifest at the head of ``main``, and the commit names that head as its parent, so two publishers
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
@@ -54,6 +57,7 @@ from hotswap.errors import (
     VersionExists,
 )
 from hotswap.registry.artifact import verify
+from hotswap.registry.backend import HISTORY_FILE, history_entry, history_line, parse_history
 from hotswap.registry.fsutil import fsync_tree
 from hotswap.registry.manifest import MANIFEST_FILE, Manifest
 from hotswap.registry.refs import AdapterRef
@@ -62,7 +66,7 @@ log = logging.getLogger(__name__)
 
 SCHEME = "hf://"
 _ALIASES = "aliases.json"
-_KEEP = (".gitattributes", _ALIASES)  # files on main that belong to no version
+_KEEP = (".gitattributes", _ALIASES, HISTORY_FILE)  # files on main that belong to no version
 _RETRIES = 4
 T = TypeVar("T")
 
@@ -192,6 +196,16 @@ class HubBackend:
         except (json.JSONDecodeError, AttributeError, ValueError) as e:
             raise IntegrityError(f"{self.repo_id(name)}: {_ALIASES} is corrupt ({e})") from e
 
+    def _read_history_bytes(self, name: str, revision: str) -> bytes:
+        try:
+            return self._download(self.repo_id(name), HISTORY_FILE, revision).read_bytes()
+        except AdapterNotFound:
+            return b""  # no alias ever moved, or a repo from before the history
+
+    def read_alias_history(self, name: str, revision: str = "main") -> list[dict[str, Any]]:
+        data = self._read_history_bytes(name, revision)
+        return parse_history(data, origin=f"{self.repo_id(name)}/{HISTORY_FILE}")
+
     def _version_dir(self, name: str, version: int) -> Path:
         return self.cache / self.repo_id(name).split("/", 1)[1] / f"v{version}"
 
@@ -277,23 +291,30 @@ class HubBackend:
             return stored
         raise RegistryUnavailable(f"{repo}: too many concurrent publishers; retry")
 
-    def write_alias(self, name: str, alias: str, version: int | None) -> None:
+    def write_alias(self, name: str, alias: str, version: int | None, record: dict[str, Any] | None = None) -> None:
         repo = self.repo_id(name)
-        for _ in range(8):
+        for _ in range(8):  # a lost race (412) re-reads both files at the new head
             head, _v = self._head(repo)
             aliases = self.read_aliases(name, revision=head)
+            previous = aliases.get(alias)
             if version is None:
-                aliases.pop(alias, None)
+                if alias not in aliases:
+                    raise AdapterNotFound(f"{name} has no alias {alias!r}")
+                del aliases[alias]
             else:
                 aliases[alias] = version
             data = (json.dumps(dict(sorted(aliases.items())), indent=2) + "\n").encode()
+            history = self._read_history_bytes(name, head)
+            if history and not history.endswith(b"\n"):
+                history += b"\n"
+            history += history_line(history_entry(alias, version, previous, record))
             try:
                 self._call(
                     f"alias {alias} on {repo}",
                     partial(
                         self.api.create_commit,
                         repo,
-                        operations=[CommitOperationAdd(_ALIASES, data)],
+                        operations=[CommitOperationAdd(_ALIASES, data), CommitOperationAdd(HISTORY_FILE, history)],
                         commit_message=f"hotswap: {alias} -> {version}",
                         parent_commit=head,
                         revision="main",

@@ -4,6 +4,8 @@ Layout under the root::
 
     public/<name>/versions/<N>/...        one immutable directory per version (files + manifest.json)
     public/<name>/aliases.json            {"prod": 3, ...}, replaced atomically
+    public/<name>/alias_history.jsonl     one JSON line per alias move or delete, oldest first, replaced
+                                          atomically (whole) just before aliases.json, under the same lock
     public/<name>/.lock                   flock serialising version allocation and alias moves
     tenants/<tenant>/<name>/...           the same for tenant-scoped adapters
     .staging/<pid>-<host>-<random>/       a publish in progress; never visible as a version
@@ -14,6 +16,11 @@ therefore sees a version completely or not at all; a publisher killed at any poi
 staging directory, removed by the next publish on the same host once its process is gone (a registry
 directory shared by several hosts never loses another host's publish in progress: their pids mean
 nothing here).
+
+An alias move writes the history (with the new entry) first, then ``aliases.json``: a writer killed
+between the two leaves an entry for a move that did not land (the next entry's ``previous`` shows what
+the alias really pointed at), never a move without its entry. A registry written before the history
+existed reads as an empty history.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ import socket
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hotswap.errors import AdapterNotFound, IntegrityError, RegistryUnavailable, VersionExists
+from hotswap.registry.backend import HISTORY_FILE, history_entry, history_line, parse_history
 from hotswap.registry.fsutil import atomic_write_bytes, fsync_dir, fsync_tree, locked
 from hotswap.registry.manifest import MANIFEST_FILE, Manifest
 from hotswap.registry.refs import AdapterRef
@@ -109,6 +118,13 @@ class LocalBackend:
             raise IntegrityError(f"{name}: {_ALIASES} is corrupt ({e})") from e
         return {str(k): int(v) for k, v in data.items()}
 
+    def read_alias_history(self, name: str) -> list[dict[str, Any]]:
+        try:
+            data = (self._adapter_dir(name) / HISTORY_FILE).read_bytes()
+        except FileNotFoundError:
+            return []  # no alias ever moved, or a registry from before the history
+        return parse_history(data, origin=f"{name}/{HISTORY_FILE}")
+
     def local_path(self, name: str, version: int) -> Path:
         path = self._version_dir(name, version)
         if not path.is_dir():
@@ -175,17 +191,27 @@ class LocalBackend:
         log.info("published %s to %s", manifest.ref, self.url)
         return manifest
 
-    def write_alias(self, name: str, alias: str, version: int | None) -> None:
+    def write_alias(self, name: str, alias: str, version: int | None, record: dict[str, Any] | None = None) -> None:
         adapter_dir = self._adapter_dir(name)
         try:
             with locked(adapter_dir / ".lock"):
                 aliases = self.read_aliases(name)
+                previous = aliases.get(alias)
                 if version is None:
                     if alias not in aliases:
                         raise AdapterNotFound(f"{name} has no alias {alias!r}")
                     del aliases[alias]
                 else:
                     aliases[alias] = version
+                entry = history_line(history_entry(alias, version, previous, record))
+                history = adapter_dir / HISTORY_FILE
+                try:
+                    old = history.read_bytes()
+                except FileNotFoundError:
+                    old = b""
+                if old and not old.endswith(b"\n"):
+                    old += b"\n"  # written by hand, say: the new entry still starts its own line
+                atomic_write_bytes(history, old + entry)
                 atomic_write_bytes(adapter_dir / _ALIASES, json.dumps(aliases, sort_keys=True).encode())
         except PermissionError as e:
             raise RegistryUnavailable(f"cannot write to registry {self.url}: {e.strerror}") from e

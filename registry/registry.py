@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from hotswap.errors import (
     AdapterNotFound,
@@ -26,7 +27,7 @@ from hotswap.errors import (
     InvalidArtifact,
 )
 from hotswap.registry.artifact import detect_method, hash_files, scan_artifact, verify
-from hotswap.registry.backend import Backend
+from hotswap.registry.backend import Backend, check_record
 from hotswap.registry.fsutil import atomic_copy_tree
 from hotswap.registry.local import LocalBackend
 from hotswap.registry.manifest import MANIFEST_FILE, VISIBILITIES, Lineage, Manifest
@@ -278,7 +279,10 @@ class Registry:
     def mirror(self, src: Registry, names: list[str] | None = None) -> list[Manifest]:
         """Copy into this registry every version of ``names`` (default: all of ``src``) that it lacks,
         keeping version numbers, manifests (created_at, lineage, metrics, visibility) and aliases.
-        A version present on both sides must have the same files, else :class:`IntegrityError`."""
+        A version present on both sides must have the same files, else :class:`IntegrityError`.
+
+        The alias history is not copied: each registry keeps its own. An alias this moves is recorded
+        here as a move of this registry's, with a record naming ``src``."""
         copied = []
         for name in names or src.names():
             have = set(self.backend.list_versions(_as_name(name).full_name))
@@ -302,9 +306,10 @@ class Registry:
                 )
                 copied.append(copy)
             mine = self.backend.read_aliases(_as_name(name).full_name)
+            record = {"summary": f"mirrored from {src.url}", "mirrored_from": src.url}
             for alias, version in src.aliases(name).items():
                 if mine.get(alias) != version:
-                    self.backend.write_alias(_as_name(name).full_name, alias, version)
+                    self.backend.write_alias(_as_name(name).full_name, alias, version, record)
             self._forget(_as_name(name).full_name)
         return copied
 
@@ -342,20 +347,38 @@ class Registry:
         self._version_of(ref)  # raises AdapterNotFound for unknown names
         return self.backend.read_aliases(ref.full_name)
 
+    def alias_history(self, name: str | AdapterRef) -> list[dict[str, Any]]:
+        """Every alias move and delete of ``name``, oldest first: ``{"alias", "version" (None for a delete),
+        "previous" (None for a new alias), "at" (ISO 8601, UTC)}``, plus ``"record"`` where the move gave one.
+        Moves made before the history existed are not in it."""
+        ref = _as_name(name)
+        self._version_of(ref)  # raises AdapterNotFound for unknown names
+        return self.backend.read_alias_history(ref.full_name)
+
     # -- aliases -------------------------------------------------------------------------------
-    def set_alias(self, name: str | AdapterRef, alias: str, version: int) -> Manifest:
-        """Point ``alias`` at an existing ``version`` (moving it if set; rollback = move it back)."""
+    def set_alias(
+        self, name: str | AdapterRef, alias: str, version: int, record: dict[str, Any] | None = None
+    ) -> Manifest:
+        """Point ``alias`` at an existing ``version`` (moving it if set; rollback = move it back).
+
+        ``record``, a JSON object, is kept with the move in the alias history (:meth:`alias_history`): why it
+        moved, e.g. a gated promotion's evaluation of ``version`` against the version it replaces. Its
+        ``"summary"`` string, if any, is what ``hotswap alias NAME --history`` shows."""
         ref = _as_name(name)
         check_alias(alias)
+        record = check_record(record)
         manifest = self.resolve(ref.at(version))
-        self.backend.write_alias(ref.full_name, alias, version)
+        self.backend.write_alias(ref.full_name, alias, version, record)
         self._forget(ref.full_name)
         log.info("alias %s:%s -> %d", ref.full_name, alias, version)
         return manifest
 
-    def delete_alias(self, name: str | AdapterRef, alias: str) -> None:
+    def delete_alias(self, name: str | AdapterRef, alias: str, record: dict[str, Any] | None = None) -> None:
+        """Remove ``alias`` (:class:`AdapterNotFound` if it is not set); recorded in the alias history, with
+        ``record`` if given."""
         ref = _as_name(name)
         check_alias(alias)
+        record = check_record(record)
         self._version_of(ref)
-        self.backend.write_alias(ref.full_name, alias, None)
+        self.backend.write_alias(ref.full_name, alias, None, record)
         self._forget(ref.full_name)

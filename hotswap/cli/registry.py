@@ -1,4 +1,4 @@
-"""Registry commands: push, pull, mirror, list, versions, show, alias."""
+"""Registry commands: push, pull, mirror, list, versions, show, alias (and its history)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 
 from hotswap import __version__
 from hotswap.cli.common import AddCommand, positive_int, registry, table
+from hotswap.cli.evaluate import gate, gate_options
 from hotswap.errors import InvalidArgument
 from hotswap.registry import AdapterRef, Lineage, Manifest, Registry
 from hotswap.registry.artifact import HOTSWAP_CONFIG, PEFT_CONFIG, detect_method
+from hotswap.registry.refs import check_alias
 
 # Where an artifact names the base it was made from: PEFT's config, and hotswap's (a "base" field, if any).
 _BASE_KEYS = ((PEFT_CONFIG, "base_model_name_or_path"), (HOTSWAP_CONFIG, "base"))
@@ -177,12 +179,60 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUMMARY_WIDTH = 60  # characters of a record shown in the history table
+
+
+def _record_summary(record: object) -> str:
+    """A record's ``summary`` string if it has one, else its JSON, cut to one short table cell."""
+    if record is None:
+        return "-"
+    summary = record.get("summary") if isinstance(record, dict) else None
+    text = summary if isinstance(summary, str) else json.dumps(record, separators=(",", ":"))
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= _SUMMARY_WIDTH else text[: _SUMMARY_WIDTH - 1] + "…"
+
+
+def _move(entry: dict) -> str:
+    """``2 -> 3``; ``- -> 1`` for a new alias; ``3 -> deleted``."""
+    previous, version = entry.get("previous"), entry.get("version")
+    return f"{'-' if previous is None else previous} -> {'deleted' if version is None else version}"
+
+
+def _print_history(reg: Registry, args: argparse.Namespace) -> int:
+    if args.version is not None or args.delete:
+        raise InvalidArgument("alias --history takes no VERSION or --delete: it only shows past moves")
+    entries = reg.alias_history(args.name)
+    if args.alias is not None:
+        check_alias(args.alias)
+        entries = [e for e in entries if e["alias"] == args.alias]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        which = f"{args.name}:{args.alias}" if args.alias is not None else args.name
+        print(f"no alias moves recorded for {which}")
+        return 0
+    rows = [(e.get("at", "?"), e["alias"], _move(e), _record_summary(e.get("record"))) for e in entries]
+    print(table(rows, ("at", "alias", "move", "record")))
+    return 0
+
+
 def cmd_alias(args: argparse.Namespace) -> int:
     reg = registry(args)
+    if args.history:
+        return _print_history(reg, args)
+    if args.alias is None:
+        raise InvalidArgument("alias needs an ALIAS (and a VERSION, or --delete), or --history")
+    if args.json:
+        raise InvalidArgument("--json goes with --history")
     if args.delete:
         reg.delete_alias(args.name, args.alias)
         print(f"deleted alias {args.name}:{args.alias}")
         return 0
+    if args.if_better_than is not None:
+        return gate(args)
+    if args.eval is not None or args.base is not None:
+        raise InvalidArgument("--eval and --base go with --if-better-than")
     if args.version is None:
         raise InvalidArgument("alias needs a VERSION to point at (or --delete to remove it)")
     before = reg.aliases(args.name).get(args.alias)
@@ -232,8 +282,13 @@ def register(add: AddCommand) -> None:
     sp.add_argument("ref")
     sp.add_argument("--json", action="store_true")
 
-    sp = add("alias", cmd_alias, "point an alias at a version (rollback = point it back)")
+    sp = add("alias", cmd_alias, "point an alias at a version (rollback = point it back), or show its history")
     sp.add_argument("name")
-    sp.add_argument("alias")
+    sp.add_argument("alias", nargs="?", help="required unless --history (which it then filters)")
     sp.add_argument("version", nargs="?", type=positive_int)
     sp.add_argument("--delete", action="store_true", help="remove the alias")
+    sp.add_argument(
+        "--history", action="store_true", help="show every recorded alias move of NAME (or of ALIAS), oldest first"
+    )
+    sp.add_argument("--json", action="store_true", help="with --history: print the entries as JSON")
+    gate_options(sp)

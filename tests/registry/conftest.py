@@ -1,9 +1,10 @@
-"""Registry fixtures: small real artifacts built without torch, and a registry in a temp dir."""
+"""Registry fixtures: small real artifacts built without torch, a registry in a temp dir, a local Hub server,
+and ``any_registry``: the same test on both backends."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,34 @@ import pytest
 from safetensors.numpy import save_file
 
 from hotswap.registry import Registry
+from tests.hubserver import HubServer
 
 MakeArtifact = Callable[..., Path]
+TOKEN, OTHER = "hub-writer", "other-org-token"  # may write org "team"; may write another org only
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "registry")
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
+    with HubServer(tokens={TOKEN: {"team"}, OTHER: {"elsewhere"}}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("HOTSWAP_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield server
+
+
+@pytest.fixture(params=["local", "hub"])
+def any_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
+    """An empty registry on each backend in turn: a temp directory, then ``hf://team`` on a local Hub server."""
+    if request.param == "local":
+        return Registry(tmp_path / "registry")
+    request.getfixturevalue("hub")
+    return Registry("hf://team")
 
 
 @pytest.fixture

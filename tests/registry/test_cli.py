@@ -123,3 +123,52 @@ def test_push_needs_a_base(
     with pytest.raises(SystemExit) as exit_:
         main(["--registry", reg, "push", str(lora), "--name", "math", "--base", str(tiny_base), "--no-base"])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_alias_history(capsys: pytest.CaptureFixture[str], tmp_path: Path, make_artifact: MakeArtifact) -> None:
+    reg = str(tmp_path / "reg")
+    push = ("--registry", reg, "push", "--no-base")
+    run(capsys, *push, str(make_artifact()), "--name", "math", "--alias", "prod")
+    run(capsys, *push, str(make_artifact(seed=1)), "--name", "math")
+    run(capsys, *push, str(make_artifact(seed=2)), "--name", "fresh")
+    code, out, _ = run(capsys, "--registry", reg, "alias", "fresh", "--history")
+    assert code == 0 and out == "no alias moves recorded for fresh\n"
+    evaluation = {"summary": "v2 beats v1: 0.71 > 0.64", "candidate": 0.71, "incumbent": 0.64}
+    Registry(reg).set_alias("math", "prod", 2, record=evaluation)  # a gated promotion, through the API
+    Registry(reg).set_alias("math", "canary", 1, record={"why": "x" * 100})  # no summary: its JSON, cut short
+    assert run(capsys, "--registry", reg, "alias", "math", "canary", "--delete")[0] == 0
+
+    code, out, _ = run(capsys, "--registry", reg, "alias", "math", "--history")
+    header, rule, *rows = out.splitlines()
+    assert code == 0 and header.split() == ["at", "alias", "move", "record"] and set(rule) <= {"-", " "}
+    cells = [row.split("  ", 1)[1].split() for row in rows]  # after the timestamp
+    assert [c[:4] for c in cells] == [
+        ["prod", "-", "->", "1"],
+        ["prod", "1", "->", "2"],
+        ["canary", "-", "->", "1"],
+        ["canary", "1", "->", "deleted"],
+    ]
+    assert rows[1].endswith("v2 beats v1: 0.71 > 0.64") and rows[0].endswith("-")
+    assert '{"why":"xxx' in rows[2] and rows[2].endswith("…") and len(rows[2]) < 120
+    assert all(row[:4].isdigit() and "+00:00" in row for row in rows)  # ISO 8601 UTC
+
+    code, out, _ = run(capsys, "--registry", reg, "alias", "math", "prod", "--history")  # one alias's moves
+    assert code == 0 and len(out.splitlines()) == 4 and "canary" not in out
+    code, out, _ = run(capsys, "--registry", reg, "alias", "math", "--history", "--json")
+    assert code == 0 and json.loads(out)[1]["record"] == evaluation
+
+    # moving and deleting print what they did before: unchanged
+    code, out, _ = run(capsys, "--registry", reg, "alias", "math", "prod", "1")
+    assert code == 0 and out == "math:prod -> 1 (was 2)\n"
+    for argv, exit_code in [
+        (("alias", "math", "prod", "2", "--history"), 2),
+        (("alias", "math", "prod", "--delete", "--history"), 2),
+        (("alias", "math", "latest", "--history"), 2),
+        (("alias", "math"), 2),
+        (("alias", "math", "prod", "2", "--json"), 2),
+        (("alias", "ghost", "--history"), 3),
+    ]:
+        code, _, err = run(capsys, "--registry", reg, *argv)
+        assert code == exit_code, argv
+        assert_one_line_error(err)
+    assert Registry(reg).aliases("math") == {"prod": 1}

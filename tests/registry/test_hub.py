@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,7 @@ from hotswap.train import (
     random_sparse,
 )
 from tests.hubserver import HubServer
-
-TOKEN, OTHER = "hub-writer", "other-org-token"
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
-    with HubServer(tokens={TOKEN: {"team"}, OTHER: {"elsewhere"}}) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setenv("HOTSWAP_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        yield server
+from tests.registry.conftest import OTHER  # the fixture ``hub`` is in conftest too
 
 
 @pytest.fixture(scope="module")

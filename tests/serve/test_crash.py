@@ -182,7 +182,9 @@ def _check_registry(root: Path, tmp_path: Path) -> dict[str, int]:
         assert versions == list(range(1, len(versions) + 1)), (name, versions)
         adapter_dir = root / "public" / name
         assert sorted(os.listdir(adapter_dir / "versions"), key=int) == [str(v) for v in versions]
-        assert set(os.listdir(adapter_dir)) <= {"versions", "aliases.json", ".lock"}, os.listdir(adapter_dir)
+        assert set(os.listdir(adapter_dir)) <= {"versions", "aliases.json", "alias_history.jsonl", ".lock"}, os.listdir(
+            adapter_dir
+        )
         for v in versions:
             m, path = reg.fetch(f"{name}@{v}")  # verifies every file's size and sha256
             assert (m.name, m.version) == (name, v) and sorted(p.name for p in path.iterdir()) == sorted(
