@@ -42,7 +42,7 @@ def _check_number(field: str, value: object, low: float, high: float | None = No
         raise InvalidArgument(f"{field} must be a finite number {bound}, got {quote(value)}")
 
 
-def _check_messages(messages: list[dict[str, str]]) -> None:
+def check_messages(messages: list[dict[str, str]]) -> None:
     """Chat messages: 1-MAX_MESSAGES dicts of exactly a non-empty ``role`` and a string ``content``."""
     if not 0 < len(messages) <= MAX_MESSAGES:
         raise InvalidArgument(f"messages: give 1-{MAX_MESSAGES} messages, got {len(messages)}")
@@ -99,7 +99,7 @@ class Request:
         if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt):
             raise InvalidArgument("prompt must be a non-empty string")
         if self.messages is not None:
-            _check_messages(self.messages)
+            check_messages(self.messages)
         _check_int("max_new_tokens", self.max_new_tokens, 1)
         _check_number("temperature", self.temperature, 0.0)
         _check_int("top_k", self.top_k, 0)

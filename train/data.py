@@ -1,9 +1,12 @@
 """Training data: JSONL files and built-in synthetic tasks, as token-id examples with a digest.
 
 JSONL: one object per line, either ``{"prompt": ..., "completion": ...}`` (loss on the completion
-tokens only) or ``{"text": ...}`` (loss on every token). Any other key is an error (a typo such as
-``"completon"`` must not silently train on nothing); blank lines are skipped. Text needs a base with
-a tokenizer.
+tokens only), ``{"text": ...}`` (loss on every token) or ``{"messages": [{"role": ..., "content": ...}, ...]}``
+(a conversation, the format of OpenAI's fine-tuning API and TRL's conversational datasets: rendered by the
+base tokenizer's own chat template, exactly as serving renders a chat, with loss on every assistant turn
+through the template's end-of-turn token, and none on the system and user turns). Any other key is an
+error (a typo such as ``"completon"`` must not silently train on nothing); blank lines are skipped. Text
+needs a base with a tokenizer, conversations one with a chat template.
 
 Built-in tasks (``builtin:NAME``) are token-id tasks that a small random-init model learns in seconds
 on CPU, so tests and demos show learning without downloads or a tokenizer. Each task is one fixed
@@ -18,9 +21,15 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hotswap.basemodel import encode_prompt
 from hotswap.errors import InvalidArgument
+from hotswap.serve.chat import has_template, template_ids
+from hotswap.serve.types import check_messages
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
 _TASK_SEED = 1234  # defines the tasks themselves (e.g. the mapping); never varies
@@ -28,10 +37,31 @@ _FIRST = 10  # task symbols are token ids _FIRST.._FIRST+n (inside any vocabular
 _MARK, _SEP = 5, 6
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: list[int]  # context tokens (no loss)
     completion: list[int]  # target tokens (loss, and accuracy on built-in tasks)
+    # Which completion tokens are scored, where not all are: a multi-turn conversation's user turns between
+    # its assistant turns. None: every completion token.
+    scored: tuple[bool, ...] | None = None
+
+    def __post_init__(self) -> None:
+        assert self.scored is None or len(self.scored) == len(self.completion)
+
+    @property
+    def answer(self) -> tuple[list[int], list[int]]:
+        """(the context, the last scored run of tokens): what a model is asked and must answer, e.g. a
+        conversation's last assistant turn after everything before it."""
+        if self.scored is None:
+            return self.prompt, self.completion
+        end = len(self.scored) - self.scored[::-1].index(True)
+        start = end - 1
+        while start > 0 and self.scored[start - 1]:
+            start -= 1
+        return self.prompt + self.completion[:start], self.completion[start:end]
 
 
 @dataclass(frozen=True)
@@ -46,7 +76,8 @@ class Dataset:
             raise InvalidArgument(f"{name}: no examples")
         h = hashlib.sha256()
         for ex in examples:
-            h.update(json.dumps([ex.prompt, ex.completion]).encode())
+            record = [ex.prompt, ex.completion] if ex.scored is None else [ex.prompt, ex.completion, ex.scored]
+            h.update(json.dumps(record).encode())
         return cls(name, examples, "sha256:" + h.hexdigest())
 
 
@@ -100,11 +131,67 @@ def _text_field(record: dict[str, Any], key: str, where: str) -> str:
 @dataclass(frozen=True)
 class TextCodec:
     """How text becomes ids for this base: prompts as the engine encodes them (leading bos), completions
-    bare, then eos so the model learns to stop."""
+    bare, then eos so the model learns to stop; conversations through the chat template
+    (``hotswap.serve.chat.template_ids``; None when the tokenizer has none)."""
 
     encode_prompt: Callable[[str], list[int]]
     encode_text: Callable[[str], list[int]]
     eos_id: int | None
+    render_chat: Callable[[list[dict[str, str]], bool], list[int]] | None = None  # (messages, generation prompt)
+
+
+def text_codec(tokenizer: PreTrainedTokenizerBase | None, config: PretrainedConfig) -> TextCodec | None:
+    """The codec of a base with this tokenizer and model config (None: the base has no tokenizer)."""
+    if tokenizer is None:
+        return None
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    return TextCodec(
+        encode_prompt=lambda text: encode_prompt(tokenizer, text, config.bos_token_id),
+        encode_text=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+        eos_id=eos,
+        render_chat=(lambda messages, opened: template_ids(tokenizer, messages, generation_prompt=opened))
+        if has_template(tokenizer)
+        else None,
+    )
+
+
+def _chat_example(codec: TextCodec, messages: object, where: str) -> Example:
+    """A conversation as one example: its text up to the last assistant turn, scored on every assistant turn.
+
+    Turn i's tokens are what the template adds to ``messages[:i]`` rendered with the assistant's turn opened
+    (the very prompt serving renders for that conversation) when ``messages[i]`` is appended, cut after its
+    last end-of-turn (eos) token: whatever the template writes after it (a newline) is context, not answer."""
+    if codec.render_chat is None:
+        raise InvalidArgument(f"{where}: messages need a base whose tokenizer has a chat template")
+    if not isinstance(messages, list):
+        raise InvalidArgument(f"{where}: 'messages' must be a list, got {type(messages).__name__}")
+    try:
+        check_messages(messages)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{where}: {e}") from None
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidArgument(f"{where}: messages[{i}].role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise InvalidArgument(f"{where}: no assistant message (nothing to learn)")
+    if (empty := next((i for i in turns if not messages[i]["content"].strip()), None)) is not None:
+        raise InvalidArgument(f"{where}: messages[{empty}] (assistant) is empty")
+    ids = codec.render_chat(messages[: turns[-1] + 1], False)
+    scored = [False] * len(ids)
+    for i in turns:
+        opened = codec.render_chat(messages[:i], True)
+        closed = codec.render_chat(messages[: i + 1], False)
+        if ids[: len(closed)] != closed or closed[: len(opened)] != opened:
+            raise InvalidArgument(f"{where}: the chat template does not render a conversation turn by turn")
+        turn = closed[len(opened) :]
+        if codec.eos_id in turn:
+            turn = turn[: len(turn) - turn[::-1].index(codec.eos_id)]
+        scored[len(opened) : len(opened) + len(turn)] = [True] * len(turn)
+        end = len(opened) + len(turn)
+    first = scored.index(True)
+    kept = tuple(scored[first:end])
+    return Example(ids[:first], ids[first:end], None if all(kept) else kept)
 
 
 def load_jsonl(path: Path, codec: TextCodec | None) -> Dataset:
@@ -129,6 +216,9 @@ def load_jsonl(path: Path, codec: TextCodec | None) -> Dataset:
         if not isinstance(record, dict):
             raise InvalidArgument(f"{where}: expected a JSON object, got {type(record).__name__}")
         keys = set(record)
+        if keys == {"messages"}:
+            examples.append(_chat_example(codec, record["messages"], where))
+            continue
         if keys == {"prompt", "completion"}:
             prompt = codec.encode_prompt(_text_field(record, "prompt", where))
             completion = codec.encode_text(_text_field(record, "completion", where))
@@ -137,7 +227,8 @@ def load_jsonl(path: Path, codec: TextCodec | None) -> Dataset:
             completion = codec.encode_text(_text_field(record, "text", where))
         else:
             raise InvalidArgument(
-                f"{where}: expected keys prompt+completion or text, got {sorted(keys)} (unknown keys are refused)"
+                f"{where}: expected keys prompt+completion, text or messages, got {sorted(keys)} "
+                "(unknown keys are refused)"
             )
         if not completion:
             raise InvalidArgument(f"{where}: empty completion")

@@ -1,7 +1,8 @@
 """The training objective and evaluation, one definition for the trainer, the benchmark and the tests.
 
 A batch is what :func:`collate` makes of examples: right-padded ``input_ids`` and ``attention_mask``, and
-``labels`` holding the id of every scored token (a completion token past the first position) and
+``labels`` holding the id of every scored token (a completion token past the first position, unless the
+example says it is not scored) and
 :data:`IGNORE` elsewhere (prompt, padding), transformers' convention. The loss is the cross-entropy of each
 scored token given the tokens before it, computed in float32 whatever the model's dtype.
 """
@@ -31,6 +32,9 @@ def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         attention[i, : len(seq)] = 1
         first = max(len(ex.prompt), 1)  # the first token has no context to be predicted from
         labels[i, first : len(seq)] = ids[i, first : len(seq)]
+        if ex.scored is not None:  # e.g. the user turns between a conversation's assistant turns
+            context = torch.tensor([not s for s in ex.scored])  # (len(completion),)
+            labels[i, len(ex.prompt) : len(seq)][context] = IGNORE
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 

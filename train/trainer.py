@@ -33,7 +33,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from hotswap import __version__
-from hotswap.basemodel import bundled_tokenizer, check_checkpoint, encode_prompt, fingerprint, load_model
+from hotswap.basemodel import bundled_tokenizer, check_checkpoint, fingerprint, load_model
 from hotswap.devices import cpu_has_bf16, resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import InvalidArgument
 from hotswap.methods.trainable import Trainable
@@ -43,7 +43,7 @@ from hotswap.serve.adapters import base_checker
 from hotswap.train import checkpoints
 from hotswap.train.config import TrainConfig
 from hotswap.train.curve import Point, write_csv, write_png
-from hotswap.train.data import BUILTIN_PREFIX, Dataset, TextCodec, load_data
+from hotswap.train.data import BUILTIN_PREFIX, Dataset, TextCodec, load_data, text_codec
 from hotswap.train.hf import HotswapTrainer, Progress, curve_of, make_trainer, training_arguments
 from hotswap.train.loss import collate, evaluate, to_device, token_losses
 from hotswap.train.methods import AttachContext, enable_gradient_checkpointing, method_options, trainable_methods
@@ -61,19 +61,6 @@ class TrainResult:
     manifest: Manifest | None  # set when published
     model: torch.nn.Module  # the trained model (base + adapter), in eval mode
     primary: bool = True  # the process that wrote the files and published (False: another data-parallel one)
-
-
-def _codec(base: Path, model: torch.nn.Module) -> TextCodec | None:
-    tokenizer = bundled_tokenizer(base)
-    if tokenizer is None:
-        return None
-    cfg = model.config
-    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    return TextCodec(
-        encode_prompt=lambda text: encode_prompt(tokenizer, text, cfg.bos_token_id),
-        encode_text=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
-        eos_id=eos,
-    )
 
 
 def _datasets(
@@ -270,7 +257,8 @@ def _prepare(
     dtype = resolve_dtype(config.dtype, base_path, device)
     _check_precision(config, dtype, device)
     model = load_model(base_path, dtype=torch_dtype(dtype), device=args.device)
-    train_ds, eval_ds, eval_source = _datasets(data, eval_data, _codec(base_path, model), config)
+    codec = text_codec(bundled_tokenizer(base_path), model.config)
+    train_ds, eval_ds, eval_source = _datasets(data, eval_data, codec, config)
     for ds in (train_ds, eval_ds):
         top = max(max(ex.prompt + ex.completion) for ex in ds.examples)
         if top >= model.config.vocab_size:
