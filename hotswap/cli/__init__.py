@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 
 from hotswap import __version__
-from hotswap.cli import bench, client, registry, serve, train
+from hotswap.cli import bench, client, evaluate, registry, serve, train
 from hotswap.cli.common import Command, Parser
 from hotswap.errors import HotswapError, mapping_for
 from hotswap.registry import default_registry_url
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     train.register(sub, add)
+    evaluate.register(add)
     registry.register(add)
     client.register(add)
     serve.register(add)
