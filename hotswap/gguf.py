@@ -118,14 +118,26 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[PreTrainedModel, PreTrained
     """The dequantized model (float32, eval mode, saveable) and tokenizer of a GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     p = Path(path)
     _check_supported(p)
     try:
         tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        read = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+    except Exception as e:  # a malformed vocabulary raises tokenizers' bare Exception
+        raise InvalidBaseModel(f"{p}: transformers cannot read its tokenizer ({e})") from e
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing tensors: refused below, in one line
+    try:
+        read, info = AutoModelForCausalLM.from_pretrained(
+            p.parent, gguf_file=p.name, dtype=torch.float32, output_loading_info=True
+        )
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise InvalidBaseModel(f"{p}: transformers cannot read it ({e})") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if missing := sorted(info["missing_keys"]):  # transformers would leave them at random init
+        raise InvalidBaseModel(f"{p}: the file lacks tensors of the model: {', '.join(missing)}")
     config = read.config
     del config.quantization_config  # what save_pretrained refuses; the tensors are already float
     config.name_or_path = ""
@@ -141,6 +153,8 @@ def import_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     """Write the checkpoint of a GGUF file (a path or a :data:`PACKAGED` name) into the new directory ``out``,
     atomically: a refused or failed import leaves nothing behind."""
     path = gguf_source(source)
+    if Path(out).exists():  # before the reading, which takes a while
+        raise InvalidBaseModel(f"{out}: already exists; save a base into a new directory")
     model, tokenizer = read_gguf(path)
     return save_model(model, out, tokenizer)
 

@@ -59,6 +59,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\b")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers honours it too
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # bars transformers draws with tqdm itself (reading GGUF files)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
