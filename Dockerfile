@@ -6,12 +6,12 @@
 # The settings are deploy/serve.toml (copied to /etc/hotswap/serve.toml); mount your own over it, or
 # append flags, which win: `docker run ... hotswap serve --config /etc/hotswap/serve.toml --max-batch 64`.
 # The image carries Ray (the ray extra) for `hotswap serve --ray` and KubeRay (deploy/rayservice.yaml);
-# build with --build-arg EXTRAS=build for a single-server image without it.
+# build with --build-arg EXTRAS=build for a single-server image without it (gguf: `hotswap base import` in the image).
 FROM python:3.11-slim
 
 # CPU wheels by default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 for CUDA.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=ray
+ARG EXTRAS=ray,gguf
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     HOTSWAP_REGISTRY=/data/registry

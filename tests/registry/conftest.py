@@ -63,3 +63,11 @@ def make_artifact(tmp_path: Path) -> MakeArtifact:
         return out
 
     return make
+
+
+def publish_three(reg: Registry, make_artifact: MakeArtifact) -> Registry:
+    """math@1 (prod), math@2 (staging) and math@3 in ``reg``."""
+    reg.publish(make_artifact(), "math", aliases=["prod"])
+    reg.publish(make_artifact(seed=1), "math", aliases=["staging"])
+    reg.publish(make_artifact(seed=2), "math")
+    return reg

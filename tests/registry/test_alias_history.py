@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from hotswap.registry.backend import HISTORY_FILE
 from hotswap.registry.hub import HubBackend
 from hotswap.registry.local import LocalBackend
 from tests.hubserver import HubServer
-
-MakeArtifact = Callable[..., Path]
+from tests.registry.conftest import MakeArtifact, publish_three
 
 EVAL = {
     "summary": "v3 beats v1 on math-eval: 0.71 > 0.64",
@@ -32,10 +30,7 @@ EVAL = {
 
 @pytest.fixture
 def three_versions(any_registry: Registry, make_artifact: MakeArtifact) -> Registry:
-    any_registry.publish(make_artifact(), "math", aliases=["prod"])
-    any_registry.publish(make_artifact(seed=1), "math", aliases=["staging"])
-    any_registry.publish(make_artifact(seed=2), "math")
-    return any_registry
+    return publish_three(any_registry, make_artifact)
 
 
 def moves(history: list[dict]) -> list[tuple[str, int | None, int | None]]:

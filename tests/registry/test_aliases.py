@@ -1,22 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pytest
 
 from hotswap.errors import AdapterNotFound, InvalidAdapterRef
 from hotswap.registry import Registry
-
-MakeArtifact = Callable[..., Path]
+from tests.registry.conftest import MakeArtifact, publish_three
 
 
 @pytest.fixture
 def three_versions(registry: Registry, make_artifact: MakeArtifact) -> Registry:
-    registry.publish(make_artifact(), "math", aliases=["prod"])
-    registry.publish(make_artifact(seed=1), "math", aliases=["staging"])
-    registry.publish(make_artifact(seed=2), "math")
-    return registry
+    return publish_three(registry, make_artifact)
 
 
 def test_latest_and_bare_name_resolve_to_newest(three_versions: Registry) -> None:
