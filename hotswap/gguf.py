@@ -160,11 +160,8 @@ def import_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_root() -> Path:

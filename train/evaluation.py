@@ -106,6 +106,8 @@ def evaluate_refs(
         raise InvalidArgument("give at least one ref to evaluate ('-' is the base)")
     if len(set(refs)) != len(refs):
         raise InvalidArgument(f"refs must differ: {', '.join(refs)}")
+    if samples < 0:
+        raise InvalidArgument(f"samples must be >= 0, got {samples}")
     with Engine(base, registry, max_batch=max_batch, device=device, dtype=dtype) as engine:
         codec = text_codec(engine.tokenizer, engine.model.config)
         ds = load_data(data, codec, size=EVAL_SIZE, seed=EVAL_SEED)
@@ -113,10 +115,10 @@ def evaluate_refs(
             "base" if ref == BASE else engine.registry.resolve(ref, base_fingerprint=engine.base_fingerprint).ref
             for ref in refs
         ]
-        losses = _losses(engine, refs, ds)
-        answers = _answers(engine, refs, ds)
-        decode = (lambda ids: engine.tokenizer.decode(ids)) if engine.tokenizer is not None else str
         expected = [_expected(ex, engine.eos_ids) for ex in ds.examples]
+        losses = _losses(engine, refs, ds)
+        answers = _answers(engine, refs, expected)
+        decode = (lambda ids: engine.tokenizer.decode(ids)) if engine.tokenizer is not None else str
         n = len(ds.examples)
         scores = []
         for i, ref in enumerate(refs):
@@ -144,17 +146,18 @@ def _losses(engine: Engine, refs: Sequence[str], ds: Dataset) -> list[tuple[floa
     return [(loss, int(tokens)) for loss, tokens in sums]
 
 
-def _answers(engine: Engine, refs: Sequence[str], ds: Dataset) -> list[list[tuple[list[int], bool]]]:
+def _answers(
+    engine: Engine, refs: Sequence[str], expected: list[tuple[list[int], list[int], bool]]
+) -> list[list[tuple[list[int], bool]]]:
     """Per ref, per example: (the greedy answer's ids, whether it ended at eos), generated with room for the
     expected answer and its eos, all submitted at once (continuous batching mixes the refs)."""
-    handles = []
-    for ref in refs:
-        for ex in ds.examples:
-            question, answer, closes = _expected(ex, engine.eos_ids)
-            request = Request(prompt_ids=question, adapters=_adapters(ref), max_new_tokens=len(answer) + closes)
-            handles.append(engine.submit(request))
+    handles = [
+        engine.submit(Request(prompt_ids=question, adapters=_adapters(ref), max_new_tokens=len(answer) + closes))
+        for ref in refs
+        for question, answer, closes in expected
+    ]
     results = [h.result() for h in handles]
-    return _chunks([(r.token_ids, r.finish_reason == "stop") for r in results], len(ds.examples))
+    return _chunks([(r.token_ids, r.finish_reason == "stop") for r in results], len(expected))
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,5 @@ def test_eval_refusals(trainable_base: Path, trained: tuple) -> None:
         evaluate_refs(trainable_base, ["-", "-"], DATA, registry=registry)
     with pytest.raises(InvalidArgument, match="at least one ref"):
         evaluate_refs(trainable_base, [], DATA, registry=registry)
+    with pytest.raises(InvalidArgument, match="samples must be >= 0"):
+        evaluate_refs(trainable_base, ["-"], DATA, registry=registry, samples=-1)
