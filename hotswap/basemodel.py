@@ -229,6 +229,8 @@ def save_model(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for file in tmp.iterdir():  # safetensors writes its files 0600: a server running as another user could not
+            file.chmod(0o644)  # read them (building_dir makes the directory 0755 for the same reason)
     return out
 
 

@@ -19,6 +19,12 @@ def test_same_seed_same_weights_and_fingerprint(tiny_base: Path, tmp_path: Path)
     assert fingerprint(tiny_base).startswith("hsfp1:")
 
 
+def test_saved_checkpoints_are_readable_by_other_users(tiny_base: Path) -> None:
+    """A server often runs as another user than whoever built or imported its base (the image's uid 1000)."""
+    assert oct(tiny_base.stat().st_mode & 0o777) == oct(0o755)
+    assert {oct(f.stat().st_mode & 0o777) for f in tiny_base.iterdir()} == {oct(0o644)}
+
+
 def test_fingerprint_differs_for_other_weights(tiny_base: Path, other_base: Path) -> None:
     assert fingerprint(tiny_base) != fingerprint(other_base)
 
