@@ -150,13 +150,16 @@ def _answers(
     engine: Engine, refs: Sequence[str], expected: list[tuple[list[int], list[int], bool]]
 ) -> list[list[tuple[list[int], bool]]]:
     """Per ref, per example: (the greedy answer's ids, whether it ended at eos), generated with room for the
-    expected answer and its eos, all submitted at once (continuous batching mixes the refs)."""
-    handles = [
-        engine.submit(Request(prompt_ids=question, adapters=_adapters(ref), max_new_tokens=len(answer) + closes))
+    expected answer and its eos, submitted in waves that fit the engine's queue (continuous batching mixes the
+    refs)."""
+    requests = [
+        Request(prompt_ids=question, adapters=_adapters(ref), max_new_tokens=len(answer) + closes)
         for ref in refs
         for question, answer, closes in expected
     ]
-    results = [h.result() for h in handles]
+    results = []
+    for wave in _chunks(requests, engine.config.max_queue):
+        results += engine.generate(wave)
     return _chunks([(r.token_ids, r.finish_reason == "stop") for r in results], len(expected))
 
 
