@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Registry
+from hotswap.registry.refs import LATEST, check_alias, check_part
 from hotswap.serve import Engine, Request
 from hotswap.train.data import Dataset, Example, load_data, text_codec
 from hotswap.train.loss import IGNORE, collate
@@ -188,14 +189,19 @@ def promote_if_better(
     """Point ``name:alias`` at ``version`` only if it beats ``against`` on ``data``: an alias of ``name`` (an
     unset one is the base: a first promotion must beat the base model), another ref, or "-" (the base). Both run
     in one engine; the comparison is recorded with the move."""
-    if against == BASE or "@" in against or ":" in against:
-        incumbent_ref = against
-    else:
-        target = registry.aliases(name).get(against)
-        incumbent_ref = BASE if target is None else f"{name}@{target}"
+    check_alias(alias)  # before the evaluation, which takes a while
     candidate_ref = f"{name}@{version}"
+    registry.resolve(candidate_ref)  # it exists
+    if against == BASE:
+        incumbent_ref = BASE
+    elif "@" in against or ":" in against:
+        incumbent_ref = registry.resolve(against).ref
+    else:
+        check_part(against, "alias")
+        is_set = against == LATEST or against in registry.aliases(name)
+        incumbent_ref = registry.resolve(f"{name}:{against}").ref if is_set else BASE
     if incumbent_ref == candidate_ref:
-        raise InvalidArgument(f"{candidate_ref} is already {name}:{against}; nothing to compare it with")
+        raise InvalidArgument(f"{candidate_ref} is {against} already; nothing to compare it with")
     result = evaluate_refs(base, [candidate_ref, incumbent_ref], data, registry=registry, **engine)
     candidate, incumbent = result.scores
     promoted = candidate.beats(incumbent)

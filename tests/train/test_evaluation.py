@@ -111,9 +111,12 @@ def test_cli_gate_exit_codes_and_refusals(
     assert "canary" not in Registry(registry).aliases("math")
     for args, message in [
         (["alias", "math", "canary", "1", "--if-better-than", "staging", "--registry", str(registry)], "needs --eval"),
-        (["alias", "math", "staging", "2", "--if-better-than", "staging", *common], "already math:staging"),
+        (["alias", "math", "staging", "2", "--if-better-than", "staging", *common], "math@2 is staging already"),
         (["alias", "math", "canary", "--if-better-than", "staging", *common], "give one"),
         (["alias", "math", "canary", "1", "--eval", DATA, "--registry", str(registry)], "go with --if-better-than"),
+        (["alias", "math", "canary", "1", "--if-better-than", "", *common], "alias"),
+        (["alias", "math", "canary", "2", "--if-better-than", "latest", *common], "math@2 is latest already"),
+        (["alias", "math", "Canary!", "1", "--if-better-than", "-", *common], "alias"),
     ]:
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
