@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from hotswap.cli.common import AddCommand, positive_int, registry, table
 from hotswap.devices import DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
+from hotswap.registry.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from hotswap.train.evaluation import Evaluation, Promotion
@@ -50,8 +51,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print_evaluation(result)
     if args.json is not None:
-        from hotswap.registry.fsutil import atomic_write_bytes
-
         atomic_write_bytes(args.json, (json.dumps(asdict(result), indent=2) + "\n").encode())
         print(f"\nwrote {args.json}")
     return 0
