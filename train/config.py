@@ -22,38 +22,95 @@ SCHEDULERS = {
     "constant": ("constant", "constant_with_warmup"),
 }
 
+# the fields that count something: each at least 1 (None: unset, where the field allows it)
+POSITIVE_INTS = ("steps", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "data_size")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. rank, alpha)
-    steps: int | None = None  # optimizer steps; default 200 unless epochs is given
-    epochs: float | None = None  # passes over the training data (instead of steps)
-    lr: float | None = None  # peak learning rate; default: the method's (the method's spec)
-    batch_size: int = 16  # examples per micro-batch in each process (Trainer's per_device_train_batch_size)
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step: effective batch = batch x this x processes
-    lr_scheduler: str = "linear"  # the rate after the warmup: linear | cosine (down to 0 at the end) | constant
-    warmup_ratio: float = 0.0  # share of the steps over which the rate rises linearly from 0
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay (never on biases and norms)
-    max_grad_norm: float = 1.0  # clip the gradients' global norm to this (0: no clipping)
-    bf16: bool = False  # mixed precision: compute in bfloat16 (autocast); weights stay as loaded
-    fp16: bool = False  # mixed precision: compute in float16 with loss scaling (CUDA)
-    seed: int = 0
-    eval_steps: int = 50  # steps between evaluations (and at the start and the end)
-    save_steps: int | None = None  # checkpoint every N steps into the run directory (what a resume continues from)
-    report_to: tuple[str, ...] = ()  # Trainer's integrations (tensorboard, wandb, mlflow, ...); () reports nowhere
-    data_size: int = 512  # examples drawn from a built-in task
-    device: str = "cpu"  # cpu | cuda (under a launcher: each process's own GPU)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more time
-    dtype: str = "auto"  # the base's while training (auto: hotswap.devices.resolve_dtype); adapters train in fp32
-    deepspeed: str | None = None  # a DeepSpeed config (JSON file), passed to Trainer; methods with `sharding` only
-    fsdp: str = ""  # FSDP options passed to Trainer (e.g. "full_shard auto_wrap"); methods with `sharding` only
+    """Training run settings (TrainConfig; the lineage records them whole).
+
+    Each field's ``metadata`` makes it a ``hotswap train`` flag (:func:`hotswap.cli.common.add_setting_flags`, by
+    field name, as :mod:`hotswap.serve.settings` reads it): its ``help``, and where needed ``choices``; ``setting:
+    False`` where the flag is not generated from the field alone (``method``, ``options``, ``report_to``).
+    """
+
+    method: str = field(metadata={"help": "the method to train", "setting": False})  # choices: the trainable methods
+    options: dict[str, Any] = field(  # the method's options (e.g. rank, alpha): one flag per options field
+        default_factory=dict,
+        metadata={"help": "method options (each method takes its own; defaults per method)", "setting": False},
+    )
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (default 200, unless epochs is given)"})
+    epochs: float | None = field(default=None, metadata={"help": "passes over the training data, instead of steps"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's)"})
+    batch_size: int = field(  # Trainer's per_device_train_batch_size
+        default=16, metadata={"help": "examples per micro-batch in each process"}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "micro-batches per optimizer step: effective batch = batch size x this x processes"},
+    )
+    lr_scheduler: str = field(
+        default="linear",
+        metadata={
+            "help": "the learning rate after the warmup: linear or cosine decay to 0, or constant",
+            "choices": tuple(SCHEDULERS),
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "share of the steps over which the rate rises linearly from 0"}
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW's decoupled weight decay (never on biases and norms)"}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "clip the gradients' global norm to this (0: no clipping)"}
+    )
+    bf16: bool = field(  # autocast
+        default=False, metadata={"help": "mixed precision: compute in bfloat16 (CPU or GPU); weights stay as loaded"}
+    )
+    fp16: bool = field(default=False, metadata={"help": "mixed precision: compute in float16 with loss scaling (CUDA)"})
+    seed: int = field(default=0, metadata={"help": "the run's seed: initialization, data order, built-in task draws"})
+    eval_steps: int = field(default=50, metadata={"help": "steps between evaluations (also at the start and the end)"})
+    save_steps: int | None = field(
+        default=None, metadata={"help": "checkpoint into the run directory every N steps (what --resume continues)"}
+    )
+    report_to: tuple[str, ...] = field(  # () reports nowhere
+        default=(),
+        metadata={
+            "help": "comma-separated Trainer integrations: tensorboard (pip install 'hotswap[tensorboard]'), wandb, "
+            "mlflow, ...; none (default)",
+            "setting": False,
+        },
+    )
+    data_size: int = field(default=512, metadata={"help": "examples drawn from a built-in task"})
+    device: str = field(
+        default="cpu", metadata={"help": "cpu, cuda or auto (under a launcher: each process's own GPU)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward: less memory, about 1/3 more time"}
+    )
+    dtype: str = field(  # auto: hotswap.devices.resolve_dtype
+        default="auto",
+        metadata={
+            "help": "the base's weights while training: auto = the checkpoint's dtype (float32 on a CPU without "
+            "native bfloat16); adapter weights train and are published in float32",
+            "choices": DTYPE_CHOICES,
+        },
+    )
+    deepspeed: str | None = field(  # methods with `sharding` only
+        default=None, metadata={"help": "DeepSpeed config (JSON file), passed to Trainer (PEFT's methods only)"}
+    )
+    fsdp: str = field(  # methods with `sharding` only
+        default="",
+        metadata={"help": "FSDP options passed to Trainer, e.g. 'full_shard auto_wrap' (PEFT's methods only)"},
+    )
 
     def __post_init__(self) -> None:
         method_options(self.method, self.options)  # unknown method / foreign options fail here
         if self.steps is not None and self.epochs is not None:
             raise InvalidArgument("give steps or epochs, not both")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "data_size"):
+        for name in POSITIVE_INTS:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {value}")

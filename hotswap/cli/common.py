@@ -1,14 +1,19 @@
-"""What several command groups share: argument types, the registry an invocation names, tables, token ids."""
+"""What several command groups share: argument types, flags generated from settings, the registry an invocation
+names, tables, token ids."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Registry
+
+if TYPE_CHECKING:
+    from hotswap.serve.settings import Setting
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -45,6 +50,39 @@ def token_ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",")]
     except ValueError:
         raise InvalidArgument(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser,
+    settings: Iterable[Setting],
+    *,
+    types: Mapping[str, Callable[[str], object]] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> dict[type, argparse._ArgumentGroup]:
+    """One flag per setting (a dataclass field: :mod:`hotswap.serve.settings`), its help and choices the field's
+    metadata, its type the field's; in a group per dataclass, titled by the first line of its docstring (returned
+    by dataclass). An unset flag leaves no attribute, so the dataclass's default (or a config file's value)
+    applies: the flags restate no default, their help only shows it. ``types`` parses a setting's flag otherwise
+    than by its type (e.g. :func:`positive_int`); ``aliases`` are more names of a setting's flag (no dashes)."""
+    groups: dict[type, argparse._ArgumentGroup] = {}
+    for s in settings:
+        if s.owner not in groups:
+            groups[s.owner] = parser.add_argument_group((s.owner.__doc__ or "").split("\n")[0].rstrip("."))
+        hidden = any(s.default is unset for unset in (None, False, dataclasses.MISSING)) or s.default == ""
+        notes = [] if hidden else [f"default: {s.default}"]
+        if s.alias != s.name:
+            notes.append(f"key {s.name}")
+        kwargs: dict[str, Any] = {"dest": s.name, "default": argparse.SUPPRESS}
+        kwargs["help"] = s.help + (f" ({'; '.join(notes)})" if notes else "")
+        if s.kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if s.default else "store_true"
+        else:
+            kwargs.update(type=(types or {}).get(s.name, s.kind), choices=s.choices)
+            if s.choices is None:
+                kwargs["metavar"] = s.flag.upper().replace("-", "_")
+        flags = [s.flag, *(aliases or {}).get(s.name, ())]
+        groups[s.owner].add_argument(*(f"--{flag}" for flag in flags), **kwargs)
+    return groups
 
 
 def registry(args: argparse.Namespace) -> Registry:

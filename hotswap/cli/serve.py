@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hotswap.cli.common import AddCommand
+from hotswap.cli.common import AddCommand, add_setting_flags
 from hotswap.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -48,26 +48,8 @@ def settings() -> dict[str, Setting]:
 
 
 def _add_setting_flags(sp: argparse.ArgumentParser) -> None:
-    """One flag per setting, grouped by dataclass; unset flags leave no attribute (the file or default applies)."""
-    groups: dict[type, Any] = {}
-    for s in settings().values():
-        if s.name == "registry":
-            continue
-        if s.owner not in groups:
-            groups[s.owner] = sp.add_argument_group((s.owner.__doc__ or "").split("\n")[0].rstrip("."))
-        shown = not any(s.default is hidden for hidden in (None, False, dataclasses.MISSING))
-        notes = [f"default: {s.default}"] if shown else []
-        if s.alias != s.name:
-            notes.append(f"key {s.name}")
-        kwargs: dict[str, Any] = {"dest": s.name, "default": argparse.SUPPRESS}
-        kwargs["help"] = s.help + (f" ({'; '.join(notes)})" if notes else "")
-        if s.kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if s.default else "store_true"
-        else:
-            kwargs.update(type=s.kind, choices=s.choices)
-            if s.choices is None:
-                kwargs["metavar"] = s.flag.upper().replace("-", "_")
-        groups[s.owner].add_argument(f"--{s.flag}", **kwargs)
+    """One flag per setting but ``registry`` (the global ``--registry``), grouped by dataclass."""
+    add_setting_flags(sp, [s for s in settings().values() if s.name != "registry"])
 
 
 def _values(args: argparse.Namespace, known: dict[str, Setting]) -> dict[str, Any]:

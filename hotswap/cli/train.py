@@ -7,10 +7,13 @@ import dataclasses
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hotswap.cli.common import AddCommand, positive_int
-from hotswap.devices import DTYPE_CHOICES
+from hotswap.cli.common import AddCommand, add_setting_flags, positive_int
 from hotswap.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from hotswap.train.config import TrainConfig
 
 
 def cmd_base_build(args: argparse.Namespace) -> int:
@@ -62,39 +65,12 @@ def cmd_adapter_random(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hotswap.train import TrainConfig, train
+    from hotswap.train import train
 
-    config = TrainConfig(
-        method=args.method,
-        options={
-            key.removeprefix(_OPTION): value
-            for key, value in vars(args).items()
-            if key.startswith(_OPTION) and value is not None
-        },
-        steps=args.steps,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        lr_scheduler=args.lr_scheduler,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        seed=args.seed,
-        eval_steps=args.eval_steps,
-        save_steps=args.save_steps,
-        report_to=tuple(name for name in args.report_to.split(",") if name and name != "none"),
-        device=args.device,
-        gradient_checkpointing=args.gradient_checkpointing,
-        dtype=args.dtype,
-        deepspeed=args.deepspeed,
-        fsdp=args.fsdp,
-    )
+    config = train_config(args)
     if args.alias and not args.push:
         raise InvalidArgument("--alias needs --push NAME")
-    out = args.out or Path("runs") / f"{(args.push or args.method).replace('/', '-')}-s{args.seed}"
+    out = args.out or Path("runs") / f"{(args.push or config.method).replace('/', '-')}-s{config.seed}"
     result = train(
         config,
         args.base,
@@ -114,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     m = result.metrics
     print(
-        f"trained {args.method}: eval loss {m['eval_loss_untrained']:.4f} -> {m['eval_loss']:.4f}, "
+        f"trained {config.method}: eval loss {m['eval_loss_untrained']:.4f} -> {m['eval_loss']:.4f}, "
         f"eval accuracy {m['eval_accuracy_untrained']:.3f} -> {m['eval_accuracy']:.3f}, "
         f"{m['trainable_params']:,} trainable parameters ({m['trainable_pct']:.3f}%), {m['wall_seconds']:.1f} s"
     )
@@ -123,6 +99,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         suffix = f" (aliases: {', '.join(args.alias)})" if args.alias else ""
         print(f"published {result.manifest.ref}{suffix}")
     return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's ``TrainConfig``: the flags given (method options by their method's names), the dataclass's
+    defaults for the rest."""
+    from hotswap.serve.settings import build
+    from hotswap.train.config import TrainConfig
+
+    options = {
+        key.removeprefix(_OPTION): value
+        for key, value in vars(args).items()
+        if key.startswith(_OPTION) and value is not None
+    }
+    return build(TrainConfig, {**vars(args), "options": options}, "train")
 
 
 def register(sub: argparse._SubParsersAction, add: AddCommand) -> None:
@@ -185,64 +175,42 @@ def _add_train(add: AddCommand) -> None:
     sp.add_argument("--visibility", choices=("public", "private"), help="with --push (default: by the name)")
     sp.add_argument("--description", default="")
     sp.add_argument("--parent", help="continue from this published version (same method), e.g. math@2")
-    sp.add_argument("--steps", type=positive_int, help="optimizer steps (default 200)")
-    sp.add_argument("--epochs", type=float, help="passes over the data, instead of --steps")
-    sp.add_argument("--lr", type=float, help="peak learning rate (default per method)")
-    sp.add_argument("--batch-size", type=positive_int, default=16, help="examples per micro-batch in each process")
-    sp.add_argument("--eval-steps", "--eval-every", type=positive_int, default=50,
-                    help="steps between evaluations (also at the start and the end)")  # fmt: skip
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="cpu", help="cpu, cuda or auto (under a launcher: each process's own GPU)")
-    sp.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="the base's weights while training: auto = the checkpoint's dtype (float32 on a CPU without native "
-        "bfloat16); adapter weights train and are published in float32",
-    )
-    sp.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower"
-    )
+    resume = "continue the interrupted run in --out from its last checkpoint (same settings)"
+    sp.add_argument("--resume", action="store_true", help=resume)
     sp.add_argument("--quiet", action="store_true", help="no progress bars (ours, transformers' and the Hub's)")
-    sp.defer(_add_deferred)  # the scheduler table and the methods' options dataclasses come with torch
+    sp.defer(_add_deferred)  # TrainConfig and the methods' options dataclasses come with torch
 
 
 def _add_deferred(sp: argparse.ArgumentParser) -> None:
-    """The options that import hotswap.train (and torch): added only when `train` itself is parsed."""
-    _add_scale_options(sp)
-    _add_method_options(sp)
+    """The options that import hotswap.train (and torch), added only when `train` itself is parsed: one flag per
+    ``TrainConfig`` field, generated from the dataclass (:func:`add_setting_flags`; its defaults apply to the flags
+    not given), and the methods' own options."""
+    from hotswap.serve.settings import settings_of
+    from hotswap.train.config import POSITIVE_INTS, TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    groups = add_setting_flags(
+        sp,
+        settings_of(TrainConfig).values(),
+        types=dict.fromkeys(POSITIVE_INTS, positive_int),
+        aliases={"eval_steps": ("eval-every",)},
+    )
+    report_to = fields["report_to"].metadata["help"]
+    groups[TrainConfig].add_argument(
+        "--report-to", dest="report_to", type=_integrations, default=argparse.SUPPRESS, metavar="NAMES", help=report_to
+    )
+    _add_method_options(sp, fields["method"].metadata["help"], fields["options"].metadata["help"])
 
 
-def _add_scale_options(sp: argparse.ArgumentParser) -> None:
-    """transformers Trainer's options, by its names (README, "Training at scale")."""
-    from hotswap.train.config import SCHEDULERS
-
-    group = sp.add_argument_group("training at scale (transformers' Trainer)")
-    accumulate = "micro-batches per optimizer step: effective batch = batch size x this x processes"
-    group.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help=accumulate)
-    group.add_argument("--lr-scheduler", choices=list(SCHEDULERS), default="linear",
-                       help="the learning rate after the warmup: linear or cosine decay to 0, or constant")  # fmt: skip
-    group.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps warming up from 0")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    group.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: never)")
-    precision = group.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="mixed precision: compute in bfloat16 (CPU or GPU)")
-    precision.add_argument("--fp16", action="store_true", help="mixed precision: compute in float16 (CUDA)")
-    group.add_argument("--save-steps", type=positive_int, help="checkpoint into --out every N steps (for --resume)")
-    resume = "continue the interrupted run in --out from its last checkpoint (same settings)"
-    group.add_argument("--resume", action="store_true", help=resume)
-    group.add_argument("--report-to", default="none", metavar="NAMES",
-                       help="comma-separated Trainer integrations: tensorboard (pip install 'hotswap[tensorboard]'), "
-                       "wandb, mlflow, ...; none (default)")  # fmt: skip
-    group.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config JSON (PEFT's methods only)")
-    group.add_argument("--fsdp", default="", metavar="OPTIONS",
-                       help="FSDP options, e.g. 'full_shard auto_wrap' (PEFT's methods only)")  # fmt: skip
+def _integrations(text: str) -> tuple[str, ...]:
+    """``--report-to tensorboard,wandb``; ``none`` (Trainer's spelling) reports nowhere."""
+    return tuple(name for name in text.split(",") if name and name != "none")
 
 
 _OPTION = "method_option."  # namespace prefix of the method options' destinations
 
 
-def _add_method_options(sp: argparse.ArgumentParser) -> None:
+def _add_method_options(sp: argparse.ArgumentParser, method_help: str, options_help: str) -> None:
     """One flag per option field of every trainable method (``TrainConfig.options``), generated from the methods'
     options dataclasses: a field's help and choices come from its metadata, its flag from the name (or the
     metadata's ``flag``); a field several methods share is one flag. Each method reads its own, with its
@@ -250,14 +218,14 @@ def _add_method_options(sp: argparse.ArgumentParser) -> None:
     from hotswap.train import trainable_methods
 
     methods = trainable_methods()
-    sp.add_argument("--method", required=True, choices=list(methods), help="; ".join(
-        f"{name}: {spec.summary}" for name, spec in methods.items()))  # fmt: skip
+    sp.add_argument("--method", required=True, choices=list(methods), help=f"{method_help} (" + "; ".join(
+        f"{name}: {spec.summary}" for name, spec in methods.items()) + ")")  # fmt: skip
     owners: dict[str, list[tuple[str, dataclasses.Field, type]]] = {}
     for method, spec in methods.items():
         hints = typing.get_type_hints(spec.options)
         for f in dataclasses.fields(spec.options):
             owners.setdefault(f.name, []).append((method, f, hints[f.name]))
-    group = sp.add_argument_group("method options (each method takes its own; defaults per method)")
+    group = sp.add_argument_group(options_help)
     for name, uses in owners.items():
         _, f, hint = uses[0]
         flag = f.metadata.get("flag", name).replace("_", "-")
