@@ -39,7 +39,8 @@ AdapterArg = str | tuple[str, float]
 # gRPC metadata Ray Serve routes by (``hotswap serve --ray``): a request's first adapter ref, sent always
 # (a single server ignores it), so replicas that already hold the adapter get its requests.
 MODEL_ID_KEY = "multiplexed_model_id"
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_CANCELLED: "cancelled"}
+# the wire's FINISH_REASON_<NAME> as the server's reason, "<name>" ("stop", "length", "cancelled")
+_FINISH = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _generation(resp: pb.GenerateResponse) -> Generation:
     return Generation(
         text=resp.text,
         token_ids=list(resp.token_ids),
-        finish_reason=_FINISH.get(resp.finish_reason, "unspecified"),
+        finish_reason=_FINISH.get(resp.finish_reason, _FINISH[pb.FINISH_REASON_UNSPECIFIED]),
         prompt_tokens=resp.usage.prompt_tokens,
         completion_tokens=resp.usage.completion_tokens,
         queue_s=resp.timings.queue_seconds,
@@ -222,8 +223,8 @@ def build_request(
     prompt_ids: Sequence[int] | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
     max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
+    temperature: float | None = None,
+    top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
@@ -233,19 +234,24 @@ def build_request(
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``: ``adapters`` are refs or (ref, weight) pairs; ``messages`` a chat
     (``[{"role": "user", "content": "Hi"}]``) instead of a prompt, rendered by the base's chat template; unset
-    fields take the server's defaults (16 new tokens, greedy)."""
+    fields (None) take the server's defaults."""
     weighted = [
         pb.WeightedAdapter(ref=a) if isinstance(a, str) else pb.WeightedAdapter(ref=a[0], weight=float(a[1]))
         for a in adapters
     ]
-    optional = {"max_new_tokens": max_new_tokens, "top_p": top_p, "seed": seed, "rank": rank}
+    optional = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "rank": rank,
+    }
     return pb.GenerateRequest(
         adapters=weighted,
         prompt=prompt or "",
         prompt_ids=list(prompt_ids or ()),
         messages=[_chat_message(i, m) for i, m in enumerate(messages or ())],
-        temperature=temperature,
-        top_k=top_k,
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,

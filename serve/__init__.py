@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from hotswap.serve.config import EngineConfig
 from hotswap.serve.engine import Engine, RequestHandle
-from hotswap.serve.types import EngineObserver, Request, Result, Timings
+from hotswap.serve.types import EngineObserver, FinishReason, Request, Result, Timings
 
-__all__ = ["Engine", "EngineConfig", "EngineObserver", "Request", "RequestHandle", "Result", "Timings"]
+__all__ = ["Engine", "EngineConfig", "EngineObserver", "FinishReason", "Request", "RequestHandle", "Result", "Timings"]

@@ -1,5 +1,6 @@
-"""One request's generated text, decoded incrementally, and its stop strings: the engine's stop check and final
-text, and the servers' streaming text deltas, all from one :class:`Detokenizer`.
+"""One request's generated text, decoded incrementally, and its stop strings: the engine's stop check, the final
+text and the streaming text deltas every transport forwards, all from one :class:`Detokenizer` (the request
+handle's).
 
 Decoding the whole output again on every token costs O(n²) per stream. Instead, as vLLM and TGI do, each update
 decodes a small window: a few tokens already in the text (the window's *context*, whose text is known) and the
@@ -60,9 +61,10 @@ def skipped_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
 class Detokenizer:
     """The text of one request's generated tokens so far, and whether one of its stop strings occurs in it.
 
-    The engine calls :meth:`add` per token and :meth:`final_text` at the end; a streaming server calls
-    :meth:`feed` per token and :meth:`rest` at the end. Without a tokenizer there is no text (``final_text`` is
-    None, deltas are empty). Decoding is lazy: without stop strings, :meth:`add` only appends.
+    A request's handle (:class:`~hotswap.serve.request.RequestHandle`) calls :meth:`feed` per token (the stream's
+    delta, and :attr:`stopped`), :meth:`final_text` and :meth:`rest` at the end. Without a tokenizer there is no
+    text (``final_text`` is None, deltas are empty). Decoding is lazy: without stop strings, :meth:`add` only
+    appends.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: Sequence[str] = ()) -> None:

@@ -146,12 +146,12 @@ class HttpCore:
                 headers = await self.prepare(g) if self.prepare is not None else {}
                 handle = await self._run(g.submit)
                 if body.stream:
-                    tokens = await self._run(handle.next_tokens)  # the request's error, if any, comes before the head
+                    delta = await self._run(handle.next_delta)  # the request's error, if any, comes before the head
                     yield Head(200, headers, stream=True)
                     streaming = True
-                    while tokens is not None:
-                        yield _event(reply.chunk(g.chunk(tokens)))
-                        tokens = await self._run(handle.next_tokens)
+                    while delta is not None:
+                        yield _event(reply.chunk(g.chunk(delta)))
+                        delta = await self._run(handle.next_delta)
                 (last,) = g.final(await self._run(handle.result), merge_rest=True)
             if not body.stream:
                 yield Head(200, headers)

@@ -5,8 +5,8 @@ check of a generation is the gRPC one), and the answers' JSON.
 Every adapter is a model: ``model`` is the base's name (:attr:`ServerConfig.model_name`) or an adapter ref
 (``math``, ``math@2``, ``math:prod``, ``acme/tone``). What the OpenAI API has no field for travels as extra body
 fields, named as in the gRPC request: ``adapters`` (a weighted list, ``[{"ref": "math@2", "weight": 1.0}]``),
-``rank`` (DyLoRA), ``top_k``, ``stop_token_ids``, ``ignore_eos``. OpenAI fields hotswap does not implement are
-refused when set (``logprobs``, ``n`` other than 1, penalties ...), never ignored.
+``rank`` (methods trained at nested ranks), ``top_k``, ``stop_token_ids``, ``ignore_eos``. OpenAI fields hotswap
+does not implement are refused when set (``logprobs``, ``n`` other than 1, penalties ...), never ignored.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hotswap.errors import InvalidArgument, quote
+from hotswap.serve.servicer import FINISH_FROM_PB
+from hotswap.serve.types import MAX_SEED, FinishReason
 from hotswap.v1 import hotswap_pb2 as pb
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Count = Annotated[int, Field(ge=1, le=2**32 - 1)]
-FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_CANCELLED: "stop"}
+# OpenAI's finish_reason for each of hotswap's (OpenAI has no "cancelled")
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
 
 
 class _Body(BaseModel):
@@ -43,10 +46,10 @@ class _Generation(_Body):
     """What completions and chat completions share."""
 
     model: str = Field(min_length=1)
-    max_tokens: Count | None = None  # unset: 16, as gRPC
-    temperature: float = Field(default=1.0, ge=0)  # OpenAI's default (gRPC's is 0, greedy)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+    max_tokens: Count | None = None  # unset: the engine's default, as gRPC
+    temperature: float = 1.0  # OpenAI's default (gRPC's is 0, greedy)
+    top_p: float | None = None  # unset: the engine's default, as gRPC
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -141,7 +144,6 @@ def generate_request(body: Body, base: str) -> pb.GenerateRequest:
     msg = pb.GenerateRequest(
         adapters=[pb.WeightedAdapter(ref=ref, weight=w) for ref, w in adapters_of(body, base)],
         temperature=body.temperature,
-        top_p=body.top_p,
         top_k=body.top_k,
         stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
         stop_token_ids=body.stop_token_ids,
@@ -166,10 +168,9 @@ def generate_request(body: Body, base: str) -> pb.GenerateRequest:
             msg.prompt_ids.extend(prompt)  # type: ignore[arg-type]
     if max_tokens is not None:
         msg.max_new_tokens = max_tokens
-    if body.seed is not None:
-        msg.seed = body.seed
-    if body.rank is not None:
-        msg.rank = body.rank
+    for name in ("top_p", "seed", "rank"):
+        if (value := getattr(body, name)) is not None:
+            setattr(msg, name, value)
     return msg
 
 
@@ -207,7 +208,7 @@ class Reply:
         return {**choice, "logprobs": None, "finish_reason": finish, "token_ids": token_ids}
 
     def whole(self, response: pb.GenerateResponse) -> dict[str, Any]:
-        choice = self._choice(response.text, list(response.token_ids), FINISH[response.finish_reason], delta=False)
+        choice = self._choice(response.text, list(response.token_ids), _finish(response), delta=False)
         return {**self._head(False), "choices": [choice], "usage": usage(response), **_resolved(response)}
 
     def chunk(self, piece: pb.GenerateChunk) -> dict[str, Any]:
@@ -218,11 +219,15 @@ class Reply:
     def last(self, piece: pb.GenerateChunk) -> list[dict[str, Any]]:
         """The stream's last chunks: the text held back and the finish reason; then usage, if asked for."""
         response = piece.response
-        choice = self._choice(piece.text, [], FINISH[response.finish_reason], delta=True)
+        choice = self._choice(piece.text, [], _finish(response), delta=True)
         out = [{**self._head(True), "choices": [choice], **_resolved(response)}]
         if self.usage:
             out = [{**out[0], "usage": None}, {**self._head(True), "choices": [], "usage": usage(response)}]
         return out
+
+
+def _finish(response: pb.GenerateResponse) -> str:
+    return FINISH[FINISH_FROM_PB[response.finish_reason]]
 
 
 def _resolved(response: pb.GenerateResponse) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 while it waits and runs.
 
 The engine thread reports through the handle's public :meth:`RequestHandle.push`, :meth:`~RequestHandle.finish`
-and :meth:`~RequestHandle.fail`; the caller reads on its own thread (tokens in order, then the end).
+and :meth:`~RequestHandle.fail`; the caller reads on its own thread (tokens and their text in order, then the end).
+The handle's :class:`Detokenizer` is the request's one: it finds the stop strings, makes the stream's text deltas
+and the result's text.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,49 +21,65 @@ import torch
 from hotswap.basemodel import encode_prompt
 from hotswap.devices import torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument
-from hotswap.registry import Registry
+from hotswap.registry import Manifest, Registry
+from hotswap.registry.registry import check_base
 from hotswap.serve.chat import render as render_chat
 from hotswap.serve.config import EngineConfig
 from hotswap.serve.detok import Detokenizer
 from hotswap.serve.sampling import RowSampler
-from hotswap.serve.types import Request, Result, Timings
+from hotswap.serve.types import FinishReason, Request, Result, Timings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-class RequestHandle:
-    """A submitted request: iterate for token ids as they come, ``result()`` to wait, ``cancel()``."""
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a request's stream: tokens generated since the previous piece, and the text that became safe to
+    send with them (never a partial character, nor what may still become a stop string)."""
 
-    def __init__(self) -> None:
+    token_ids: list[int]
+    text: str
+
+
+class RequestHandle:
+    """A submitted request: iterate for token ids as they come, :meth:`next_delta` for tokens with their text,
+    ``result()`` to wait, ``cancel()``."""
+
+    def __init__(self, detok: Detokenizer) -> None:
+        self._detok = detok
         self._events: queue.Queue[tuple[str, object]] = queue.Queue()
         self._done = threading.Event()
         self._result: Result | None = None
         self._error: HotswapError | None = None
+        self._rest = ""
         self.cancelled = False
 
     def __iter__(self) -> Iterator[int]:
-        while (tokens := self.next_tokens()) is not None:
-            yield from tokens
+        while (delta := self.next_delta()) is not None:
+            yield from delta.token_ids
 
-    def next_tokens(self) -> list[int] | None:
-        """Wait for the next token, and take every token already produced after it too (a slow reader gets
-        them in one piece); None once the request has finished. Raises the request's error."""
+    def next_delta(self) -> Delta | None:
+        """Wait for the next token, and take every token already produced after it too (a slow reader gets them
+        in one piece), with their text; None once the request has finished. Raises the request's error."""
         tokens: list[int] = []
+        texts: list[str] = []
         block = True
         while True:
             try:
                 kind, value = self._events.get(block=block)
             except queue.Empty:
-                return tokens
+                return Delta(tokens, "".join(texts))
             if kind == "token":
-                tokens.append(value)  # type: ignore[arg-type]
+                token, text = value  # type: ignore[misc]
+                tokens.append(token)
+                texts.append(text)
                 block = False
             elif kind == "error":
                 raise value  # type: ignore[misc]
             else:
                 self._events.put((kind, value))  # keep the end for the next call
-                return tokens or None
+                return Delta(tokens, "".join(texts)) if tokens else None
 
     def result(self, timeout: float | None = None) -> Result:
         if not self._done.wait(timeout):
@@ -70,6 +88,11 @@ class RequestHandle:
             raise self._error
         assert self._result is not None
         return self._result
+
+    @property
+    def rest(self) -> str:
+        """The end of the result's text that no delta carried, held back until the request finished ("" before)."""
+        return self._rest
 
     def cancel(self) -> None:
         """Leave the batch at the next step (finish_reason 'cancelled'); its row and slots are freed."""
@@ -80,13 +103,20 @@ class RequestHandle:
         return self._done.is_set()
 
     # -- the engine's side ---------------------------------------------------------------------------
-    def push(self, token: int) -> None:
-        """One more generated token for the reader."""
+    def push(self, token: int) -> bool:
+        """One more generated token for the reader, with the text it makes safe to send; True once a stop string
+        occurs in the text (the request ends on this token)."""
         assert not self.done, "a finished request gets no more tokens"
-        self._events.put(("token", token))
+        self._events.put(("token", (token, self._detok.feed(token))))
+        return self._detok.stopped
+
+    def final_text(self) -> str | None:
+        """The text of every token pushed, cut before the stop strings; None without a tokenizer."""
+        return self._detok.final_text()
 
     def finish(self, result: Result) -> None:
-        """The request ended normally (stop, length or cancelled) with ``result``."""
+        """The request ended normally (stop, length or cancelled) with ``result`` (its text is :meth:`final_text`)."""
+        self._rest = self._detok.rest(result.text or "")
         self._end(result, None)
 
     def fail(self, error: HotswapError) -> None:
@@ -109,7 +139,6 @@ class Job:
     adapters: list[tuple[str, float]]  # exact refs ("name@3") and weights
     handle: RequestHandle
     sampler: RowSampler
-    detok: Detokenizer  # the generated text, and whether a stop string occurs in it
     submitted: float
     row: int = -1
     slots: list[tuple[int, float]] = field(default_factory=list)
@@ -133,12 +162,12 @@ class Job:
     def prefilling(self) -> bool:
         return self.position < self.prefill_end
 
-    def finish(self, reason: str) -> None:
-        """End the request with its result (``reason``: stop, length, cancelled); its row must be free already."""
+    def finish(self, reason: FinishReason) -> None:
+        """End the request with its result; its row must be free already."""
         self.timings.total_s = time.perf_counter() - self.submitted
         result = Result(
             token_ids=list(self.generated),
-            text=self.detok.final_text(),
+            text=self.handle.final_text(),
             finish_reason=reason,
             timings=self.timings,
             prompt_tokens=len(self.prompt_ids),
@@ -148,19 +177,27 @@ class Job:
 
 
 def _resolve_adapters(
-    request: Request, config: EngineConfig, registry: Registry, base_fingerprint: str
+    request: Request,
+    config: EngineConfig,
+    registry: Registry,
+    base_fingerprint: str,
+    manifests: Sequence[Manifest] | None,
 ) -> list[tuple[str, float]]:
-    """The request's adapters as exact refs with weights, checked against what their methods allow."""
+    """The request's adapters as exact refs with weights, checked against their base and what their methods allow.
+    ``manifests``: the adapters already resolved (else each is resolved here)."""
     from hotswap.methods import registered  # what each method allows a request (the method folders say)
 
     methods = registered()
     ranked = "/".join(spec.display for spec in methods.values() if spec.ranked)
     top = float(torch.finfo(torch_dtype(config.dtype)).max)
+    weighted = request.weighted_adapters()
+    if manifests is not None and [m.ref for m in manifests] != [ref for ref, _ in weighted]:
+        raise ValueError("manifests must be those of the request's adapters, given as exact refs, in order")
     adapters, context = [], 0
-    for ref, weight in request.weighted_adapters():
+    for i, (ref, weight) in enumerate(weighted):
         if abs(weight) > top:
             raise InvalidArgument(f"adapter weight for {ref} must be within ±{top:g} ({config.dtype})")
-        manifest = registry.resolve(ref, base_fingerprint=base_fingerprint)
+        manifest = check_base(manifests[i] if manifests is not None else registry.resolve(ref), base_fingerprint)
         spec = methods.get(manifest.method)  # an unknown method is refused when it loads
         if spec is not None and spec.context:  # it changes the row's context: one per request, weight 1
             context += 1
@@ -185,13 +222,15 @@ def make_job(
     vocab: int,
     tokenizer: PreTrainedTokenizerBase | None,
     bos_id: int | None,
+    manifests: Sequence[Manifest] | None = None,
 ) -> Job:
-    """Validate and resolve a request for this base (adapter refs -> exact versions), before it is queued."""
+    """Validate and resolve a request for this base (adapter refs -> exact versions, unless ``manifests`` has them
+    resolved already), before it is queued."""
     if len(request.adapters) > config.max_adapters_per_request:
         raise InvalidArgument(f"at most {config.max_adapters_per_request} adapters per request")
     if any(t >= vocab for t in request.stop_token_ids):
         raise InvalidArgument(f"stop_token_ids must be below the vocabulary size {vocab}")
-    adapters = _resolve_adapters(request, config, registry, base_fingerprint)
+    adapters = _resolve_adapters(request, config, registry, base_fingerprint, manifests)
     if len({ref for ref, _ in adapters}) > config.max_resident:
         raise CapacityExceeded(f"a request can use at most max_resident={config.max_resident} adapters")
     if (request.stop or request.prompt is not None) and tokenizer is None:
@@ -214,8 +253,7 @@ def make_job(
         req=request,
         prompt_ids=prompt_ids,
         adapters=adapters,
-        handle=RequestHandle(),
+        handle=RequestHandle(Detokenizer(tokenizer, request.stop)),
         sampler=RowSampler(request.temperature, request.top_k, request.top_p, request.seed),
-        detok=Detokenizer(tokenizer, request.stop),
         submitted=time.perf_counter(),
     )

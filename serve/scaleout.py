@@ -197,8 +197,8 @@ class Replica:
             if stream:
                 # tokens produced while the last chunk was in flight go out together: Ray's streaming
                 # hop costs more per message than a decode step of a small model
-                while (tokens := await asyncio.to_thread(handle.next_tokens)) is not None:
-                    yield g.chunk(tokens)
+                while (delta := await asyncio.to_thread(handle.next_delta)) is not None:
+                    yield g.chunk(delta)
             final = g.final(await asyncio.to_thread(handle.result), merge_rest=True)
             loads = self.engine.pool.stats.registry_loads
             context.set_trailing_metadata([(REPLICA_KEY, self.replica_id), (CACHE_KEY, tier), (LOADS_KEY, str(loads))])

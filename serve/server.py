@@ -253,8 +253,8 @@ class _Inference(pb_grpc.InferenceServicer):
             if not context.add_callback(handle.cancel):  # client cancel or deadline: the row leaves at the next step
                 handle.cancel()  # it already ended
             if stream:
-                for token in handle:
-                    yield g.chunk([token])
+                while (delta := handle.next_delta()) is not None:
+                    yield g.chunk(delta)
             final = g.final(handle.result())
             if not context.is_active():
                 g.left()

@@ -2,9 +2,9 @@
 :mod:`hotswap.serve.server`, the Ray replica in :mod:`hotswap.serve.scaleout`, the OpenAI-compatible HTTP API in
 :mod:`hotswap.serve.http`, which speaks to it in ``hotswap.v1`` requests too).
 
-A generation (:class:`Generation`) goes: authorize the caller for each adapter ref, which resolves it (once per
-request; the engine's own resolve of the exact version is a file read, or a cache hit for a remote registry) ->
-submit the engine request -> chunks (token ids and text deltas from a :class:`Detokenizer`) -> the final response;
+A generation (:class:`Generation`) goes: authorize the caller for each adapter ref, which resolves it (the
+request's one resolve: the engine gets the manifests) -> submit the engine request -> chunks (the token ids and
+text deltas of its handle) -> the final response;
 and it is recorded when it ends, however it ends: ``Metrics.request_done`` and one log line. A transport drives
 these steps with its own I/O (threads for gRPC, asyncio for Ray). Nothing here catches an error to answer it:
 :mod:`hotswap.serve.status` turns what is raised into a status.
@@ -24,18 +24,16 @@ from hotswap.errors import DeadlineExceeded, HotswapError, PermissionDenied, map
 from hotswap.registry import AdapterRef, Manifest, Registry
 from hotswap.registry.registry import AdapterSummary
 from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
-from hotswap.serve.detok import Detokenizer
 from hotswap.serve.engine import Engine, RequestHandle
 from hotswap.serve.metrics import UNRESOLVED, Metrics
-from hotswap.serve.types import Request, Result
+from hotswap.serve.request import Delta
+from hotswap.serve.types import FinishReason, Request, Result
 from hotswap.v1 import hotswap_pb2 as pb
 
 Metadata = Sequence[tuple[str, str]]
-_FINISH = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "cancelled": pb.FINISH_REASON_CANCELLED,
-}
+# the wire's FINISH_REASON_<NAME> for each FinishReason.<NAME> (a reason the proto lacks fails here, at import)
+FINISH_TO_PB = {reason: pb.FinishReason.Value(f"FINISH_REASON_{reason.name}") for reason in FinishReason}
+FINISH_FROM_PB = {value: reason for reason, value in FINISH_TO_PB.items()}
 
 
 def _cancelled() -> str:
@@ -188,7 +186,6 @@ class Generation:
         self.manifests: list[Manifest] = []
         self.handle: RequestHandle | None = None
         self.result: Result | None = None
-        self._deltas: Detokenizer | None = None
 
     def __enter__(self) -> Generation:
         return self
@@ -221,46 +218,49 @@ class Generation:
         return self.manifests
 
     def submit(self) -> RequestHandle:
-        engine = self.core.ready
-        self.handle = engine.submit(to_request(self.request, self.refs))
-        if self.stream:
-            self._deltas = Detokenizer(engine.tokenizer, list(self.request.stop))
+        """Submit the engine request, with the manifests :meth:`authorize` resolved."""
+        self.handle = self.core.ready.submit(to_request(self.request, self.refs), self.manifests)
         return self.handle
 
-    def chunk(self, tokens: list[int]) -> pb.GenerateChunk:
-        """The stream's chunk for ``tokens``: their ids and the text that became safe to send."""
-        assert self._deltas is not None, "chunks are for streaming calls"
-        return pb.GenerateChunk(token_ids=tokens, text="".join(self._deltas.feed(t) for t in tokens))
+    def chunk(self, delta: Delta) -> pb.GenerateChunk:
+        """The stream's chunk for ``delta`` (from the handle): its token ids and text."""
+        assert self.stream, "chunks are for streaming calls"
+        return pb.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
 
     def final(self, result: Result, merge_rest: bool = False) -> list[pb.GenerateChunk]:
         """The last chunks: the response, after any text held back (in the same chunk with ``merge_rest``)."""
         self.result = result
         response = to_response(result)
-        if self._deltas is None:
+        if not self.stream:
             return [pb.GenerateChunk(response=response)]
-        rest = self._deltas.rest(result.text or "")
+        assert self.handle is not None, "a final answer follows submit"
+        rest = self.handle.rest
         if merge_rest:
             return [pb.GenerateChunk(text=rest, response=response)]
         return [*([pb.GenerateChunk(text=rest)] if rest else []), pb.GenerateChunk(text="", response=response)]
 
 
+_OPTIONAL = ("max_new_tokens", "top_p", "seed", "rank")  # GenerateRequest's fields with presence, as in Request
+
+
 def to_request(msg: pb.GenerateRequest, exact_refs: list[str]) -> Request:
-    """The engine request for ``msg``, with its adapters already resolved (and authorized) to exact refs."""
-    weights = [a.weight if a.HasField("weight") else 1.0 for a in msg.adapters]
+    """The engine request for ``msg``, with its adapters already resolved (and authorized) to exact refs; what
+    ``msg`` leaves unset (an optional field, an adapter's weight) takes the default of :class:`Request`."""
+    adapters = [
+        (ref, a.weight) if a.HasField("weight") else ref for ref, a in zip(exact_refs, msg.adapters, strict=True)
+    ]
+    optional = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
     return Request(
         prompt=msg.prompt or None,
         prompt_ids=list(msg.prompt_ids) or None,
         messages=[{"role": m.role, "content": m.content} for m in msg.messages] or None,
-        adapters=list(zip(exact_refs, weights, strict=True)),
-        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else 16,
+        adapters=adapters,
         temperature=msg.temperature,
         top_k=msg.top_k,
-        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        seed=msg.seed if msg.HasField("seed") else None,
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
-        rank=msg.rank if msg.HasField("rank") else None,
+        **optional,
     )
 
 
@@ -269,7 +269,7 @@ def to_response(result: Result) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         text=result.text or "",
         token_ids=result.token_ids,
-        finish_reason=_FINISH[result.finish_reason],
+        finish_reason=FINISH_TO_PB[result.finish_reason],
         usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
         timings=pb.Timings(queue_seconds=t.queue_s, time_to_first_token_seconds=t.ttft_s, total_seconds=t.total_s),
         adapters=[pb.WeightedAdapter(ref=ref, weight=w) for ref, w in result.adapters],

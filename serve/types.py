@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -82,7 +83,7 @@ class Request:
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer); not part of the output
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's eos
     ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens
-    rank: int | None = None  # DyLoRA: serve the adapters truncated to this rank
+    rank: int | None = None  # serve the adapters truncated to this rank (methods trained at nested ranks)
 
     def __post_init__(self) -> None:
         """Check every field before the request can reach a batch; each refusal names its field."""
@@ -132,6 +133,14 @@ class Request:
         return [(a, 1.0) if isinstance(a, str) else (a[0], float(a[1])) for a in self.adapters]
 
 
+class FinishReason(StrEnum):
+    """Why a request ended."""
+
+    STOP = "stop"  # eos, a stop token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # its caller cancelled it
+
+
 @dataclass
 class Timings:
     """Seconds, measured by the engine with ``time.perf_counter``."""
@@ -146,7 +155,7 @@ class Timings:
 class Result:
     token_ids: list[int]
     text: str | None  # None when the base has no tokenizer
-    finish_reason: str  # "stop" (eos / stop sequence), "length", "cancelled"
+    finish_reason: FinishReason
     timings: Timings
     prompt_tokens: int = 0
     adapters: list[tuple[str, float]] = field(default_factory=list)  # as resolved: ("math@2", 1.0)

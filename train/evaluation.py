@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Registry
 from hotswap.registry.refs import LATEST, check_alias, check_part
-from hotswap.serve import Engine, Request
+from hotswap.serve import Engine, FinishReason, Request, Result
 from hotswap.train.data import Dataset, Example, load_data, text_codec
 from hotswap.train.loss import IGNORE, collate
 
@@ -112,21 +112,26 @@ def evaluate_refs(
     with Engine(base, registry, max_batch=max_batch, device=device, dtype=dtype) as engine:
         codec = text_codec(engine.tokenizer, engine.model.config)
         ds = load_data(data, codec, size=EVAL_SIZE, seed=EVAL_SEED)
-        resolved = [
-            "base" if ref == BASE else engine.registry.resolve(ref, base_fingerprint=engine.base_fingerprint).ref
+        # resolved once: every row of a ref runs the same version, even if its alias moves meanwhile
+        exact_refs = [
+            BASE if ref == BASE else engine.registry.resolve(ref, base_fingerprint=engine.base_fingerprint).ref
             for ref in refs
         ]
         expected = [_expected(ex, engine.eos_ids) for ex in ds.examples]
-        losses = _losses(engine, refs, ds)
-        answers = _answers(engine, refs, expected)
+        losses = _losses(engine, exact_refs, ds)
+        answers = _answers(engine, exact_refs, expected)
         decode = (lambda ids: engine.tokenizer.decode(ids)) if engine.tokenizer is not None else str
         n = len(ds.examples)
         scores = []
         for i, ref in enumerate(refs):
-            exact = sum(got == (answer, closes) for got, (_, answer, closes) in zip(answers[i], expected, strict=True))
+            exact = sum(
+                (r.token_ids, r.finish_reason == FinishReason.STOP) == (answer, closes)
+                for r, (_, answer, closes) in zip(answers[i], expected, strict=True)
+            )
             loss_sum, tokens = losses[i]
-            shown_answers = [decode(ids) for ids, _ in answers[i][:samples]]
-            scores.append(Score(ref, resolved[i], loss_sum / max(tokens, 1), exact / n, exact, n, shown_answers))
+            shown_answers = [r.text if r.text is not None else str(r.token_ids) for r in answers[i][:samples]]
+            resolved = "base" if ref == BASE else exact_refs[i]
+            scores.append(Score(ref, resolved, loss_sum / max(tokens, 1), exact / n, exact, n, shown_answers))
         shown = [decode(answer) for _, answer, _ in expected[:samples]]
     return Evaluation(data, ds.digest, shown, scores)
 
@@ -149,10 +154,9 @@ def _losses(engine: Engine, refs: Sequence[str], ds: Dataset) -> list[tuple[floa
 
 def _answers(
     engine: Engine, refs: Sequence[str], expected: list[tuple[list[int], list[int], bool]]
-) -> list[list[tuple[list[int], bool]]]:
-    """Per ref, per example: (the greedy answer's ids, whether it ended at eos), generated with room for the
-    expected answer and its eos, submitted in waves that fit the engine's queue (continuous batching mixes the
-    refs)."""
+) -> list[list[Result]]:
+    """Per ref, per example: the greedy answer, generated with room for the expected answer and its eos, submitted
+    in waves that fit the engine's queue (continuous batching mixes the refs)."""
     requests = [
         Request(prompt_ids=question, adapters=_adapters(ref), max_new_tokens=len(answer) + closes)
         for ref in refs
@@ -161,7 +165,7 @@ def _answers(
     results = []
     for wave in _chunks(requests, engine.config.max_queue):
         results += engine.generate(wave)
-    return _chunks([(r.token_ids, r.finish_reason == "stop") for r in results], len(expected))
+    return _chunks(results, len(expected))
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def _chunked(fx: Fixtures) -> list[dict[str, Any]]:
                      prefix_cache=False) as engine:  # fmt: skip
             handles = [engine.submit(r) for r in decoding]
             for handle in handles:
-                handle.next_tokens()  # wait for each row's first token: all of them decode now
+                handle.next_delta()  # wait for each row's first token: all of them decode now
             late = engine.submit(long)
             results = [h.result() for h in handles]
             late.result()
