@@ -1,14 +1,17 @@
-"""Generates the gRPC stubs from proto/ whenever the package is built or installed (also editable).
+"""Generates the gRPC stubs from proto/ whenever the package is built or installed (also editable), and finds the
+packages under each folder pyproject.toml maps into the ``hotswap`` namespace (so a new method folder or serve
+layer needs no edit here or there).
 
-Everything else about the package lives in pyproject.toml; this file only hooks protoc into build_py,
-so the stubs are build outputs (git-ignored), never hand-edited sources.
+Everything else about the package lives in pyproject.toml; the stubs are build outputs (git-ignored), never
+hand-edited sources.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
@@ -35,4 +38,14 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+def packages() -> list[str]:
+    """Each mapped package (``hotswap.serve`` = ``serve/`` ...) and every package found under its folder."""
+    mapped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    found = []
+    for name, folder in mapped.items():
+        nested = {f"{name}.{sub}" for sub in find_packages(str(ROOT / folder))}
+        found += [name, *sorted(nested - set(mapped))]
+    return found
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, packages=packages())

@@ -3,7 +3,7 @@ checkpoint, and fingerprint it so an adapter can never be served on the wrong ba
 
 Presets name a family (``model_type``) and a shape: tests use ``tiny`` (Llama) and the tiny presets of the other
 tested families (``tiny-mistral`` ... ``tiny-granite``); benchmarks use ``smollm2-135m`` (workload W1 of
-shared/BENCHMARK.md) and the real shapes ``qwen2.5-0.5b``, ``gemma-3-270m``, ``phi-3-mini`` at random init.
+the benchmark card) and the real shapes ``qwen2.5-0.5b``, ``gemma-3-270m``, ``phi-3-mini`` at random init.
 The fingerprint reads only files (safetensors headers + tensor bytes, config.json), so the registry
 side and the CLI can compute it without loading torch.
 """
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hotswap.errors import InvalidBaseModel
-from hotswap.registry.fsutil import building_dir
+from hotswap.fsutil import building_dir
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 FINGERPRINT_SCHEME = "hsfp1"
@@ -87,7 +88,7 @@ PRESETS: dict[str, Preset] = {
         attention_multiplier=1 / 16,  # Granite 3's values; attention scaled by 1/head_dim, not 1/sqrt
     ),
     # Real published shapes at random init (benchmarks; the config values of the checkpoints' config.json).
-    "smollm2-135m": Preset(  # shared/BENCHMARK.md, workload W1: SmolLM2-135M's shape, 134.5M parameters
+    "smollm2-135m": Preset(  # the benchmark card, workload W1: SmolLM2-135M's shape, 134.5M parameters
         "llama",
         dict(
             vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -333,3 +334,33 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
         dtype, shape, digest = tensors[name]
         h.update(f"\0{name}\0{dtype}\0{shape}\0{digest}".encode())
     return f"{FINGERPRINT_SCHEME}:{h.hexdigest()}"
+
+
+# Layer kinds hotswap's attention computes; anything else (linear attention, state-space layers) is refused.
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def head_dim(config: object) -> int:
+    """Size of one attention head: the config's ``head_dim`` where it has one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, in one line naming the model type, a model the engine's runner cannot serve exactly."""
+    from torch import nn
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    config = model.config
+    kind = f"model type {config.model_type!r}"
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    ):
+        raise InvalidBaseModel(f"{kind} is an encoder-decoder; hotswap serves decoder-only causal LMs")
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    if other:
+        raise InvalidBaseModel(f"{kind} has {', '.join(other)} layers; hotswap serves attention layers only")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise InvalidBaseModel(f"{kind}: its transformers class does not support the attention interface")
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        raise InvalidBaseModel(f"{kind}: its decoder layers are not at model.layers, where hotswap wraps them")

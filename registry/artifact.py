@@ -14,26 +14,15 @@ import struct
 from pathlib import Path
 
 from hotswap.errors import IntegrityError, InvalidArtifact
-from hotswap.registry.fsutil import sha256_file
+from hotswap.formats import HOTSWAP_CONFIG, PEFT_CONFIG
+from hotswap.fsutil import sha256_file
 from hotswap.registry.manifest import MANIFEST_FILE, FileEntry, Manifest
 
-PEFT_CONFIG = "adapter_config.json"
-HOTSWAP_CONFIG = "hotswap_config.json"
 # Extensions of formats that can execute code on load (pickle, torch.save zips, numpy object arrays).
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _ZIP_MAGIC = b"PK\x03\x04"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-
-# PEFT's peft_type -> hotswap method name, for the PEFT methods hotswap trains and serves (PEFT's format
-# knowledge: the registry stays free of model code, so it does not import hotswap.methods).
-_PEFT_METHODS = {
-    "LORA": "lora",
-    "ADALORA": "adalora",
-    "PREFIX_TUNING": "prefix",
-    "PROMPT_TUNING": "prompt",
-    "IA3": "ia3",
-}
 
 
 def check_safetensors(path: Path) -> dict[str, dict]:
@@ -120,19 +109,21 @@ def _load_json(path: Path) -> dict:
 
 
 def detect_method(src: Path) -> str:
-    """The method of an artifact: from ``hotswap_config.json``'s ``method`` or PEFT's ``peft_type``."""
+    """The method of an artifact: from ``hotswap_config.json``'s ``method``, or the registered method whose PEFT type
+    (and flag) ``adapter_config.json`` names."""
     if (src / HOTSWAP_CONFIG).is_file():
         method = _load_json(src / HOTSWAP_CONFIG).get("method")
         if not isinstance(method, str) or not method:
             raise InvalidArtifact(f"{HOTSWAP_CONFIG}: missing a 'method' string")
         return method
     config = _load_json(src / PEFT_CONFIG)
-    peft_type = config.get("peft_type")
-    if peft_type not in _PEFT_METHODS:
-        raise InvalidArtifact(f"{PEFT_CONFIG}: unsupported or missing peft_type {peft_type!r}")
-    if peft_type == "LORA" and config.get("use_dora"):
-        return "dora"
-    return _PEFT_METHODS[peft_type]
+    # The method definitions pull in torch and PEFT, which listing or fetching never needs: imported on first use.
+    from hotswap.methods import peft_method
+
+    method = peft_method(config)
+    if method is None:
+        raise InvalidArtifact(f"{PEFT_CONFIG}: unsupported or missing peft_type {config.get('peft_type')!r}")
+    return method
 
 
 def hash_files(files: dict[str, Path]) -> dict[str, FileEntry]:

@@ -56,9 +56,9 @@ from hotswap.errors import (
     RegistryUnavailable,
     VersionExists,
 )
+from hotswap.fsutil import fsync_tree
 from hotswap.registry.artifact import verify
 from hotswap.registry.backend import HISTORY_FILE, history_entry, history_line, parse_history
-from hotswap.registry.fsutil import fsync_tree
 from hotswap.registry.manifest import MANIFEST_FILE, Manifest
 from hotswap.registry.refs import AdapterRef
 

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from hotswap.errors import AdapterNotFound, IntegrityError, RegistryUnavailable, VersionExists
+from hotswap.fsutil import atomic_write_bytes, fsync_dir, fsync_tree, locked
 from hotswap.registry.backend import HISTORY_FILE, history_entry, history_line, parse_history
-from hotswap.registry.fsutil import atomic_write_bytes, fsync_dir, fsync_tree, locked
 from hotswap.registry.manifest import MANIFEST_FILE, Manifest
 from hotswap.registry.refs import AdapterRef
 

@@ -26,9 +26,9 @@ from hotswap.errors import (
     InvalidArgument,
     InvalidArtifact,
 )
+from hotswap.fsutil import atomic_copy_tree
 from hotswap.registry.artifact import detect_method, hash_files, scan_artifact, verify
 from hotswap.registry.backend import Backend, check_record
-from hotswap.registry.fsutil import atomic_copy_tree
 from hotswap.registry.local import LocalBackend
 from hotswap.registry.manifest import MANIFEST_FILE, VISIBILITIES, Lineage, Manifest
 from hotswap.registry.refs import LATEST, AdapterRef, check_alias, check_part
@@ -182,7 +182,7 @@ class Registry:
         ``version`` pins the number (used when mirroring between registries); otherwise the next free
         number is allocated atomically. Aliases given are moved to the new version after it is visible.
         ``check(src, method)`` runs before anything is written and refuses the artifact by raising: the
-        serving side's check against a base (``hotswap.serve.adapters.base_checker``); the registry knows
+        serving side's check against a base (``hotswap.methods.base_checker``); the registry knows
         no models.
         """
         ref = _as_name(name)

@@ -4,7 +4,7 @@ The base runs its own HF modeling code (norms, projections — our wrapped multi
 embedding, MLPs, logit post-processing) for every family; only attention is ours, registered as
 ``ATTENTION`` with :class:`transformers.AttentionInterface` (with a mask function that builds nothing),
 as vLLM's Transformers backend does. Why: continuous batching needs each row to keep its own KV cache row
-and write position (rows join and leave between steps, prefix-tuning rows start with learned keys/values),
+and write position (rows join and leave between steps, rows of a context adapter may start with written keys/values),
 while HF's caches share one write position per batch.
 
 Each layer's attention gets its post-rotary query/key/value; :func:`hotswap_attention` writes the keys and

@@ -29,7 +29,7 @@ class EngineConfig:
     max_adapters_per_request: int = field(default=8, metadata={"help": "length of a weighted adapter list"})
     max_rank: int = field(
         default=64,
-        metadata={"help": "largest LoRA rank served; slot tables hold max_resident x (largest rank loaded)"},
+        metadata={"help": "largest adapter rank served; slot tables hold max_resident x (largest rank loaded)"},
     )
     host_cache_bytes: int = field(
         default=2 << 30, metadata={"help": "bytes of loaded adapters kept in host RAM beyond the resident ones"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,19 +27,19 @@ import torch
 from hotswap.basemodel import bundled_tokenizer, fingerprint, load_model
 from hotswap.devices import free_memory, resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument, clip_message
-from hotswap.registry import Registry
-from hotswap.serve.adapters import BaseInfo, decoder_linears
+from hotswap.methods.api import BaseInfo, BatchPlan, EngineRows, decoder_linears
+from hotswap.registry import Manifest, Registry
 from hotswap.serve.config import EngineConfig
 from hotswap.serve.isolation import UNHEALTHY_AFTER, StepHealth, choose_isolated, run_isolated
 from hotswap.serve.kvcache import PagedCache
-from hotswap.serve.layers import BatchPlan, MultiAdapterLinear
+from hotswap.serve.layers import MultiAdapterLinear
 from hotswap.serve.pool import AdapterPool
-from hotswap.serve.proxy import ProxyBank
 from hotswap.serve.request import Job, RequestHandle, make_job
+from hotswap.serve.rowkinds import EngineKinds
 from hotswap.serve.runner import Runner, kv_shape
 from hotswap.serve.scheduler import Scheduler
 from hotswap.serve.step import decode_step, prefill
-from hotswap.serve.types import EngineObserver, Request, Result
+from hotswap.serve.types import EngineObserver, FinishReason, Request, Result
 
 __all__ = ["UNHEALTHY_AFTER", "Engine", "RequestHandle"]
 
@@ -72,7 +73,9 @@ class Engine:
         self.layers = self._wrap_linears()
         c = self.config
         self.runner = Runner(self.model, c.max_batch, c.max_seq_len, c.kv_block_size, self._kv_blocks())
-        self.proxies = ProxyBank(self.config.max_batch, self.config.max_seq_len, self.runner.device)
+        self.kinds = EngineKinds(
+            EngineRows(c.max_batch, c.max_seq_len, self.runner.device, self.model.dtype, self._side_runner)
+        )
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
         self.pool = AdapterPool(
@@ -80,14 +83,14 @@ class Engine:
             base_info,
             self.base_fingerprint,
             self.layers,
-            self.proxies,
+            self.kinds,
             self.config.max_resident,
             self.config.host_cache_bytes,
             self.config.max_rank,
             self._cv,
             self.observer,
         )
-        self.scheduler = Scheduler(self.config.max_queue, self.pool, self.runner, self.proxies, self._cv, self.observer,
+        self.scheduler = Scheduler(self.config.max_queue, self.pool, self.runner, self._cv, self.observer,
                                    self.base_fingerprint, c.prefix_cache, c.max_prefill_tokens)  # fmt: skip
         self.health = StepHealth(self.observer, self._cv, lambda: self.scheduler.closed)
         on_cpu = torch.device(self.config.device).type == "cpu"
@@ -95,6 +98,10 @@ class Engine:
         self._decode_threads = (self.config.decode_threads or torch.get_num_threads()) if on_cpu else 1
         self._thread = threading.Thread(target=self._loop, name="hotswap-engine", daemon=True)
         self._thread.start()
+
+    def _side_runner(self, model: torch.nn.Module) -> Runner:
+        """A model run beside the base over the engine's rows (a logit kind's), with its own per-row cache."""
+        return Runner(model, self.config.max_batch, self.config.max_seq_len)
 
     def _kv_blocks(self) -> int:
         """KV blocks for the paged cache: ``kv_cache_memory`` bytes, or that fraction of free device memory, or (0)
@@ -125,16 +132,18 @@ class Engine:
         return wrapped
 
     # -- public API --------------------------------------------------------------------------------
-    def submit(self, request: Request) -> RequestHandle:
-        """Queue a request and return its handle at once. Bad input raises here, before queueing."""
-        job = self._make_job(request)
+    def submit(self, request: Request, manifests: Sequence[Manifest] | None = None) -> RequestHandle:
+        """Queue a request and return its handle at once. Bad input raises here, before queueing. ``manifests``:
+        its adapters already resolved (e.g. by the server's authorization; the request names them by exact ref),
+        so they are not resolved again."""
+        job = self._make_job(request, manifests)
         self.scheduler.add(job)
         return job.handle
 
-    def _make_job(self, request: Request) -> Job:
+    def _make_job(self, request: Request, manifests: Sequence[Manifest] | None = None) -> Job:
         cfg = self.model.config
         return make_job(request, self.config, self.registry, self.base_fingerprint, cfg.vocab_size, self.tokenizer,
-                        cfg.bos_token_id)  # fmt: skip
+                        cfg.bos_token_id, manifests)  # fmt: skip
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Submit all, wait for all, return results in order (raises the first request error)."""
@@ -270,11 +279,11 @@ class Engine:
         return failed
 
     def _prefill(self, jobs: list[Job], all_positions: bool = False) -> list[torch.Tensor]:
-        return prefill(self.runner, self.plan, self.proxies, self.pool.resident, jobs, all_positions)
+        return prefill(self.runner, self.plan, self.kinds, jobs, all_positions)
 
     def _decode_logits(self, jobs: list[Job]) -> list[torch.Tensor]:
         full = len(jobs) == len(self.scheduler.running())  # a full batch decodes rows [0, n) in place
-        return decode_step(self.runner, self.plan, self.proxies, jobs, full)
+        return decode_step(self.runner, self.plan, self.kinds, jobs, full)
 
     def _emit_all(self, jobs: list[Job], logits: list[torch.Tensor], prefilled: bool = False) -> None:
         """Choose and emit each job's next token; ``prefilled``: the jobs just finished their prefill, and those whose
@@ -302,15 +311,14 @@ class Engine:
             job.timings.ttft_s = t
         req = job.req
         if not req.ignore_eos and (token in self.eos_ids or token in req.stop_token_ids):
-            self.scheduler.finish(job, "stop")
+            self.scheduler.finish(job, FinishReason.STOP)
             return
         job.generated.append(token)
         job.timings.token_times_s.append(t)
-        job.handle.push(token)
-        if job.detok.add(token):
-            self.scheduler.finish(job, "stop")
+        if job.handle.push(token):
+            self.scheduler.finish(job, FinishReason.STOP)
         elif len(job.generated) >= req.max_new_tokens:
-            self.scheduler.finish(job, "length")
+            self.scheduler.finish(job, FinishReason.LENGTH)
 
 
 def _as_list(value: object) -> list[int]:

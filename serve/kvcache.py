@@ -1,8 +1,8 @@
 """The KV caches hotswap's attention writes and reads: per-row (static) or paged blocks with prefix caching.
 
 **Static** (:class:`StaticCache`): one tensor of rows × max_seq_len positions per layer; every row owns its
-positions whether it uses them or not. Proxy-tuning's small models use it (their rows follow the base's), and so
-does the engine with ``kv_block_size=0``.
+positions whether it uses them or not. Models run beside the base (logit kinds') use it (their rows follow the
+base's), and so does the engine with ``kv_block_size=0``.
 
 **Paged** (:class:`PagedCache`, the engine's default): one pool of fixed-size blocks per layer; each row has a
 block table (cache position p of the row lives at block ``table[p // block_size]``, offset ``p % block_size``), so
@@ -12,7 +12,7 @@ here with a gather over the row's blocks then SDPA (plain torch on every device)
 so nothing a row reads was ever written by another row's padding.
 
 **Prefix caching** (:class:`BlockPool`): a full block of a prompt is identified by a digest chained over the
-serving key (the base, the exact adapter set with versions, weights and DyLoRA rank) and every token before and
+serving key (the base, the exact adapter set with versions, weights and the rank asked for) and every token before and
 in it; a later row whose prompt starts with blocks of the same digests shares them instead of recomputing them.
 Different keys never share (two adapters, an adapter and the base, two versions: different digests). Unreferenced
 cached blocks are kept in LRU order and reused last; dropping an adapter forgets its blocks.
@@ -95,9 +95,9 @@ class StaticCache:
         self.k[:, row, :, :end] = 0
         self.v[:, row, :, :end] = 0
 
-    def write_prefix(self, row: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put a prefix-tuning adapter's keys/values at positions [0, P) of ``row``."""
-        for i, (k, v) in enumerate(prefix_kv):  # each (kv_heads, P, head_dim)
+    def write_kv(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put per-layer keys/values (an adapter's context) at positions [0, P) of ``row``."""
+        for i, (k, v) in enumerate(kv):  # each (kv_heads, P, head_dim)
             self.k[i, row, :, : k.shape[1]] = k
             self.v[i, row, :, : v.shape[1]] = v
 
@@ -291,11 +291,11 @@ class PagedCache:
     def drop(self, ref: str) -> None:
         self._zero(self.pool.drop(ref))
 
-    def write_prefix(self, row: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put a prefix-tuning adapter's keys/values at positions [0, P) of ``row`` (its first blocks)."""
-        p = prefix_kv[0][0].shape[1]
+    def write_kv(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put per-layer keys/values (an adapter's context) at positions [0, P) of ``row`` (its first blocks)."""
+        p = kv[0][0].shape[1]
         blocks, offsets = self._slots(row, torch.arange(p))
-        for i, (k, v) in enumerate(prefix_kv):  # each (kv_heads, P, head_dim)
+        for i, (k, v) in enumerate(kv):  # each (kv_heads, P, head_dim)
             self.k[i][blocks, offsets] = k.transpose(0, 1).to(self.k.dtype)
             self.v[i][blocks, offsets] = v.transpose(0, 1).to(self.v.dtype)
 

@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from hotswap.errors import ArtifactRejected, CapacityExceeded, HotswapError
+from hotswap.methods import load_adapter
+from hotswap.methods.api import BaseInfo, LoadedAdapter
 from hotswap.registry import Registry
-from hotswap.serve.adapters import BaseInfo, LoadedAdapter, load_adapter
 from hotswap.serve.layers import MultiAdapterLinear
-from hotswap.serve.proxy import ProxyBank
+from hotswap.serve.rowkinds import EngineKinds
 from hotswap.serve.types import EngineObserver
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class AdapterPool:
         base: BaseInfo,
         base_fingerprint: str,
         layers: dict[str, MultiAdapterLinear],
-        proxies: ProxyBank,
+        kinds: EngineKinds,
         max_resident: int,
         host_cache_bytes: int,
         max_rank: int,
@@ -52,7 +53,7 @@ class AdapterPool:
         observer: EngineObserver,
     ) -> None:
         self.registry, self.base, self.base_fingerprint = registry, base, base_fingerprint
-        self.layers, self.proxies = layers, proxies
+        self.layers, self.kinds = layers, kinds
         self.max_resident, self.host_cache_bytes = max_resident, host_cache_bytes
         self.max_rank = max_rank
         self.lock = lock
@@ -96,9 +97,8 @@ class AdapterPool:
         try:
             manifest, path = self.registry.fetch(ref, base_fingerprint=self.base_fingerprint)
             loaded = load_adapter(path, manifest.ref, manifest.method, self.base)
-            rank = max((d.rank for d in loaded.linear.values()), default=0)
-            if rank > self.max_rank:
-                raise CapacityExceeded(f"{ref} has LoRA rank {rank}; this engine serves ranks up to {self.max_rank}")
+            if loaded.rank > self.max_rank:
+                raise CapacityExceeded(f"{ref} has rank {loaded.rank}; this engine serves ranks up to {self.max_rank}")
         except HotswapError as e:
             log.warning("loading %s failed: %s", ref, e)
             with self.lock:
@@ -154,7 +154,7 @@ class AdapterPool:
         try:
             for name, layer in self.layers.items():
                 layer.set_slot(slot, loaded.linear.get(name))
-            self.proxies.set_slot(slot, loaded.proxy)
+            self.kinds.set_slot(slot, loaded.parts)
         except Exception as e:  # the loader checked it against the base, so this is a bug: keep it to ref
             log.exception("installing %s failed", ref)
             self._clear(slot)
@@ -182,7 +182,7 @@ class AdapterPool:
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.set_slot(slot, None)
-        self.proxies.set_slot(slot, None)
+        self.kinds.set_slot(slot, {})
 
     def _evict(self, ref: str) -> None:
         slot = self.slot_of.pop(ref)

@@ -11,37 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
+from hotswap.basemodel import check_supported, head_dim
 from hotswap.errors import InvalidBaseModel
 from hotswap.serve.attention import ATTENTION, attending
 from hotswap.serve.kvcache import PagedCache, StaticCache
-
-# Layer kinds hotswap's attention computes; anything else (linear attention, state-space layers) is refused.
-ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
-
-
-def head_dim(config: object) -> int:
-    """Size of one attention head: the config's ``head_dim`` where it has one, else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
-
-
-def check_supported(model: nn.Module) -> None:
-    """Refuse, in one line naming the model type, a model this runner cannot serve exactly."""
-    config = model.config
-    kind = f"model type {config.model_type!r}"
-    if (
-        getattr(config, "is_encoder_decoder", False)
-        or config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
-    ):
-        raise InvalidBaseModel(f"{kind} is an encoder-decoder; hotswap serves decoder-only causal LMs")
-    other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
-    if other:
-        raise InvalidBaseModel(f"{kind} has {', '.join(other)} layers; hotswap serves attention layers only")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise InvalidBaseModel(f"{kind}: its transformers class does not support the attention interface")
-    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
-        raise InvalidBaseModel(f"{kind}: its decoder layers are not at model.layers, where hotswap wraps them")
 
 
 def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -74,6 +48,14 @@ class Runner:
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        """Input embeddings of ``ids`` (L, hidden)."""
+        return self.embed(torch.tensor(ids, device=self.device))
+
+    def release(self, row: int, end: int) -> None:
+        """Zero cache row ``row`` up to position ``end``."""
+        self.cache.release(row, end)
 
     def prefill(
         self, rows: list[int], embeds: list[torch.Tensor], starts: list[int], all_positions: bool = False

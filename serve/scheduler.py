@@ -20,10 +20,9 @@ from concurrent.futures import Future
 from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
 from hotswap.serve.kvcache import PagedCache, block_digests
 from hotswap.serve.pool import AdapterPool
-from hotswap.serve.proxy import ProxyBank
 from hotswap.serve.request import Job
 from hotswap.serve.runner import Runner
-from hotswap.serve.types import EngineObserver
+from hotswap.serve.types import EngineObserver, FinishReason
 
 
 class Scheduler:
@@ -32,7 +31,6 @@ class Scheduler:
         max_queue: int,
         pool: AdapterPool,
         runner: Runner,
-        proxies: ProxyBank,
         lock: threading.Condition,
         observer: EngineObserver,
         base_fingerprint: str,
@@ -40,7 +38,7 @@ class Scheduler:
         max_prefill_tokens: int = 0,
     ) -> None:
         self.max_queue = max_queue
-        self.pool, self.runner, self.proxies, self.lock, self.observer = pool, runner, proxies, lock, observer
+        self.pool, self.runner, self.lock, self.observer = pool, runner, lock, observer
         self.cache = runner.cache
         self.paged = isinstance(self.cache, PagedCache)
         self.prefix_cache = prefix_cache and self.paged
@@ -121,7 +119,7 @@ class Scheduler:
             for job in list(self.waiting):
                 if job.handle.cancelled:
                     self.waiting.remove(job)
-                    self.finish(job, "cancelled")
+                    self.finish(job, FinishReason.CANCELLED)
                     continue
                 failed = next((self.pool.failed[ref] for ref, _ in job.adapters if ref in self.pool.failed), None)
                 if failed is not None:  # every request waiting on a failed load ends now (one load, one answer)
@@ -165,7 +163,7 @@ class Scheduler:
         """End the requests whose caller cancelled (freeing their rows); returns the rows still decoding."""
         with self.lock:
             for job in [j for j in self.rows if j is not None and j.handle.cancelled]:
-                self.finish(job, "cancelled")
+                self.finish(job, FinishReason.CANCELLED)
             return [j for j in self.rows if j is not None and not j.prefilling]
 
     def bind(self, job: Job, row: int, share: bool = True) -> bool:
@@ -185,7 +183,7 @@ class Scheduler:
                         return False
                     self.pool.acquire(slot)
                     slots.append((slot, weight))
-                extra = sum(self._context_len(s) for s, _ in slots)
+                extra = self.pool.kinds.context_positions(slots)
                 # the engine sizes the KV cache for one row of max_seq_len at least: a request within it always fits
                 if extra + len(job.prompt_ids) + job.req.max_new_tokens > self.runner.max_seq_len:
                     raise InvalidArgument(
@@ -212,9 +210,9 @@ class Scheduler:
 
     def _digests(self, job: Job, slots: list[tuple[int, float]]) -> list[bytes]:
         """Prefix-cache digests of the full blocks of the job's sequence under its serving key: the base, the exact
-        adapters with weights, and the DyLoRA rank. Context positions (prefix keys/values, virtual tokens) belong to
-        the adapters, so they enter as placeholders. Proxy rows share nothing (their small models need the text)."""
-        if any(self.pool.resident[s].proxy is not None for s, _ in slots):
+        adapters with weights, and the rank asked for. Context positions belong to the adapters, so they enter as
+        placeholders. Rows with logit offsets share nothing (their kinds must see the whole text)."""
+        if self.pool.kinds.offset_logits(slots):
             return []
         key = json.dumps([self.base_fingerprint, job.adapters, job.req.rank or 0]).encode()
         context = [-1] * (job.prefill_end - len(job.text_ids))
@@ -285,13 +283,13 @@ class Scheduler:
             # Zero what the row wrote: a later row attends over these positions masked, and a masked NaN or inf
             # (a faulted adapter's keys) would still reach it (softmax weight 0 times NaN is NaN).
             self.cache.release(job.row, job.cache_end)
-            self.proxies.clear_row(job.row, job.cache_end)
+            self.pool.kinds.clear_row(job.row, job.cache_end)
             self.rows[job.row] = None
             for slot, _ in job.slots:
                 self.pool.release(slot)
             self.lock.notify_all()
 
-    def finish(self, job: Job, reason: str) -> None:
+    def finish(self, job: Job, reason: FinishReason) -> None:
         """End one request normally (stop, length, cancelled), freeing its row and slots."""
         with self.lock:
             self._free(job)
@@ -307,10 +305,6 @@ class Scheduler:
         with self.lock:
             for job in [j for j in self.rows if j is not None]:
                 self.fail(job, error)
-
-    def _context_len(self, slot: int) -> int:
-        adapter = self.pool.resident[slot]
-        return adapter.prefix_len + adapter.virtual_tokens
 
     def _free(self, job: Job) -> None:
         if job.row >= 0 and self.rows[job.row] is job:

@@ -1,24 +1,23 @@
 """The model step, as small free functions (gpt-fast's ``prefill`` / ``decode_one_token``): each sets the batch
 plan (which adapter slots, at which weights and rank, every row uses), runs the base forward over the jobs'
-cache rows, adds proxy-tuning offsets, and returns next-token logits per job. Engine thread, step lock held.
+cache rows (with the rows' context kinds applied), adds the logit kinds' offsets, and returns next-token logits
+per job. Engine thread, step lock held.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hotswap.serve.adapters import LoadedAdapter
-from hotswap.serve.layers import BatchPlan
-from hotswap.serve.proxy import ProxyBank, ProxyRow
+from hotswap.methods.api import BatchPlan, LogitRow
 from hotswap.serve.request import Job
+from hotswap.serve.rowkinds import EngineKinds
 from hotswap.serve.runner import Runner
 
 
 def prefill(
     runner: Runner,
     plan: BatchPlan,
-    proxies: ProxyBank,
-    resident: dict[int, LoadedAdapter],
+    kinds: EngineKinds,
     jobs: list[Job],
     all_positions: bool = False,
 ) -> list[torch.Tensor | None]:
@@ -28,8 +27,10 @@ def prefill(
     assert jobs and all(j.row >= 0 and j.prefilling and j.chunk > 0 for j in jobs), "prefill takes bound jobs' chunks"
     chunks, starts, skips = [], [], []
     for job in jobs:
-        emb, offset, skip = _context(runner, resident, job)  # (virtual + text tokens, hidden) from position offset
-        start = max(job.position, offset)  # prefix-tuning positions are written, not computed
+        text = runner.embed(torch.tensor(job.text_ids, device=runner.device))  # (L, hidden)
+        # (virtual + text tokens, hidden) from cache position offset; positions before it are written, not computed
+        emb, offset, skip = kinds.context(runner.cache, job.row, job.position, job.slots, text)
+        start = max(job.position, offset)
         chunks.append(emb[start - offset : start - offset + job.chunk])
         starts.append(start)
         skips.append(skip)
@@ -40,8 +41,8 @@ def prefill(
     logits = runner.prefill([j.row for j in jobs], chunks, starts, all_positions)
     if all_positions:
         logits = [x[skip:] for x, skip in zip(logits, skips, strict=True)]  # the text's positions
-    if proxies:
-        logits = _with_proxies(proxies, jobs, starts, ends, logits, last_only=not all_positions)
+    if kinds.any_logits:
+        logits = _with_offsets(kinds, jobs, starts, ends, logits, last_only=not all_positions)
     out: list[torch.Tensor | None] = []
     for job, end, x in zip(jobs, ends, logits, strict=True):
         job.position = end
@@ -49,43 +50,21 @@ def prefill(
     return out
 
 
-def _with_proxies(
-    proxies: ProxyBank, jobs: list[Job], starts: list[int], ends: list[int], logits: list[torch.Tensor], last_only: bool
+def _with_offsets(
+    kinds: EngineKinds, jobs: list[Job], starts: list[int], ends: list[int], logits: list[torch.Tensor], last_only: bool
 ) -> list[torch.Tensor]:
-    """Add proxy-tuning offsets: the small models see text only, so each job's chunk feeds them the text tokens
-    among cache positions [start, end), at their index in the text."""
-    rows: list[ProxyRow | None] = []
+    """Add the logit kinds' offsets: they see text only, so each job's chunk feeds them the text tokens among cache
+    positions [start, end), at their index in the text."""
+    rows: list[LogitRow | None] = []
     for job, start, end in zip(jobs, starts, ends, strict=True):
-        text_start = job.prefill_end - len(job.text_ids)  # context (prefix, virtual tokens) comes first
+        text_start = job.prefill_end - len(job.text_ids)  # context positions come first
         first, stop = max(start - text_start, 0), end - text_start
-        rows.append(ProxyRow(job.row, job.slots, job.text_ids[first:stop], first) if stop > first else None)
-    extra = iter(proxies.offsets([r for r in rows if r is not None], last_only))
-    out = []
-    for x, row in zip(logits, rows, strict=True):
-        offset = None if row is None else next(extra)
-        out.append(x if offset is None else x + offset)
-    return out
+        rows.append(LogitRow(job.row, job.slots, job.text_ids[first:stop], first) if stop > first else None)
+    offsets = kinds.offsets(rows, last_only)
+    return [x if o is None else x + o for x, o in zip(logits, offsets, strict=True)]
 
 
-def _context(runner: Runner, resident: dict[int, LoadedAdapter], job: Job) -> tuple[torch.Tensor, int, int]:
-    """A job's embeddings (virtual + text tokens, hidden) with its context adapter applied: prompt tuning's virtual
-    tokens go first (``skip`` of them); prefix tuning's keys/values fill cache positions [0, offset) of its row,
-    written on its first chunk."""
-    emb = runner.embed(torch.tensor(job.text_ids, device=runner.device))  # (L, hidden)
-    offset, skip = 0, 0
-    for slot, _ in job.slots:
-        adapter = resident[slot]
-        if adapter.prefix_kv is not None:
-            offset = adapter.prefix_len
-            if job.position < offset:
-                runner.cache.write_prefix(job.row, adapter.prefix_kv)
-        if adapter.prompt_embeds is not None:
-            emb = torch.cat([adapter.prompt_embeds.to(emb.dtype), emb])  # (P + L, hidden), virtual tokens first
-            skip = adapter.virtual_tokens
-    return emb, offset, skip
-
-
-def decode_step(runner: Runner, plan: BatchPlan, proxies: ProxyBank, jobs: list[Job], full: bool) -> list[torch.Tensor]:
+def decode_step(runner: Runner, plan: BatchPlan, kinds: EngineKinds, jobs: list[Job], full: bool) -> list[torch.Tensor]:
     """Feed each job its last generated token at ``job.position`` (writing its cache there); returns next-token
     logits (V,) per job. ``full``: the jobs are all running rows, decoded in place over rows [0, max row]."""
     assert jobs and all(j.generated and j.row >= 0 for j in jobs), "decode feeds bound jobs their last token"
@@ -103,7 +82,7 @@ def decode_step(runner: Runner, plan: BatchPlan, proxies: ProxyBank, jobs: list[
     plan.set(plan_rows, runner.device, plan_ranks)
     logits = runner.decode(rows, tokens, positions, full)  # (n, V)
     chosen = [logits[j.row if full else i] for i, j in enumerate(jobs)]  # (V,) each
-    if proxies:  # the small models see text only: the fed token's index in prompt + generated
-        rows_ = [ProxyRow(j.row, j.slots, j.generated[-1:], len(j.prompt_ids) + len(j.generated) - 1) for j in jobs]
-        chosen = [x if o is None else x + o for x, o in zip(chosen, proxies.offsets(rows_, True), strict=True)]
+    if kinds.any_logits:  # logit kinds see text only: the fed token's index in prompt + generated
+        fed = [LogitRow(j.row, j.slots, j.generated[-1:], len(j.prompt_ids) + len(j.generated) - 1) for j in jobs]
+        chosen = [x if o is None else x + o for x, o in zip(chosen, kinds.offsets(fed, True), strict=True)]
     return chosen

@@ -6,9 +6,9 @@ live in their folders under ``hotswap.methods``; the synthetic writers are re-ex
 
 from __future__ import annotations
 
+from hotswap.methods.api.common import DEFAULT_TARGETS
 from hotswap.methods.bitfit import BitFitOptions, random_bitfit, random_bitfits
 from hotswap.methods.bottleneck import random_bottlenecks
-from hotswap.methods.common import DEFAULT_TARGETS
 from hotswap.methods.lora import LoraOptions, RandomLoraConfig, random_lora, random_loras
 from hotswap.methods.prefix import VirtualTokenOptions, random_prefix, random_prefixes
 from hotswap.methods.prompt import random_prompt, random_prompts

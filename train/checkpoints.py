@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.trainable import Trainable
-from hotswap.registry.fsutil import atomic_write_bytes
+from hotswap.fsutil import atomic_write_bytes
+from hotswap.methods.api.trainable import Trainable
 
 TRAINABLE = "trainable.safetensors"
 METHOD_STATE = "method_state.safetensors"

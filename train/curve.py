@@ -11,7 +11,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from hotswap.registry.fsutil import atomic_write_bytes
+from hotswap.fsutil import atomic_write_bytes
 
 Point = tuple[int, float, float | None]  # (step, train loss, eval loss or None)
 _W, _H, _M = 640, 360, 24  # size and margin in pixels

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.trainable import Trainable
+from hotswap.methods.api.trainable import Trainable
 from hotswap.train import checkpoints
 from hotswap.train.config import TrainConfig
 from hotswap.train.curve import Point

@@ -36,10 +36,10 @@ from hotswap import __version__
 from hotswap.basemodel import bundled_tokenizer, check_checkpoint, fingerprint, load_model
 from hotswap.devices import cpu_has_bf16, resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import InvalidArgument
-from hotswap.methods.trainable import Trainable
+from hotswap.fsutil import building_dir
+from hotswap.methods import base_checker
+from hotswap.methods.api.trainable import Trainable
 from hotswap.registry import Lineage, Manifest, Registry
-from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import base_checker
 from hotswap.train import checkpoints
 from hotswap.train.config import TrainConfig
 from hotswap.train.curve import Point, write_csv, write_png

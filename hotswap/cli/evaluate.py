@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from hotswap.cli.common import AddCommand, positive_int, registry, table
 from hotswap.devices import DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
-from hotswap.registry.fsutil import atomic_write_bytes
+from hotswap.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from hotswap.train.evaluation import Evaluation, Promotion

@@ -45,7 +45,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     base_fp, check = None, None
     if not args.no_base:  # checked against the base before anything is written: what publishes serves
         from hotswap.basemodel import fingerprint
-        from hotswap.serve.adapters import base_checker
+        from hotswap.methods import base_checker
 
         base = args.base or _declared_base(args.dir)
         base_fp, check = fingerprint(base), base_checker(base)

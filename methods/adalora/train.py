@@ -20,9 +20,9 @@ from peft.tuners.adalora.layer import AdaLoraLayer
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, resolve_targets
+from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP, resolve_targets
+from hotswap.methods.api.peft_common import attach
 from hotswap.methods.lora.factors import write_lora_factors
-from hotswap.methods.peft_common import attach
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Reading adapters for serving: what a loader returns (:class:`LoadedAdapter`), what it knows of the base
-(:class:`BaseInfo`, :func:`decoder_linears`, :func:`target_linears`), the checks every loader uses, and the
-dispatch to the method's own loader (each method folder in ``hotswap.methods`` registers one).
+(:class:`BaseInfo`, :func:`decoder_linears`, :func:`target_linears`) and the checks every loader uses. The
+dispatch to each method's own loader is :func:`hotswap.methods.load_adapter`.
 
 The loaders are also the artifact's validation against a base: every tensor must map to a module the
 engine wraps, with the shape the base and the config say, a floating dtype and finite values (in the
@@ -11,47 +11,38 @@ and publishing with a known base runs them too (:func:`base_checker`), so what p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from hotswap.basemodel import load_model
-from hotswap.errors import ArtifactRejected, HotswapError, UnsupportedAdapter
-from hotswap.serve.layers import LinearDelta, MultiAdapterLinear
-from hotswap.serve.proxy import ProxyModels
-from hotswap.serve.runner import head_dim
-
-WEIGHTS = "adapter_model.safetensors"
+from hotswap.basemodel import head_dim
+from hotswap.errors import ArtifactRejected
+from hotswap.formats import WEIGHTS
+from hotswap.methods.api.kinds import LinearDelta, nbytes
 
 
 @dataclass
 class LoadedAdapter:
+    """One adapter read for serving: per linear module its :class:`LinearDelta` (slot kinds' payloads), and its
+    engine-wide payloads (context and logit kinds) keyed by kind name."""
+
     ref: str  # exact "name@version"
     method: str
     linear: dict[str, LinearDelta] = field(default_factory=dict)  # module path -> delta
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (kv_heads, P, head_dim) x2
-    prompt_embeds: torch.Tensor | None = None  # (T, hidden) virtual tokens prepended to the prompt
-    proxy: ProxyModels | None = None  # proxy-tuning's expert and anti-expert
+    parts: dict[str, Any] = field(default_factory=dict)  # context / logit kind name -> payload
 
     @property
     def nbytes(self) -> int:
-        n = sum(d.nbytes for d in self.linear.values()) + (self.proxy.nbytes if self.proxy else 0)
-        for t in [*((self.prefix_kv and [t for kv in self.prefix_kv for t in kv]) or []), self.prompt_embeds]:
-            if t is not None:
-                n += t.numel() * t.element_size()
-        return n
+        return sum(d.nbytes for d in self.linear.values()) + sum(nbytes(p) for p in self.parts.values())
 
     @property
-    def prefix_len(self) -> int:
-        return 0 if self.prefix_kv is None else self.prefix_kv[0][0].shape[1]
-
-    @property
-    def virtual_tokens(self) -> int:
-        return 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+    def rank(self) -> int:
+        """The largest rank among its linear deltas (0 without ranked payloads)."""
+        return max((d.rank for d in self.linear.values()), default=0)
 
 
 @dataclass(frozen=True)
@@ -83,12 +74,13 @@ class BaseInfo:
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers inside the decoder blocks (module path -> layer): the ones the engine wraps, so the
-    only modules an adapter may target. Once wrapped, the wrapper stands where the linear was."""
+    only modules an adapter may target. Once wrapped, the wrapper (holding the linear as ``base``) stands where
+    the linear was."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():  # parents come before their children
         inside_block = ".layers." in name.rpartition(".")[0] + "."
         in_wrapper = any(name.startswith(f"{w}.") for w in found)  # the linear a wrapper holds
-        if inside_block and not in_wrapper and isinstance(module, nn.Linear | MultiAdapterLinear):
+        if inside_block and not in_wrapper and isinstance(getattr(module, "base", module), nn.Linear):
             found[name] = module
     return found
 
@@ -98,35 +90,6 @@ def target_linears(model: nn.Module, target_modules: tuple[str, ...] | list[str]
     one helper by which training, synthetic artifacts and serving agree on what an adapter may target."""
     found = decoder_linears(model).items()
     return {n: getattr(m, "base", m) for n, m in found if n.rsplit(".", 1)[-1] in target_modules}
-
-
-def load_adapter(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapter:
-    """Read and validate the artifact at ``path`` (adapter ``ref``, ``method``) for ``base``.
-
-    Raises :class:`ArtifactRejected` (or :class:`UnsupportedAdapter`) naming what does not fit; any other
-    failure while reading is reported as ArtifactRejected too: a stored artifact, not the caller, is at fault."""
-    from hotswap.methods import registered  # the method folders import this module's helpers
-
-    spec = registered().get(method)
-    if spec is None:
-        raise UnsupportedAdapter(f"{ref}: method {method!r} is not served (served: {', '.join(sorted(registered()))})")
-    try:
-        return spec.load(path, ref, method, base)
-    except HotswapError:
-        raise
-    except Exception as e:  # e.g. a JSON field of the wrong type in a config PEFT parses
-        raise ArtifactRejected(f"{ref}: cannot be read as a {method} adapter ({type(e).__name__}: {e})") from e
-
-
-def base_checker(base_dir: Path) -> Callable[[Path, str], None]:
-    """``check(artifact_dir, method)`` for :meth:`Registry.publish`: runs the serving loader against the base
-    at ``base_dir``, so an artifact that would not serve on it is refused before it is published."""
-    info = BaseInfo.of(load_model(base_dir))
-
-    def check(path: Path, method: str) -> None:
-        load_adapter(path, path.name, method, info)
-
-    return check
 
 
 def read_tensors(path: Path, ref: str, base: BaseInfo, int_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

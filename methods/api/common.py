@@ -1,6 +1,5 @@
 """What several method folders share: the default targets and how target names resolve against a base, writing
-one artifact per seed from a single loaded base, and new-directory checks. (Reading lives in
-:mod:`hotswap.serve.adapters`.)"""
+one artifact per seed from a single loaded base, and new-directory checks. (Reading lives in :mod:`.adapter`.)"""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ from peft import PeftConfig, get_peft_model
 
 from hotswap.basemodel import load_model
 from hotswap.errors import InvalidArgument, InvalidArtifact
-from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import decoder_linears, target_linears
+from hotswap.fsutil import building_dir
+from hotswap.methods.api import decoder_linears, target_linears
 
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
 DEFAULT_TARGETS = (ALL_LINEAR,)

@@ -1,19 +1,22 @@
 """What every method PEFT trains shares: the LoRA config from our options, attaching with PEFT's errors (e.g.
-target modules the base lacks) turned into ours, and the trainable whose export is PEFT's ``save_pretrained``."""
+target modules the base lacks) turned into ours, and the trainable whose export is PEFT's ``save_pretrained``;
+and what PEFT's virtual-token methods (prefix and prompt tuning) share: their option and their artifact's reader."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from hotswap.errors import InvalidArgument
-from hotswap.methods.common import resolve_targets
-from hotswap.methods.trainable import PlainSteps
+from hotswap.errors import ArtifactRejected, InvalidArgument
+from hotswap.formats import PEFT_CONFIG
+from hotswap.methods.api.adapter import WEIGHTS, BaseInfo, read_json, read_tensors
+from hotswap.methods.api.common import resolve_targets
+from hotswap.methods.api.trainable import PlainSteps
 
 
 def lora_config(
@@ -29,6 +32,17 @@ def attach(model: torch.nn.Module, config: Any) -> PeftModel:
         return get_peft_model(model, config)
     except ValueError as e:
         raise InvalidArgument(f"cannot attach {config.peft_type.value}: {e}") from None
+
+
+@dataclass(frozen=True)
+class VirtualTokenOptions:
+    num_virtual_tokens: int = field(
+        default=8, metadata={"help": "learned tokens before the prompt", "flag": "virtual-tokens"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise InvalidArgument(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
 
 
 @dataclass
@@ -49,3 +63,17 @@ def attach_peft(model: torch.nn.Module, config: Any) -> PeftTrainable:
 def resume_peft(model: torch.nn.Module, parent: Path) -> PeftTrainable:
     """Continue training a published PEFT artifact."""
     return PeftTrainable(PeftModel.from_pretrained(model, parent, is_trainable=True))
+
+
+def read_virtual(path: Path, ref: str, base: BaseInfo) -> tuple[dict, torch.Tensor]:
+    """The PEFT config and the ``prompt_embeddings`` tensor, alone in the weights file."""
+    config = read_json(path, PEFT_CONFIG, ref)
+    tensors = read_tensors(path, ref, base)
+    if extra := sorted(set(tensors) - {"prompt_embeddings"}):
+        raise ArtifactRejected(f"{ref}: unexpected tensor {extra[0]!r} (expected only prompt_embeddings)")
+    if "prompt_embeddings" not in tensors:
+        raise ArtifactRejected(f"{ref}: {WEIGHTS} lacks tensor 'prompt_embeddings'")
+    p = config.get("num_virtual_tokens")
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+        raise ArtifactRejected(f"{ref}: num_virtual_tokens must be a positive integer, got {p!r}")
+    return config, tensors["prompt_embeddings"]

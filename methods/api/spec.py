@@ -1,7 +1,8 @@
 """What a method is to the rest of hotswap: one :class:`MethodSpec`, registered once.
 
-Everything outside a method's folder (the serving loader dispatch, request validation, ``hotswap train``
-options, benchmark fixtures, the tests' every-method batches) reads this registry and never names a method.
+Everything outside a method's folder (the serving loader dispatch, the registry's method detection, request
+validation, ``hotswap train`` options, benchmark fixtures, the tests' every-method batches) reads this registry
+and never names a method.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# (artifact dir, exact ref "name@3", method name, hotswap.serve.adapters.BaseInfo) -> LoadedAdapter
-Loader = Callable[[Path, str, str, Any], Any]
+from hotswap.methods.api.adapter import BaseInfo, LoadedAdapter
+
+# (artifact dir, exact ref "name@3", method name, the served base) -> the adapter read and checked against it
+Loader = Callable[[Path, str, str, BaseInfo], LoadedAdapter]
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class RandomKnobs:
 RandomArtifacts = Callable[[Path, Mapping[Path, int], RandomKnobs], list[Path]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodSpec:
     name: str  # as published in manifests and artifact configs ("lora", "child-tuning", ...)
     summary: str  # one line for help texts
@@ -44,6 +47,10 @@ class MethodSpec:
     context: bool = False  # changes the row's context (prefix/prompt): one per request, weight 1
     ranked: bool = False  # a request may ask for a lower rank (DyLoRA)
     peft: bool = False  # the artifact is PEFT's own format (PeftModel.from_pretrained loads it)
+    # the adapter_config.json peft_type published artifacts of this method are detected by, and the config flag that
+    # must be true to tell it from another method of the same peft_type (DoRA's use_dora)
+    peft_type: str | None = None
+    peft_flag: str | None = None
     title: str = ""  # how messages name it ("DyLoRA"); the name when empty
 
     @property
@@ -69,3 +76,12 @@ def register(spec: MethodSpec) -> MethodSpec:
 def registered() -> Mapping[str, MethodSpec]:
     """Every registered method by name, in registration order."""
     return _METHODS
+
+
+def peft_method(config: Mapping[str, Any]) -> str | None:
+    """The registered method a PEFT ``adapter_config.json`` is (by its ``peft_type`` and flags), or None."""
+    matches = [s for s in _METHODS.values() if s.peft_type is not None and s.peft_type == config.get("peft_type")]
+    flagged = [s for s in matches if s.peft_flag is not None and config.get(s.peft_flag) is True]
+    plain = [s for s in matches if s.peft_flag is None]
+    found = flagged or plain
+    return found[0].name if found else None

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from hotswap.errors import ArtifactRejected
-from hotswap.methods.common import DEFAULT_TARGETS, PathLike, base_linears, check_new, target_names
-from hotswap.registry import HOTSWAP_CONFIG
-from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_tensors, target_linear
-from hotswap.serve.layers import LinearDelta
+from hotswap.formats import HOTSWAP_CONFIG
+from hotswap.fsutil import building_dir
+from hotswap.methods.api import WEIGHTS, BaseInfo, LinearDelta, LoadedAdapter, check_shape, read_tensors, target_linear
+from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, base_linears, check_new, target_names
+from hotswap.methods.bitfit.kind import BiasKind
 
 
 # -- BitFit (hotswap format) ------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def load_bitfit(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdap
             raise ArtifactRejected(f"{ref}: unexpected tensor {key!r} (a BitFit artifact holds <module>.bias)")
         linear = target_linear(ref, key.removesuffix(".bias"), key, base)
         check_shape(ref, key, t, (linear.out_features,))
-        out.linear[key.removesuffix(".bias")] = LinearDelta({"bias": t.to(base.dtype)})
+        out.linear[key.removesuffix(".bias")] = LinearDelta({BiasKind.name: t.to(base.dtype)})
     if not out.linear:
         raise ArtifactRejected(f"{ref}: no bias tensors in {WEIGHTS}")
     return out

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from hotswap.formats import HOTSWAP_CONFIG
+from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
+from hotswap.methods.api.trainable import PlainSteps
 from hotswap.methods.bitfit.artifact import write_bitfit
-from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
-from hotswap.methods.trainable import PlainSteps
-from hotswap.registry import HOTSWAP_CONFIG
 
 DELTA = "bitfit_delta"  # the parameter each adapted linear gains
 

@@ -11,12 +11,20 @@ import torch
 from safetensors.torch import save_file
 
 from hotswap.errors import ArtifactRejected, UnsupportedAdapter
+from hotswap.formats import HOTSWAP_CONFIG
+from hotswap.fsutil import building_dir
+from hotswap.methods.api import (
+    WEIGHTS,
+    BaseInfo,
+    LinearDelta,
+    LoadedAdapter,
+    check_shape,
+    read_json,
+    read_tensors,
+    target_linear,
+)
+from hotswap.methods.api.common import PathLike, base_linears, check_new
 from hotswap.methods.bottleneck.ops import ACTIVATIONS, Bottleneck
-from hotswap.methods.common import PathLike, base_linears, check_new
-from hotswap.registry import HOTSWAP_CONFIG
-from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_json, read_tensors, target_linear
-from hotswap.serve.layers import LinearDelta
 
 BOTTLENECK_TARGETS = ("o_proj", "down_proj")  # the attention and feed-forward sublayers' outputs
 

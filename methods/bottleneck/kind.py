@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hotswap.methods.api import BatchPlan, SlotKind, register_kind
 from hotswap.methods.bottleneck.ops import Bottleneck, bottleneck_apply, gather_bottleneck
-from hotswap.serve.layers import BatchPlan, SlotKind, register_kind
 
 
 @register_kind

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from hotswap.errors import InvalidArgument
+from hotswap.methods.api.common import adapted_linears
+from hotswap.methods.api.trainable import PlainSteps
 from hotswap.methods.bottleneck.artifact import BOTTLENECK_TARGETS, write_bottleneck
 from hotswap.methods.bottleneck.ops import ACTIVATIONS
-from hotswap.methods.common import adapted_linears
-from hotswap.methods.trainable import PlainSteps
 
 PLACEMENTS = ("serial", "parallel")
 

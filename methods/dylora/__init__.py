@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from hotswap.methods.api.spec import MethodSpec
 from hotswap.methods.dylora.train import DyLoraOptions, attach_dylora
 from hotswap.methods.lora.artifact import load_lora
-from hotswap.methods.spec import MethodSpec
 
 DYLORA = MethodSpec(
-    "dylora", "LoRA trained at nested ranks: a request may ask for any rank <= r", load_lora, DyLoraOptions,
-    lambda m, o, _: attach_dylora(m, o), 5e-3, ranked=True, title="DyLoRA",
-)  # fmt: skip
+    name="dylora",
+    summary="LoRA trained at nested ranks: a request may ask for any rank <= r",
+    load=load_lora,
+    options=DyLoraOptions,
+    attach=lambda m, o, _: attach_dylora(m, o),
+    lr=5e-3,
+    ranked=True,
+    title="DyLoRA",
+)
 
 __all__ = ["DYLORA", "DyLoraOptions"]

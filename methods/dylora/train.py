@@ -10,7 +10,7 @@ The rank is drawn at the start of each optimizer step (a ``TrainerCallback``), s
 share it.
 
 Published as PEFT LoRA files at the maximum rank r (alpha unchanged); the engine serves a request at
-rank b by truncating the same way (``Request.rank``; ``hotswap.serve.ops.rank_truncation``).
+rank b by truncating the same way (``Request.rank``; ``hotswap.methods.lora.ops.rank_truncation``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
-from hotswap.methods.peft_common import attach, lora_config
-from hotswap.methods.trainable import PlainSteps
+from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP
+from hotswap.methods.api.peft_common import attach, lora_config
+from hotswap.methods.api.trainable import PlainSteps
 
 
 @dataclass(frozen=True)

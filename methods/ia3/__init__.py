@@ -3,15 +3,23 @@ elementwise scale. The worked example of CONTRIBUTING.md: this folder and one re
 
 from __future__ import annotations
 
+from hotswap.methods.api.peft_common import resume_peft
+from hotswap.methods.api.spec import MethodSpec
 from hotswap.methods.ia3.artifact import load_ia3, random_ia3s
 from hotswap.methods.ia3.train import IA3Options, attach_ia3
-from hotswap.methods.peft_common import resume_peft
-from hotswap.methods.spec import MethodSpec
 
 IA3 = MethodSpec(
-    "ia3", "learned scales on keys, values and the feed-forward input (PEFT's IA3)", load_ia3, IA3Options,
-    lambda m, o, _: attach_ia3(m, o), 3e-2, resume_peft, random=lambda base, outs, _: random_ia3s(base, outs),
-    peft=True, sharding=True,
-)  # fmt: skip
+    name="ia3",
+    summary="learned scales on keys, values and the feed-forward input (PEFT's IA3)",
+    load=load_ia3,
+    options=IA3Options,
+    attach=lambda m, o, _: attach_ia3(m, o),
+    lr=3e-2,
+    resume=resume_peft,
+    random=lambda base, outs, _: random_ia3s(base, outs),
+    peft_type="IA3",
+    peft=True,
+    sharding=True,
+)
 
 __all__ = ["IA3", "IA3Options", "random_ia3s"]

@@ -15,11 +15,19 @@ from peft.utils.constants import (
 )
 
 from hotswap.errors import ArtifactRejected, InvalidArgument, UnsupportedAdapter
-from hotswap.methods.common import ALL_LINEAR, PathLike, resolve_targets, save_variants
+from hotswap.formats import PEFT_CONFIG
+from hotswap.methods.api import (
+    WEIGHTS,
+    BaseInfo,
+    LinearDelta,
+    LoadedAdapter,
+    check_shape,
+    read_json,
+    read_tensors,
+    target_linear,
+)
+from hotswap.methods.api.common import ALL_LINEAR, PathLike, resolve_targets, save_variants
 from hotswap.methods.ia3.kind import IA3Vector
-from hotswap.registry import PEFT_CONFIG
-from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_json, read_tensors, target_linear
-from hotswap.serve.layers import LinearDelta
 
 _PEFT_PREFIX = "base_model.model."
 # Where PEFT has no IA3 default for a model type: the same roles as its Llama default, by name. Keys and values

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hotswap.methods.api import BatchPlan, SlotKind, register_kind
 from hotswap.methods.ia3.ops import gather_ia3
-from hotswap.serve.layers import BatchPlan, SlotKind, register_kind
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hotswap.errors import InvalidArgument
+from hotswap.methods.api.peft_common import PeftTrainable, attach_peft
 from hotswap.methods.ia3.artifact import ia3_config
-from hotswap.methods.peft_common import PeftTrainable, attach_peft
 
 
 @dataclass(frozen=True)

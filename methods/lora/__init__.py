@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from hotswap.methods.api.peft_common import resume_peft
+from hotswap.methods.api.spec import MethodSpec, RandomKnobs
 from hotswap.methods.lora.artifact import RandomLoraConfig, load_lora, random_lora, random_loras
 from hotswap.methods.lora.train import LoraOptions, attach_lora
-from hotswap.methods.peft_common import resume_peft
-from hotswap.methods.spec import MethodSpec, RandomKnobs
 
 
 def _random(dora: bool):
@@ -16,14 +16,31 @@ def _random(dora: bool):
 
 
 LORA = MethodSpec(
-    "lora", "low-rank update (alpha/r) B A on the target linears (PEFT)", load_lora, LoraOptions,
-    lambda m, o, _: attach_lora(m, o, dora=False), 5e-3, resume_peft, random=_random(False), peft=True,
+    name="lora",
+    summary="low-rank update (alpha/r) B A on the target linears (PEFT)",
+    load=load_lora,
+    options=LoraOptions,
+    attach=lambda m, o, _: attach_lora(m, o, dora=False),
+    lr=5e-3,
+    resume=resume_peft,
+    random=_random(False),
+    peft_type="LORA",
+    peft=True,
     sharding=True,
-)  # fmt: skip
+)
 DORA = MethodSpec(
-    "dora", "LoRA with a learned per-output magnitude (PEFT's DoRA)", load_lora, LoraOptions,
-    lambda m, o, _: attach_lora(m, o, dora=True), 5e-3, resume_peft, random=_random(True), peft=True,
+    name="dora",
+    summary="LoRA with a learned per-output magnitude (PEFT's DoRA)",
+    load=load_lora,
+    options=LoraOptions,
+    attach=lambda m, o, _: attach_lora(m, o, dora=True),
+    lr=5e-3,
+    resume=resume_peft,
+    random=_random(True),
+    peft_type="LORA",
+    peft=True,
+    peft_flag="use_dora",
     sharding=True,
-)  # fmt: skip
+)
 
 __all__ = ["DORA", "LORA", "LoraOptions", "RandomLoraConfig", "random_lora", "random_loras"]

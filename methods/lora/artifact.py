@@ -14,10 +14,19 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from hotswap.errors import ArtifactRejected, InvalidArtifact, UnsupportedAdapter
-from hotswap.methods.common import DEFAULT_TARGETS, PathLike, resolve_targets, save_variants
-from hotswap.registry import PEFT_CONFIG
-from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, check_shape, read_json, read_tensors, target_linear
-from hotswap.serve.layers import LinearDelta, LoraFactors
+from hotswap.formats import PEFT_CONFIG
+from hotswap.methods.api import (
+    WEIGHTS,
+    BaseInfo,
+    LinearDelta,
+    LoadedAdapter,
+    check_shape,
+    read_json,
+    read_tensors,
+    target_linear,
+)
+from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, resolve_targets, save_variants
+from hotswap.methods.lora.kind import LoraFactors, LoraKind
 
 _PEFT_PREFIX = "base_model.model."
 # -- LoRA family (LoRA, DoRA, and anything published in PEFT's LoRA format) --------------------------
@@ -71,7 +80,9 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
                 raise ArtifactRejected(f"{ref}: {module}'s DoRA scale is not finite (a zero-norm weight row)")
             b_scaled = b_scaled * mag_scale[None, :]
             dora_scale = (mag_scale - 1).to(base.dtype)
-        out.linear[module] = LinearDelta({"lora": LoraFactors(a.to(base.dtype), b_scaled.to(base.dtype), dora_scale)})
+        out.linear[module] = LinearDelta(
+            {LoraKind.name: LoraFactors(a.to(base.dtype), b_scaled.to(base.dtype), dora_scale)}
+        )
     if not out.linear:
         raise ArtifactRejected(f"{ref}: no LoRA tensors found in {WEIGHTS}")
     return out

@@ -77,14 +77,6 @@ def lora_delta(
     return lora_apply(x, *gather_rows(A, B, slots, weights, rank, truncation))
 
 
-def weighted_rows(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per-row weighted sum of slot vectors. table: [S, out], slots/weights: [Bt, K] -> [Bt, out].
-
-    Used for BitFit bias deltas and for DoRA's per-row scale ``sum_k w_k (m_k / ||W + s B A||_k - 1)``.
-    """
-    return torch.einsum("bk,bko->bo", weights.to(table.dtype), table[slots])
-
-
 def gather_unique(
     A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int, used: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

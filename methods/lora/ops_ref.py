@@ -1,4 +1,4 @@
-"""Row-by-row references for :mod:`hotswap.serve.ops.lora`: same signatures, plain fp32 loops."""
+"""Row-by-row references for :mod:`hotswap.methods.lora.ops`: same signatures, plain fp32 loops."""
 
 from __future__ import annotations
 
@@ -36,13 +36,4 @@ def truncated_delta(
             c = row_ranks[b] if 0 < row_ranks[b] < r else r
             if r:
                 out[b] += w * (r / c) * (x[b].float() @ A[s, :c].float().T) @ B[s, :c].float()
-    return out
-
-
-def weighted_rows(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[b] = sum_k weights[b, k] * table[slots[b, k]]."""
-    out = torch.zeros(slots.shape[0], table.shape[-1], dtype=torch.float32)
-    for b in range(slots.shape[0]):
-        for k in range(slots.shape[1]):
-            out[b] += float(weights[b, k]) * table[int(slots[b, k])].float()
     return out

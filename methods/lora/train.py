@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
-from hotswap.methods.peft_common import PeftTrainable, attach_peft, lora_config
+from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP
+from hotswap.methods.api.peft_common import PeftTrainable, attach_peft, lora_config
 
 
 @dataclass(frozen=True)

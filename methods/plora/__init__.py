@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from hotswap.methods.api.spec import MethodSpec
 from hotswap.methods.lora.artifact import load_lora
 from hotswap.methods.plora.train import PLoraOptions, attach_plora
-from hotswap.methods.spec import MethodSpec
 
 PLORA = MethodSpec(
-    "plora", "LoRA offloaded into the backbone every K steps: accumulated rank T r", load_lora, PLoraOptions,
-    lambda m, o, _: attach_plora(m, o), 5e-3,
-)  # fmt: skip
+    name="plora",
+    summary="LoRA offloaded into the backbone every K steps: accumulated rank T r",
+    load=load_lora,
+    options=PLoraOptions,
+    attach=lambda m, o, _: attach_plora(m, o),
+    lr=5e-3,
+)
 
 __all__ = ["PLORA", "PLoraOptions"]

@@ -26,10 +26,10 @@ from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP
+from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP
+from hotswap.methods.api.peft_common import attach, lora_config
+from hotswap.methods.api.trainable import PlainSteps
 from hotswap.methods.lora.factors import write_lora_factors
-from hotswap.methods.peft_common import attach, lora_config
-from hotswap.methods.trainable import PlainSteps
 
 EXPORTS = ("stacked", "svd")
 

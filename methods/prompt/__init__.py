@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from hotswap.methods.peft_common import resume_peft
-from hotswap.methods.prefix.train import VirtualTokenOptions
+from hotswap.methods.api.peft_common import VirtualTokenOptions, resume_peft
+from hotswap.methods.api.spec import MethodSpec
 from hotswap.methods.prompt.artifact import load_prompt, random_prompt, random_prompts
 from hotswap.methods.prompt.train import attach_prompt
-from hotswap.methods.spec import MethodSpec
 
 PROMPT = MethodSpec(
-    "prompt", "learned virtual-token embeddings before the prompt (PEFT)", load_prompt, VirtualTokenOptions,
-    lambda m, o, _: attach_prompt(m, o), 1e-1, resume_peft,
-    random=lambda base, outs, _: random_prompts(base, outs, num_virtual_tokens=16), context=True, peft=True,
+    name="prompt",
+    summary="learned virtual-token embeddings before the prompt (PEFT)",
+    load=load_prompt,
+    options=VirtualTokenOptions,
+    attach=lambda m, o, _: attach_prompt(m, o),
+    lr=1e-1,
+    resume=resume_peft,
+    random=lambda base, outs, _: random_prompts(base, outs, num_virtual_tokens=16),
+    context=True,
+    peft_type="PROMPT_TUNING",
+    peft=True,
     sharding=True,
-)  # fmt: skip
+)
 
 __all__ = ["PROMPT", "random_prompt", "random_prompts"]

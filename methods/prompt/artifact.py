@@ -8,15 +8,16 @@ from pathlib import Path
 
 from peft import PromptTuningConfig
 
-from hotswap.methods.common import PathLike, gaussian, save_variants
-from hotswap.methods.prefix.artifact import read_virtual
-from hotswap.serve.adapters import BaseInfo, LoadedAdapter, check_shape
+from hotswap.methods.api import BaseInfo, LoadedAdapter, check_shape
+from hotswap.methods.api.common import PathLike, gaussian, save_variants
+from hotswap.methods.api.peft_common import read_virtual
+from hotswap.methods.prompt.kind import VirtualTokensKind
 
 
 def load_prompt(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapter:
     config, emb = read_virtual(path, ref, base)  # (T, hidden)
     check_shape(ref, "prompt_embeddings", emb, (config["num_virtual_tokens"], base.hidden_size))
-    return LoadedAdapter(ref=ref, method=method, prompt_embeds=emb.to(base.dtype))
+    return LoadedAdapter(ref=ref, method=method, parts={VirtualTokensKind.name: emb.to(base.dtype)})
 
 
 def random_prompts(base: PathLike, outs: Mapping[PathLike, int], num_virtual_tokens: int = 8) -> list[Path]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from peft import PromptTuningConfig
 
-from hotswap.methods.peft_common import PeftTrainable, attach_peft
-from hotswap.methods.prefix.train import VirtualTokenOptions
+from hotswap.methods.api.peft_common import PeftTrainable, VirtualTokenOptions, attach_peft
 
 
 def attach_prompt(model: torch.nn.Module, o: VirtualTokenOptions) -> PeftTrainable:

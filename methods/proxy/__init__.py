@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from hotswap.methods.api.spec import MethodSpec, RandomKnobs
 from hotswap.methods.proxy.artifact import load_proxy, random_proxies
 from hotswap.methods.proxy.train import ProxyOptions, attach_proxy
-from hotswap.methods.spec import MethodSpec, RandomKnobs
 
 
 def _random(base, outs, knobs: RandomKnobs):
@@ -14,8 +14,13 @@ def _random(base, outs, knobs: RandomKnobs):
 
 
 PROXY = MethodSpec(
-    "proxy", "decode-time logit offset alpha (expert - anti_expert) of a small tuned model", load_proxy,
-    ProxyOptions, lambda m, o, _: attach_proxy(m, o), 3e-3, random=_random,
-)  # fmt: skip
+    name="proxy",
+    summary="decode-time logit offset alpha (expert - anti_expert) of a small tuned model",
+    load=load_proxy,
+    options=ProxyOptions,
+    attach=lambda m, o, _: attach_proxy(m, o),
+    lr=3e-3,
+    random=_random,
+)
 
 __all__ = ["PROXY", "ProxyOptions", "random_proxies"]

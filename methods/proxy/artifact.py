@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from hotswap.basemodel import fingerprint, load_model
+from hotswap.basemodel import check_supported, fingerprint, load_model
 from hotswap.errors import ArtifactRejected, HotswapError, InvalidBaseModel, UnsupportedAdapter
-from hotswap.methods.common import PathLike, check_new
-from hotswap.registry import HOTSWAP_CONFIG
-from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import BaseInfo, LoadedAdapter, check_finite, read_json
-from hotswap.serve.proxy import ProxyModels
-from hotswap.serve.runner import check_supported
+from hotswap.formats import HOTSWAP_CONFIG
+from hotswap.fsutil import building_dir
+from hotswap.methods.api import BaseInfo, LoadedAdapter, check_finite, read_json
+from hotswap.methods.api.common import PathLike, check_new
+from hotswap.methods.proxy.kind import ProxyKind, ProxyModels
 
 PROXY_EXPERT, PROXY_ANTI_EXPERT = "expert", "anti_expert"
 
@@ -56,7 +55,7 @@ def load_proxy(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapt
         models.append(model)
         anti_key = fingerprint(path / sub)  # computed, not read from the config: sharing must be exact
     proxy = ProxyModels(models[0], models[1], float(alpha), anti_key)
-    return LoadedAdapter(ref=ref, method=method, proxy=proxy)
+    return LoadedAdapter(ref=ref, method=method, parts={ProxyKind.name: proxy})
 
 
 def write_proxy(out: Path, expert: PreTrainedModel, anti_expert: PreTrainedModel, alpha: float) -> None:

@@ -3,7 +3,7 @@
 A proxy adapter is a tuned small "expert" and its untuned "anti-expert"; a row using it gets
 ``weight * alpha * (expert - anti_expert)`` added to its next-token logits (and nothing else changes:
 the base's forward, and any other adapter of the row, are as without it). Each small model gets its
-own :class:`~hotswap.serve.runner.Runner` with a per-row KV cache indexed by the engine's rows, so
+own runner (the engine's, :class:`hotswap.methods.api.RowRunner`) with a per-row KV cache indexed by its rows, so
 rows join and leave exactly as in the base. The small models see only the row's text tokens (prompt
 and generated), at their own positions: a prefix or prompt-tuning adapter of the same row is the
 base's context, not theirs. Different proxy adapters are different networks, so the batch is grouped
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotswap.serve.runner import Runner
+from hotswap.methods.api import EngineRows, LogitKind, LogitRow, RowRunner, register_kind
 
 
 @dataclass
@@ -32,47 +32,34 @@ class ProxyModels:
     alpha: float
     anti_key: str  # the anti-expert's fingerprint: adapters with the same untuned model share its runner
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in (self.expert, self.anti_expert) for p in m.parameters())
-
-
-@dataclass(frozen=True)
-class ProxyRow:
-    """One row's part in a proxy step: its cache row, adapter slots, the tokens to feed and where they start."""
-
-    row: int
-    slots: list[tuple[int, float]]
-    ids: list[int]
-    start: int
-
 
 @dataclass
 class _Shared:
-    runner: Runner
+    runner: RowRunner
     users: int = 0
 
 
-class ProxyBank:
+@register_kind
+class ProxyKind(LogitKind):
     """The resident proxy adapters by slot (installed and evicted with the slot, like the layers' tables).
 
     Experts are per adapter; anti-experts are shared by fingerprint (adapters tuned from the same small
     model, the usual case, run one anti-expert forward for all their rows).
     """
 
-    def __init__(self, max_batch: int, max_seq_len: int, device: torch.device) -> None:
-        self.max_batch, self.max_seq_len, self.device = max_batch, max_seq_len, device
-        self._experts: dict[int, tuple[Runner, float, str]] = {}  # slot -> (expert, alpha, anti_key)
-        self._anti: dict[str, _Shared] = {}
+    name = "proxy"
 
-    def __bool__(self) -> bool:
-        return bool(self._experts)
+    def __init__(self, rows: EngineRows) -> None:
+        super().__init__(rows)
+        self._experts: dict[int, tuple[RowRunner, float, str]] = {}  # slot -> (expert, alpha, anti_key)
+        self._anti: dict[str, _Shared] = {}
 
     def model_counts(self) -> tuple[int, int]:
         """(experts, anti-experts) resident."""
         return len(self._experts), len(self._anti)
 
-    def set_slot(self, slot: int, proxy: ProxyModels | None) -> None:
+    def set(self, slot: int, proxy: ProxyModels | None) -> None:
+        super().set(slot, proxy)
         old = self._experts.pop(slot, None)
         if old is not None:
             shared = self._anti[old[2]]
@@ -89,17 +76,17 @@ class ProxyBank:
     def clear_row(self, row: int, end: int) -> None:
         """Zero every small model's cache row ``row`` up to ``end`` (the base row's bound covers theirs)."""
         for runner, _, _ in self._experts.values():
-            runner.cache.release(row, end)
+            runner.release(row, end)
         for shared in self._anti.values():
-            shared.runner.cache.release(row, end)
+            shared.runner.release(row, end)
 
-    def _runner(self, model: nn.Module) -> Runner:
+    def _runner(self, model: nn.Module) -> RowRunner:
         """A runner on the host copy itself when it already lives on the engine's device, else on a device copy."""
-        if next(model.parameters()).device != self.device:
-            model = copy.deepcopy(model).to(self.device)
-        return Runner(model, self.max_batch, self.max_seq_len)
+        if next(model.parameters()).device != self.rows.device:
+            model = copy.deepcopy(model).to(self.rows.device)
+        return self.rows.runner(model)
 
-    def offsets(self, rows: list[ProxyRow], last_only: bool) -> list[torch.Tensor | None]:
+    def offsets(self, rows: list[LogitRow], last_only: bool) -> list[torch.Tensor | None]:
         """Per row, the sum over its proxy slots of ``weight * alpha * (expert - anti_expert)`` logits:
         (len(ids), V), or (V,) at the last token with ``last_only``; None for rows without a proxy slot.
 
@@ -124,7 +111,7 @@ class ProxyBank:
                 out[i] = part if out[i] is None else out[i] + part
         return out
 
-    def _logits(self, runner: Runner, rows: list[ProxyRow], last_only: bool) -> list[torch.Tensor]:
+    def _logits(self, runner: RowRunner, rows: list[LogitRow], last_only: bool) -> list[torch.Tensor]:
         """Per row, ``runner``'s logits over its tokens (len(ids), V), or (V,) at its last token."""
-        embeds = [runner.embed(torch.tensor(r.ids, device=self.device)) for r in rows]
+        embeds = [runner.embed_ids(r.ids) for r in rows]
         return runner.prefill([r.row for r in rows], embeds, [r.start for r in rows], all_positions=not last_only)

@@ -1,6 +1,6 @@
 """Reference for proxy-tuning (Liu et al., "Tuning Language Models by Proxy"): every model's full
 forward over the whole sequence, no cache, no batching. The engine's per-row cached version is
-:class:`hotswap.serve.proxy.ProxyBank`; training evaluates the ensemble with this module too.
+:class:`hotswap.methods.proxy.kind.ProxyKind`; training evaluates the ensemble with this module too.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ is ours.
 Training follows the paper: the expert is fully fine-tuned on its own next-token loss; evaluation
 (eval loss and accuracy in the run's metrics) is of the proxy-tuned ensemble, which is what serving
 produces. The artifact holds both small checkpoints (``hotswap.methods.proxy.artifact.write_proxy``); the
-engine serves it per row (``hotswap.serve.proxy``).
+engine serves it per row (``hotswap.methods.proxy.kind``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from hotswap.basemodel import load_model
 from hotswap.errors import HotswapError, InvalidArgument
+from hotswap.methods.api.trainable import PlainSteps
 from hotswap.methods.proxy.artifact import write_proxy
 from hotswap.methods.proxy.ops_ref import ProxyTuned
-from hotswap.methods.trainable import PlainSteps
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from hotswap.errors import ArtifactRejected
-from hotswap.methods.common import DEFAULT_TARGETS, PathLike, base_linears, check_new, target_names
-from hotswap.registry import HOTSWAP_CONFIG
-from hotswap.registry.fsutil import building_dir
-from hotswap.serve.adapters import WEIGHTS, BaseInfo, LoadedAdapter, read_tensors, target_linear
-from hotswap.serve.layers import LinearDelta
+from hotswap.formats import HOTSWAP_CONFIG
+from hotswap.fsutil import building_dir
+from hotswap.methods.api import WEIGHTS, BaseInfo, LinearDelta, LoadedAdapter, read_tensors, target_linear
+from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, base_linears, check_new, target_names
 
 
 # -- Sparse deltas (hotswap format: Child-tuning, FishMask) ------------------------------------------

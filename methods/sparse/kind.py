@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hotswap.methods.api import BatchPlan, SlotKind, register_kind
 from hotswap.methods.sparse.ops import SparsePlan, gather_sparse, sparse_apply
-from hotswap.serve.layers import BatchPlan, SlotKind, register_kind
 
 
 @register_kind

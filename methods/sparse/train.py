@@ -29,9 +29,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
+from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP, adapted_linears, target_names
+from hotswap.methods.api.trainable import PlainSteps
 from hotswap.methods.sparse.artifact import write_sparse
-from hotswap.methods.trainable import PlainSteps
 
 VARIANTS = ("d", "f")
 

@@ -11,9 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 from hotswap.basemodel import PRESETS, build_model, save_model
-from hotswap.methods import RandomKnobs, registered
+from hotswap.methods import RandomKnobs, base_checker, registered
 from hotswap.registry import PEFT_CONFIG
-from hotswap.serve.adapters import base_checker
 from tests.conftest import SMALL
 
 FAMILIES = [name for name in PRESETS if name.startswith("tiny")]

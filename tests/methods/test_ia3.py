@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from hotswap.basemodel import fingerprint, load_model
+from hotswap.methods.api import BatchPlan, LinearDelta
 from hotswap.methods.ia3.kind import IA3Vector
 from hotswap.methods.ia3.ops_ref import ia3_linear
+from hotswap.methods.lora.kind import LoraFactors
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.serve.layers import BatchPlan, LinearDelta, LoraFactors, MultiAdapterLinear
+from hotswap.serve.layers import MultiAdapterLinear
 from hotswap.train import TrainConfig, train
 from tests.serve.reference import peft_model, reference_greedy, reference_logits
 

@@ -36,11 +36,11 @@ from hotswap.errors import (
     UnsupportedAdapter,
     mapping_for,
 )
+from hotswap.fsutil import sha256_file
+from hotswap.methods import base_checker
 from hotswap.methods.proxy.artifact import write_proxy
 from hotswap.registry import Registry
-from hotswap.registry.fsutil import sha256_file
 from hotswap.registry.manifest import MANIFEST_FILE
-from hotswap.serve.adapters import base_checker
 from hotswap.serve.server import Server
 from hotswap.train import (
     RandomLoraConfig,

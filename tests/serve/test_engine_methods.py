@@ -172,7 +172,7 @@ def test_proxy_rows_match_the_reference(engine: Engine, adapters: dict[str, Path
         ref = reference_logits(ref_model, IDS)
         assert (ref - base).abs().max() > 1e-1, names
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), names
-    assert engine.proxies.model_counts() == (2, 1)
+    assert engine.kinds.kinds["proxy"].model_counts() == (2, 1)
 
 
 def test_proxy_decoding_matches_the_reference(engine: Engine, adapters: dict[str, Path], tiny_base: Path) -> None:

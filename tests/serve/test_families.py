@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from hotswap.basemodel import build_model, fingerprint, load_model, save_model
+from hotswap.methods.api import decoder_linears
 from hotswap.methods.proxy.ops_ref import ProxyTuned
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.serve.adapters import decoder_linears
 from hotswap.train import (
     RandomLoraConfig,
     random_bitfit,

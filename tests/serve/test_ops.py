@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hotswap.methods.api import rows, rows_ref
 from hotswap.methods.bottleneck import ops as bottleneck
 from hotswap.methods.bottleneck import ops_ref as bottleneck_ref
+from hotswap.methods.lora import ops as lora
+from hotswap.methods.lora import ops_ref as lora_ref
 from hotswap.methods.sparse import ops as sparse
 from hotswap.methods.sparse import ops_ref as sparse_ref
-from hotswap.serve.ops import lora, lora_ref
 
 # One tolerance table: max |fast - ref| / (max |ref| + 1) per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -89,7 +91,7 @@ def test_lora_paths_match_reference(pattern: str, tokens: int, k: int, dtype: to
 def test_weighted_rows_match_reference(pattern: str, k: int) -> None:
     _, _, vectors = _tables(torch.float32)
     slots, weights = _slots(pattern, 9, k), _weights(9, k)
-    _check(lora.weighted_rows(vectors, slots, weights), lora_ref.weighted_rows(vectors, slots, weights), torch.float32)
+    _check(rows.weighted_rows(vectors, slots, weights), rows_ref.weighted_rows(vectors, slots, weights), torch.float32)
 
 
 def test_rows_without_adapter_get_exactly_zero() -> None:
@@ -97,7 +99,7 @@ def test_rows_without_adapter_get_exactly_zero() -> None:
     slots, weights = torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)
     x = torch.randn(4, 3, IN)
     assert torch.equal(lora.lora_delta(x, A, B, slots, weights, 16), torch.zeros(4, 3, OUT))
-    assert torch.equal(lora.weighted_rows(vectors, slots, weights), torch.zeros(4, OUT))
+    assert torch.equal(rows.weighted_rows(vectors, slots, weights), torch.zeros(4, OUT))
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from hotswap.basemodel import load_model
 from hotswap.cli import main
 from hotswap.errors import InvalidArgument
+from hotswap.methods import base_checker
 from hotswap.registry import Registry
-from hotswap.serve.adapters import base_checker
 from hotswap.train import TrainConfig, train
 
 PROBE = torch.tensor([[5, 12, 30, 11], [7, 8, 9, 10]])

@@ -15,8 +15,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from hotswap.basemodel import PRESETS, load_model
+from hotswap.methods import base_checker
 from hotswap.registry import HOTSWAP_CONFIG, PEFT_CONFIG
-from hotswap.serve.adapters import base_checker
 from hotswap.train import TrainConfig, train, trainable_methods
 
 FAMILIES = [name for name in PRESETS if name.startswith("tiny-")]  # `tiny` (Llama) is test_train.py's
