@@ -26,6 +26,7 @@ from hotswap.methods import (
     prompt,
     proxy,
     sparse,
+    vera,
 )
 from hotswap.methods.api import BaseInfo, LoadedAdapter, MethodSpec, RandomKnobs, peft_method, register, registered
 
@@ -42,6 +43,7 @@ register(prefix.PREFIX)
 register(prompt.PROMPT)
 register(proxy.PROXY)
 register(ia3.IA3)
+register(vera.VERA)
 
 
 def load_adapter(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapter:

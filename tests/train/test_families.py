@@ -21,7 +21,7 @@ from hotswap.train import TrainConfig, train, trainable_methods
 
 FAMILIES = [name for name in PRESETS if name.startswith("tiny-")]  # `tiny` (Llama) is test_train.py's
 METHODS = list(trainable_methods())
-PEFT_FORMAT = {"lora", "dora", "adalora", "dylora", "plora", "prefix", "prompt", "ia3"}  # adapter_config.json
+PEFT_FORMAT = {"lora", "dora", "adalora", "dylora", "plora", "prefix", "prompt", "ia3", "vera"}  # adapter_config.json
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 LINEARS = {family: {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if family == "tiny-phi3" else ALL_LINEAR
            for family in FAMILIES}  # fmt: skip
@@ -91,7 +91,7 @@ def test_every_method_trains_on_every_family(method: str, family: str, family_ba
 LEARNS_ON = {"lora": "tiny-mistral", "dora": "tiny-qwen2", "adalora": "tiny-qwen2", "dylora": "tiny-qwen3",
              "plora": "tiny-gemma2", "bitfit": "tiny-phi3", "fishmask": "tiny-olmo2", "child-tuning": "tiny-olmo2",
              "bottleneck": "tiny-mistral", "prefix": "tiny-qwen2", "prompt": "tiny-qwen3", "proxy": "tiny-gemma2",
-             "ia3": "tiny-gemma3"}  # fmt: skip
+             "ia3": "tiny-gemma3", "vera": "tiny-qwen2"}  # fmt: skip
 
 
 def test_every_method_has_a_family_to_learn_on() -> None:
