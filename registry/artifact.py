@@ -2,7 +2,7 @@
 
 An artifact is a directory with the method's config JSON and safetensors weights: PEFT's own
 ``adapter_config.json`` + ``adapter_model.safetensors`` where PEFT has the method, otherwise
-``hotswap_config.json`` (a ``method`` field) + safetensors (see README, "Artifact format"). Weights are
+``hotswap_config.json`` (a ``method`` field) + safetensors (docs/registry.md, "Artifact format"). Weights are
 safetensors only: pickle-based files are refused by name and by content.
 """
 

@@ -129,3 +129,17 @@ def test_serve_names_no_method() -> None:
                 if m := pattern.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{n}: {m.group(0)!r} in {line.strip()}")
     assert not hits, "serve/ names methods:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize(
+    ("layer", "below"),
+    [
+        ("hotswap.serve.model", ("hotswap.serve.engine", "hotswap.serve.api")),
+        ("hotswap.serve.engine", ("hotswap.serve.api",)),
+    ],
+)
+def test_serve_layers_import_downwards_only(layer: str, below: tuple[str, ...]) -> None:
+    """serve/api uses serve/engine, which drives serve/model; never the other way."""
+    for name in (m for m in MODULES if m.startswith(f"{layer}.")):
+        bad = sorted(t for t in GRAPH[name] if t.startswith(below))
+        assert not bad, f"{name} imports {bad}"

@@ -31,7 +31,7 @@ class TrainConfig:
     """Training run settings (TrainConfig; the lineage records them whole).
 
     Each field's ``metadata`` makes it a ``hotswap train`` flag (:func:`hotswap.cli.common.add_setting_flags`, by
-    field name, as :mod:`hotswap.serve.settings` reads it): its ``help``, and where needed ``choices``; ``setting:
+    field name, as :mod:`hotswap.settings` reads it): its ``help``, and where needed ``choices``; ``setting:
     False`` where the flag is not generated from the field alone (``method``, ``options``, ``report_to``).
     """
 

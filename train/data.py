@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from hotswap.basemodel import encode_prompt
 from hotswap.errors import InvalidArgument
-from hotswap.serve.chat import has_template, template_ids
-from hotswap.serve.types import check_messages
+from hotswap.serve.engine.chat import has_template, template_ids
+from hotswap.serve.engine.types import check_messages
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -132,7 +132,7 @@ def _text_field(record: dict[str, Any], key: str, where: str) -> str:
 class TextCodec:
     """How text becomes ids for this base: prompts as the engine encodes them (leading bos), completions
     bare, then eos so the model learns to stop; conversations through the chat template
-    (``hotswap.serve.chat.template_ids``; None when the tokenizer has none)."""
+    (``hotswap.serve.engine.chat.template_ids``; None when the tokenizer has none)."""
 
     encode_prompt: Callable[[str], list[int]]
     encode_text: Callable[[str], list[int]]

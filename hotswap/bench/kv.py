@@ -24,8 +24,8 @@ from transformers import AutoConfig
 from hotswap.bench.common import Fixtures, percentile, set_threads
 from hotswap.devices import torch_dtype
 from hotswap.serve import Engine, EngineObserver, Request
-from hotswap.serve.kvcache import PagedCache
-from hotswap.serve.runner import kv_shape
+from hotswap.serve.model.kvcache import PagedCache
+from hotswap.serve.model.runner import kv_shape
 
 log = logging.getLogger(__name__)
 

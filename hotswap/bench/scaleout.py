@@ -36,8 +36,9 @@ def scale_out(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     is sent) over the same replicas and request sequence; then 1 replica through Ray vs ``hotswap serve``."""
     import ray
 
-    from hotswap.serve import EngineConfig, scaleout
-    from hotswap.serve.config import ServerConfig
+    from hotswap.serve import EngineConfig
+    from hotswap.serve.api import scaleout
+    from hotswap.serve.api.config import ServerConfig
 
     w = fx.workload
     n = max(adapter_counts)
@@ -83,7 +84,7 @@ def _replay(
     target: str, sequence: list[str], prompts: list[list[int]], new_tokens: int, clients: int
 ) -> dict[str, Any]:
     """Send ``sequence`` with ``clients`` concurrent streams; cache hits and loads from the replicas' trailers."""
-    from hotswap.serve import scaleout
+    from hotswap.serve.api import scaleout
 
     work = iter(enumerate(sequence))
     lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""The benchmark scenarios of shared/BENCHMARK.md. Each returns rows whose ratios come from one run."""
+"""The benchmark scenarios (docs/benchmarks.md). Each returns rows whose ratios come from one run."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 One driver for the benchmark scenario and ``tests/serve/test_soak.py``. :func:`prepare` publishes adapters of
 every family (the synthetic builders) into a new local registry; :func:`run_soak` serves them from a
-:class:`~hotswap.serve.server.Server` in this process (127.0.0.1, any free port) and, for ``seconds``, runs
+:class:`~hotswap.serve.api.server.Server` in this process (127.0.0.1, any free port) and, for ``seconds``, runs
 client threads (base, each method, weighted LoRA-family pairs; greedy and seeded sampling; unary and
 streaming; some streams cancelled after a few tokens, some requests with a short deadline), an admin thread
 (hot Load, sometimes pinned, and Unload), an alias thread (``tuned:prod`` promoted to 2, rolled back to 1, ...)
@@ -52,8 +52,8 @@ from hotswap.client import AdapterArg, Client
 from hotswap.errors import HotswapError, mapping_for
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.serve.config import ServerConfig
-from hotswap.serve.server import Server
+from hotswap.serve.api.config import ServerConfig
+from hotswap.serve.api.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class SoakReport:
         return self.rss_mib["after"] - self.rss_mib["before"]
 
     def row(self) -> dict[str, Any]:
-        """One flat row of the benchmark table (shared/BENCHMARK.md)."""
+        """One flat row of the benchmark table."""
         errors = {s: self.statuses.get(s, 0) for s in (*EXPECTED, *FATAL)} | {
             s: n for s, n in self.statuses.items() if s != "OK"
         }

@@ -55,7 +55,7 @@ def _model_help() -> str:
 
 def register(add: AddCommand) -> None:
 
-    help_ = "run a benchmark scenario (see README, Benchmarks): Markdown table + JSON"
+    help_ = "run a benchmark scenario (docs/benchmarks.md): Markdown table + JSON"
     sp = add("bench", cmd_bench, help_, registry=False, hub=False)  # its registries live in --cache
     sp.add_argument("scenario", choices=SCENARIO_NAMES)
     sp.add_argument("--out", type=Path, default=Path("bench-results"))

@@ -7,13 +7,11 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Registry
-
-if TYPE_CHECKING:
-    from hotswap.serve.settings import Setting
+from hotswap.settings import Setting
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -59,7 +57,7 @@ def add_setting_flags(
     types: Mapping[str, Callable[[str], object]] | None = None,
     aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[type, argparse._ArgumentGroup]:
-    """One flag per setting (a dataclass field: :mod:`hotswap.serve.settings`), its help and choices the field's
+    """One flag per setting (a dataclass field: :mod:`hotswap.settings`), its help and choices the field's
     metadata, its type the field's; in a group per dataclass, titled by the first line of its docstring (returned
     by dataclass). An unset flag leaves no attribute, so the dataclass's default (or a config file's value)
     applies: the flags restate no default, their help only shows it. ``types`` parses a setting's flag otherwise

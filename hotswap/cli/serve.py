@@ -2,7 +2,7 @@
 OpenAI-compatible HTTP API too).
 
 Its flags and ``--config`` TOML keys are generated from the serving dataclasses (``ServerConfig`` with its
-``EngineConfig``, ``RayOptions``) and :class:`ServeCommand` by field name (:mod:`hotswap.serve.settings`):
+``EngineConfig``, ``RayOptions``) and :class:`ServeCommand` by field name (:mod:`hotswap.settings`):
 a field's help is its metadata, its default the dataclass's; flags win over the file.
 """
 
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from hotswap.cli.common import AddCommand, add_setting_flags
 from hotswap.errors import InvalidArgument
+from hotswap.settings import Setting, build, normalize, settings_of
 
 if TYPE_CHECKING:
     import threading
 
-    from hotswap.serve.config import RayOptions, ServerConfig
-    from hotswap.serve.settings import Setting
+    from hotswap.serve.api.config import RayOptions, ServerConfig
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ServeCommand:
 
 def settings() -> dict[str, Setting]:
     """Every setting of ``hotswap serve`` by field name (``registry`` is the global ``--registry``)."""
-    from hotswap.serve.settings import SERVE_CONFIGS, settings_of
+    from hotswap.serve.api.config import SERVE_CONFIGS
 
     return settings_of(ServeCommand, *SERVE_CONFIGS)
 
@@ -54,7 +54,6 @@ def _add_setting_flags(sp: argparse.ArgumentParser) -> None:
 
 def _values(args: argparse.Namespace, known: dict[str, Setting]) -> dict[str, Any]:
     """Settings by field name: flags over the --config file (the dataclasses' defaults fill in the rest)."""
-    from hotswap.serve.settings import normalize
 
     values: dict[str, Any] = {}
     if args.config:
@@ -71,8 +70,7 @@ def _values(args: argparse.Namespace, known: dict[str, Setting]) -> dict[str, An
 
 def configs(args: argparse.Namespace) -> tuple[ServeCommand, ServerConfig, RayOptions]:
     """The command's, the server's and Ray's settings from the parsed flags and the --config file."""
-    from hotswap.serve.config import RayOptions, ServerConfig
-    from hotswap.serve.settings import build
+    from hotswap.serve.api.config import RayOptions, ServerConfig
 
     values = _values(args, settings())
     if "base" not in values:
@@ -88,7 +86,7 @@ def configs(args: argparse.Namespace) -> tuple[ServeCommand, ServerConfig, RayOp
 def cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
-    from hotswap.serve.server import Server
+    from hotswap.serve.api.server import Server
 
     command, config, options = configs(args)
     logging.getLogger("hotswap").setLevel(command.log_level.upper())
@@ -126,7 +124,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 def _serve_ray(config: ServerConfig, options: RayOptions, stop: threading.Event) -> int:
     """``serve --ray``: deploy on Ray Serve, wait for SIGTERM/SIGINT, then delete the application."""
     try:
-        from hotswap.serve import scaleout
+        from hotswap.serve.api import scaleout
     except ImportError as e:
         raise InvalidArgument(f"--ray needs the ray extra (pip install 'hotswap[ray]'): {e}") from None
     if config.tls_cert is not None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from hotswap.cli.common import AddCommand, add_setting_flags, positive_int
 from hotswap.errors import InvalidArgument
+from hotswap.settings import build, settings_of
 
 if TYPE_CHECKING:
     from hotswap.train.config import TrainConfig
@@ -104,7 +105,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's ``TrainConfig``: the flags given (method options by their method's names), the dataclass's
     defaults for the rest."""
-    from hotswap.serve.settings import build
     from hotswap.train.config import TrainConfig
 
     options = {
@@ -185,7 +185,6 @@ def _add_deferred(sp: argparse.ArgumentParser) -> None:
     """The options that import hotswap.train (and torch), added only when `train` itself is parsed: one flag per
     ``TrainConfig`` field, generated from the dataclass (:func:`add_setting_flags`; its defaults apply to the flags
     not given), and the methods' own options."""
-    from hotswap.serve.settings import settings_of
     from hotswap.train.config import POSITIVE_INTS, TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -15,7 +15,7 @@ from hotswap.methods.ia3.ops_ref import ia3_linear
 from hotswap.methods.lora.kind import LoraFactors
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.serve.layers import MultiAdapterLinear
+from hotswap.serve.model.layers import MultiAdapterLinear
 from hotswap.train import TrainConfig, train
 from tests.serve.reference import peft_model, reference_greedy, reference_logits
 

@@ -16,7 +16,7 @@ from hotswap.basemodel import fingerprint, load_model
 from hotswap.methods.ia3 import random_ia3s
 from hotswap.registry import Registry
 from hotswap.serve import Engine
-from hotswap.serve.server import Server
+from hotswap.serve.api.server import Server
 from hotswap.train import (
     RandomLoraConfig,
     random_bitfit,

@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotswap.client import Client
 from hotswap.serve import EngineConfig
-from hotswap.serve.config import ServerConfig
-from hotswap.serve.server import Server
+from hotswap.serve.api.config import ServerConfig
+from hotswap.serve.api.server import Server
 
 ACME, GLOBEX, ADMIN = "acme-secret-token", "globex-secret-token", "admin-secret-token"
 PROMPT = "the quick brown fox"

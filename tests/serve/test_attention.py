@@ -8,9 +8,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.attention import attending, attention_ref, hotswap_attention
-from hotswap.serve.kvcache import PagedCache, StaticCache
-from hotswap.serve.runner import Runner
+from hotswap.serve.model.attention import attending, attention_ref, hotswap_attention
+from hotswap.serve.model.kvcache import PagedCache, StaticCache
+from hotswap.serve.model.runner import Runner
 
 HEADS, KV_HEADS, HEAD_DIM, MAX_LEN, BLOCK = 4, 2, 8, 32, 4
 

@@ -41,7 +41,7 @@ from hotswap.methods import base_checker
 from hotswap.methods.proxy.artifact import write_proxy
 from hotswap.registry import Registry
 from hotswap.registry.manifest import MANIFEST_FILE
-from hotswap.serve.server import Server
+from hotswap.serve.api.server import Server
 from hotswap.train import (
     RandomLoraConfig,
     random_bitfit,

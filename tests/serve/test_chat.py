@@ -19,9 +19,9 @@ from hotswap.client import build_request
 from hotswap.errors import MAX_MESSAGE_CHARS, InvalidArgument
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
-from hotswap.serve.chat import NO_TEMPLATE, has_template, render
-from hotswap.serve.server import Server
-from hotswap.serve.types import MAX_MESSAGES, MAX_ROLE_CHARS
+from hotswap.serve.api.server import Server
+from hotswap.serve.engine.chat import NO_TEMPLATE, has_template, render
+from hotswap.serve.engine.types import MAX_MESSAGES, MAX_ROLE_CHARS
 from hotswap.train import RandomLoraConfig, random_lora
 from tests.chatbase import CHAT_TEMPLATE, chat_tokenizer, save_chat_base
 from tests.serve.serverutil import client, make_server

@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from hotswap.basemodel import bundled_tokenizer
-from hotswap.serve.detok import CONTEXT_TOKENS, Detokenizer, cut_at_stops
-from hotswap.serve.detok_ref import ReferenceDetokenizer
+from hotswap.serve.engine.detok import CONTEXT_TOKENS, Detokenizer, cut_at_stops
+from hotswap.serve.engine.detok_ref import ReferenceDetokenizer
 
 # Pieces where decoding is tricky: special tokens (dropped), multi-byte characters, "##" continuations,
 # punctuation and the pieces of "do n't" / "x's" that Python-level cleanup joins across tokens.

@@ -42,7 +42,7 @@ from hotswap.errors import (
     mapping_for,
 )
 from hotswap.serve import Request
-from hotswap.serve.server import Server
+from hotswap.serve.api.server import Server
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 from tests.serve.serverutil import ACME, ADMIN, GLOBEX, PROMPT, make_server, wait_idle

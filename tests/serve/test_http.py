@@ -23,8 +23,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from hotswap.errors import ERROR_TABLE, HotswapError
-from hotswap.serve.server import Server
-from hotswap.serve.status import HTTP_STATUS, http_error
+from hotswap.serve.api.server import Server
+from hotswap.serve.api.status import HTTP_STATUS, http_error
 from tests.serve.serverutil import ACME, GLOBEX, PROMPT, client, make_server, scrape, self_signed_cert, wait_idle
 
 CHAT_TEMPLATE = (

@@ -14,13 +14,13 @@ from hotswap.basemodel import fingerprint
 from hotswap.client import Client
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
-from hotswap.serve.config import ServerConfig
+from hotswap.serve.api.config import ServerConfig
 from hotswap.train import RandomLoraConfig, random_bitfit, random_loras
 from tests.serve.serverutil import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
-scaleout = pytest.importorskip("hotswap.serve.scaleout")
+scaleout = pytest.importorskip("hotswap.serve.api.scaleout")
 
 pytestmark = pytest.mark.slow
 ADAPTERS = ["a0", "a1", "a2", "a3"]

@@ -16,10 +16,10 @@ import torch
 
 from hotswap.errors import AdapterFault, ArtifactRejected, HotswapError, InvalidArgument
 from hotswap.serve import Engine, Request
-from hotswap.serve.engine import UNHEALTHY_AFTER
-from hotswap.serve.layers import MultiAdapterLinear
-from hotswap.serve.sampling import RowSampler
-from hotswap.serve.types import EngineObserver
+from hotswap.serve.engine.engine import UNHEALTHY_AFTER
+from hotswap.serve.engine.sampling import RowSampler
+from hotswap.serve.engine.types import EngineObserver
+from hotswap.serve.model.layers import MultiAdapterLinear
 from tests.serve.serverutil import make_server
 
 PROMPT = [5, 17, 99, 3, 42]
@@ -151,7 +151,7 @@ def test_unattributable_faults_back_off_and_turn_unhealthy(
         return runner_forward(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(eng.runner, "forward", forward)
-    caplog.set_level(logging.ERROR, logger="hotswap.serve.engine")
+    caplog.set_level(logging.ERROR, logger="hotswap.serve.engine.engine")
     t0 = time.monotonic()
     for _ in range(UNHEALTHY_AFTER):
         with pytest.raises(HotswapError, match="engine step failed: RuntimeError: injected base fault") as err:

@@ -13,7 +13,7 @@ from hotswap.basemodel import build_model, fingerprint, save_model
 from hotswap.errors import InvalidArgument
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineObserver, Request
-from hotswap.serve.kvcache import BlockPool, PagedCache, block_digests
+from hotswap.serve.model.kvcache import BlockPool, PagedCache, block_digests
 from hotswap.train import RandomLoraConfig, random_lora, random_prefix
 
 NAMES = ["lora4", "dora", "bitfit", "prefix", "prompt", "fishmask", "bottleneck", "ia3", "proxy", None]
@@ -182,7 +182,7 @@ def test_digests_chain_over_the_key_and_the_whole_prefix() -> None:
 
 def test_kv_metrics(tiny_base: Path, registry_path: Path) -> None:
     """Blocks used/free after each step, prefix-cache hit tokens per adapter, preemptions: Prometheus series."""
-    from hotswap.serve.metrics import Metrics
+    from hotswap.serve.api.metrics import Metrics
 
     metrics = Metrics()
     with Engine(tiny_base, registry_path, max_batch=10, max_resident=10, max_seq_len=64, kv_block_size=BLOCK,

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hotswap.basemodel import load_model, load_tokenizer
-from hotswap.serve.server import Server
+from hotswap.serve.api.server import Server
 from tests.serve.serverutil import client, make_server
 
 pytestmark = pytest.mark.real

@@ -27,7 +27,7 @@ from hotswap.errors import (
 )
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineConfig, Request
-from hotswap.serve.config import ServerConfig
+from hotswap.serve.api.config import ServerConfig
 from hotswap.train import RandomLoraConfig, random_bitfit, random_lora, random_loras
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
@@ -35,7 +35,7 @@ from tests.serve.serverutil import ACME, ADMIN, GLOBEX, free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
-scaleout = pytest.importorskip("hotswap.serve.scaleout")
+scaleout = pytest.importorskip("hotswap.serve.api.scaleout")
 
 pytestmark = pytest.mark.slow
 ADAPTERS = [f"a{i}" for i in range(5)] + ["bias"]

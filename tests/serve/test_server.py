@@ -30,8 +30,8 @@ from hotswap.errors import (
     Unauthenticated,
 )
 from hotswap.serve import Engine, EngineConfig, Request
-from hotswap.serve.config import ServerConfig
-from hotswap.serve.server import Server
+from hotswap.serve.api.config import ServerConfig
+from hotswap.serve.api.server import Server
 from tests.serve.serverutil import ACME, ADMIN, GLOBEX, PROMPT, client, make_server, scrape, self_signed_cert, wait_idle
 
 # -- correctness ----------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def test_each_ref_resolved_once_and_bugs_are_internal(
 
 
 def test_adapter_label_cardinality_is_capped() -> None:
-    from hotswap.serve.metrics import Metrics
+    from hotswap.serve.api.metrics import Metrics
 
     m = Metrics(max_adapter_labels=2)
     assert [m.adapter_label(r) for r in (["a@1"], [], ["b@1"], ["a@1"])] == ["a@1", "base", "other", "a@1"]
@@ -358,7 +358,7 @@ def test_grafana_dashboard_uses_our_metrics() -> None:
     import json
     import re
 
-    from hotswap.serve.metrics import Metrics
+    from hotswap.serve.api.metrics import Metrics
 
     names = {s.name for family in Metrics().registry.collect() for s in family.samples} | {
         f.name for f in Metrics().registry.collect()

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hotswap import cli
 from hotswap.client import Client
 from hotswap.errors import ServerUnavailable
-from hotswap.serve.server import Server
+from hotswap.serve.api.server import Server
 from tests.serve.serverutil import ACME, PROMPT, client, make_server, scrape, wait_idle
 
 

@@ -12,8 +12,9 @@ import pytest
 from hotswap.cli import build_parser, main
 from hotswap.cli.serve import ServeCommand, configs, settings
 from hotswap.errors import InvalidArgument
-from hotswap.serve.config import EngineConfig, RayOptions, ServerConfig
-from hotswap.serve.settings import APP_ARGS, Setting, normalize, settings_of
+from hotswap.serve.api.config import APP_ARGS, RayOptions, ServerConfig
+from hotswap.serve.engine.config import EngineConfig
+from hotswap.settings import Setting, normalize, settings_of
 
 CLASSES = (ServeCommand, ServerConfig, EngineConfig, RayOptions)
 

@@ -13,7 +13,7 @@ import torch
 from hotswap import cli
 from hotswap.basemodel import load_model, load_tokenizer
 from hotswap.errors import InvalidArgument
-from hotswap.serve.chat import render
+from hotswap.serve.engine.chat import render
 from hotswap.train import TrainConfig, train
 from hotswap.train.data import Example, TextCodec, load_jsonl, text_codec
 from hotswap.train.loss import IGNORE, collate

@@ -15,8 +15,8 @@ import torch
 from hotswap import cli
 from hotswap.basemodel import load_tokenizer
 from hotswap.registry import Registry
-from hotswap.serve.chat import render
-from hotswap.serve.server import Server
+from hotswap.serve.api.server import Server
+from hotswap.serve.engine.chat import render
 from hotswap.train import TrainConfig, TrainResult, train
 from hotswap.train.data import load_jsonl, text_codec
 from hotswap.train.evaluation import evaluate_refs

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from hotswap.methods.api import BatchPlan, LogitRow
-from hotswap.serve.request import Job
-from hotswap.serve.rowkinds import EngineKinds
-from hotswap.serve.runner import Runner
+from hotswap.serve.engine.request import Job
+from hotswap.serve.model.rowkinds import EngineKinds
+from hotswap.serve.model.runner import Runner
 
 
 def prefill(

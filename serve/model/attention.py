@@ -10,8 +10,8 @@ while HF's caches share one write position per batch.
 Each layer's attention gets its post-rotary query/key/value; :func:`hotswap_attention` writes the keys and
 values into the :class:`KVCache` at each token's cache index and attends over that row's cache only, with a
 causal mask (and the layer's sliding window, and logit soft-capping where the family has them); the cache is
-static or paged (:mod:`hotswap.serve.kvcache`). What one forward attends over travels in a
-:class:`~hotswap.serve.kvcache.Batch` set by :func:`attending` around the model call, so it
+static or paged (:mod:`hotswap.serve.model.kvcache`). What one forward attends over travels in a
+:class:`~hotswap.serve.model.kvcache.Batch` set by :func:`attending` around the model call, so it
 reaches every family whatever its forward passes down. :func:`attention_ref` is the plain per-row loop the
 fast path is tested against.
 """
@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.kvcache import Batch
+from hotswap.serve.model.kvcache import Batch
 
 ATTENTION = "hotswap"
 # Attention features some families pass that this function does not implement (attention sinks): a model

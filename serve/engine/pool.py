@@ -21,9 +21,9 @@ from hotswap.errors import ArtifactRejected, CapacityExceeded, HotswapError
 from hotswap.methods import load_adapter
 from hotswap.methods.api import BaseInfo, LoadedAdapter
 from hotswap.registry import Registry
-from hotswap.serve.layers import MultiAdapterLinear
-from hotswap.serve.rowkinds import EngineKinds
-from hotswap.serve.types import EngineObserver
+from hotswap.serve.engine.types import EngineObserver
+from hotswap.serve.model.layers import MultiAdapterLinear
+from hotswap.serve.model.rowkinds import EngineKinds
 
 log = logging.getLogger(__name__)
 

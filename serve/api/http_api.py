@@ -1,4 +1,4 @@
-"""The OpenAI wire format of :mod:`hotswap.serve.http`: request bodies (pydantic, so a malformed body is a 400
+"""The OpenAI wire format of :mod:`hotswap.serve.api.http`: request bodies (pydantic, so a malformed body is a 400
 naming its field), their translation into a ``hotswap.v1`` GenerateRequest (the servicer core's input, so every
 check of a generation is the gRPC one), and the answers' JSON.
 
@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hotswap.errors import InvalidArgument, quote
-from hotswap.serve.servicer import FINISH_FROM_PB
-from hotswap.serve.types import MAX_SEED, FinishReason
+from hotswap.serve.api.servicer import FINISH_FROM_PB
+from hotswap.serve.engine.types import MAX_SEED, FinishReason
 from hotswap.v1 import hotswap_pb2 as pb
 
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]

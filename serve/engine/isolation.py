@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 
 from hotswap.errors import AdapterFault, HotswapError, clip_message
-from hotswap.serve.request import Job
-from hotswap.serve.sampling import choose_tokens
-from hotswap.serve.types import EngineObserver
+from hotswap.serve.engine.request import Job
+from hotswap.serve.engine.sampling import choose_tokens
+from hotswap.serve.engine.types import EngineObserver
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a serving process (names and labels per DESIGN.md), via prometheus_client.
+"""Prometheus metrics of a serving process (names and labels: docs/operations.md), via prometheus_client.
 
 One :class:`Metrics` per server, on its own ``CollectorRegistry`` (so tests can run several servers in
 one process). It is the engine's :class:`EngineObserver` (adapter loads, cache events, batch sizes)
@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from hotswap.serve.types import EngineObserver, Timings
+from hotswap.serve.engine.types import EngineObserver, Timings
 
 # Latencies from a millisecond (one decode step of a small model) to five minutes (a long generation).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -77,7 +77,7 @@ class Metrics(EngineObserver):
         self.engine_healthy.set(1)
         self.health_listeners: list[Callable[[bool], None]] = []  # the server turns its health check with it
 
-    # The series' backend: prometheus_client here; hotswap.serve.scaleout exports the same through Ray.
+    # The series' backend: prometheus_client here; hotswap.serve.api.scaleout exports the same through Ray.
     def _counter(self, name: str, doc: str, labels: list[str]) -> Any:
         return Counter(name, doc, labels, registry=self.registry)
 

@@ -1,80 +1,20 @@
-"""The serving configurations: the engine's, the gRPC server's and Ray scale-out's options, as frozen-ish
+"""The server's configurations: the gRPC/HTTP server's (holding the engine's) and Ray scale-out's options, as frozen-ish
 dataclasses validated in ``__post_init__`` (pure Python: importing them loads no model and no Ray).
 
 Each field's ``metadata`` makes it a setting of ``hotswap serve`` (flag and ``--config`` key) and of Ray Serve's
 ``build_app``, by field name: ``help``, and where needed ``flag``, ``choices``, ``build_app`` and ``setting``
-(see :mod:`hotswap.serve.settings`)."""
+(see :mod:`hotswap.settings`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotswap.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
+from hotswap.serve.engine.config import EngineConfig
+from hotswap.settings import settings_of
 
 APP = "hotswap"  # the Ray Serve application (gRPC metadata "application" when a cluster runs several)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine: batching, adapter slots and caches, device."""
-
-    max_batch: int = field(default=32, metadata={"help": "rows decoded together"})
-    max_resident: int = field(default=16, metadata={"help": "adapters resident in slots, ready for the batched ops"})
-    max_seq_len: int = field(
-        default=1024, metadata={"help": "tokens per row: prefix + virtual tokens + prompt + generated"}
-    )
-    max_queue: int = field(default=256, metadata={"help": "waiting requests; more are refused (RESOURCE_EXHAUSTED)"})
-    max_adapters_per_request: int = field(default=8, metadata={"help": "length of a weighted adapter list"})
-    max_rank: int = field(
-        default=64,
-        metadata={"help": "largest adapter rank served; slot tables hold max_resident x (largest rank loaded)"},
-    )
-    host_cache_bytes: int = field(
-        default=2 << 30, metadata={"help": "bytes of loaded adapters kept in host RAM beyond the resident ones"}
-    )
-    device: str = field(
-        default="auto", metadata={"help": f"{' | '.join(DEVICE_CHOICES)} (or cuda:N); auto = cuda if present"}
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "weights, activations and KV cache; auto = the checkpoint's dtype (float32 on a CPU without bf16)",
-            "choices": DTYPE_CHOICES,
-        },
-    )
-    kv_block_size: int = field(
-        default=16, metadata={"help": "KV cache block size in positions; 0 = a static max_batch x max_seq_len cache"}
-    )
-    kv_cache_memory: float = field(
-        default=0.0,
-        metadata={
-            "help": "KV cache size: bytes (> 1) or a fraction of free device memory (<= 1); "
-            "0 = what max_batch rows of max_seq_len need"
-        },
-    )
-    prefix_cache: bool = field(
-        default=True, metadata={"help": "reuse cached KV blocks of prompt prefixes, per exact adapter set"}
-    )
-    max_prefill_tokens: int = field(
-        default=2048, metadata={"help": "prompt positions prefilled per step over all rows (chunked); 0 = no limit"}
-    )
-    # CPU intra-op threads for prefill (compute-bound: all cores) and decode (memory-bound: on small
-    # batches extra threads add fork/join cost to every small op and barely speed up the big ones).
-    prefill_threads: int = field(default=0, metadata={"help": "CPU threads for prefill; 0 = torch's default (all)"})
-    decode_threads: int = field(default=1, metadata={"help": "CPU threads for decode steps"})
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_resident", "max_seq_len", "max_queue", "max_adapters_per_request", "max_rank"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("host_cache_bytes", "prefill_threads", "decode_threads", "kv_block_size", "kv_cache_memory",
-                     "max_prefill_tokens"):  # fmt: skip  # 0: none / torch's default / static / as needed / no limit
-            if getattr(self, name) < 0:
-                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -106,7 +46,7 @@ class ServerConfig:
         default=None, metadata={"help": "the base model's id in the HTTP API (default: its directory's name)"}
     )
     auth: Path | None = field(
-        default=None, metadata={"help": "tokens file (TOML, see README) mapping bearer tokens to tenants and roles"}
+        default=None, metadata={"help": "bearer tokens file (TOML, see docs/api.md): tokens to tenants and roles"}
     )
     no_auth: bool = field(default=False, metadata={"help": "serve without authentication (instead of auth)"})
     tls_cert: Path | None = field(
@@ -183,3 +123,8 @@ class RayOptions:
             raise InvalidArgument(f"ingress_replicas must be >= 1, got {self.ingress_replicas}")
         if self.adapters_per_replica < 1:
             raise InvalidArgument(f"adapters_per_replica must be >= 1, got {self.adapters_per_replica}")
+
+
+SERVE_CONFIGS = (ServerConfig, RayOptions)  # the serving dataclasses (ServerConfig holds the EngineConfig)
+# Ray Serve's build_app takes the settings a Serve config does not set itself.
+APP_ARGS = {name: s for name, s in settings_of(*SERVE_CONFIGS).items() if s.build_app}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from hotswap.serve.types import GREEDY_BELOW
+from hotswap.serve.engine.types import GREEDY_BELOW
 
 
 class RowSampler:

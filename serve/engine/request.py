@@ -21,13 +21,14 @@ import torch
 from hotswap.basemodel import encode_prompt
 from hotswap.devices import torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument
+from hotswap.methods import registered
 from hotswap.registry import Manifest, Registry
 from hotswap.registry.registry import check_base
-from hotswap.serve.chat import render as render_chat
-from hotswap.serve.config import EngineConfig
-from hotswap.serve.detok import Detokenizer
-from hotswap.serve.sampling import RowSampler
-from hotswap.serve.types import FinishReason, Request, Result, Timings
+from hotswap.serve.engine.chat import render as render_chat
+from hotswap.serve.engine.config import EngineConfig
+from hotswap.serve.engine.detok import Detokenizer
+from hotswap.serve.engine.sampling import RowSampler
+from hotswap.serve.engine.types import FinishReason, Request, Result, Timings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,8 +186,6 @@ def _resolve_adapters(
 ) -> list[tuple[str, float]]:
     """The request's adapters as exact refs with weights, checked against their base and what their methods allow.
     ``manifests``: the adapters already resolved (else each is resolved here)."""
-    from hotswap.methods import registered  # what each method allows a request (the method folders say)
-
     methods = registered()
     ranked = "/".join(spec.display for spec in methods.values() if spec.ranked)
     top = float(torch.finfo(torch_dtype(config.dtype)).max)

@@ -1,6 +1,6 @@
 """Our errors as gRPC statuses, in one place for each transport: :class:`ErrorInterceptor` on the gRPC server,
 :func:`ray_errors` around the Ray replica's methods; and as HTTP statuses with OpenAI-style bodies
-(:func:`http_error`, for :mod:`hotswap.serve.http`). Servicer methods raise; they catch nothing.
+(:func:`http_error`, for :mod:`hotswap.serve.api.http`). Servicer methods raise; they catch nothing.
 
 The code comes from :data:`hotswap.errors.ERROR_TABLE` (:func:`status_of`), the message is the error's, bounded
 by :func:`~hotswap.errors.clip_message` (details travel in metadata), and the error's class travels with it so the
@@ -117,7 +117,7 @@ def ray_errors(method: F) -> F:
     return unary  # type: ignore[return-value]
 
 
-# -- HTTP (the OpenAI-compatible API, hotswap.serve.http) -------------------------------------------------------
+# -- HTTP (the OpenAI-compatible API, hotswap.serve.api.http) -------------------------------------------------------
 # The HTTP status and OpenAI error ``type`` of each gRPC status, so of each error class through ERROR_TABLE.
 HTTP_STATUS: dict[str, tuple[int, str]] = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),

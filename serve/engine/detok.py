@@ -7,7 +7,7 @@ decodes a small window: a few tokens already in the text (the window's *context*
 new ones; the new text is what the window decodes to beyond its context. Both decodes start at the same token,
 so whatever a decode does at its start (WordPiece keeps a leading ``##``, SentencePiece strips a leading space)
 happens in both and cancels. The window starts where the text was once committed (never inside a character),
-``CONTEXT_TOKENS`` commits back. Against the reference, a full decode (:mod:`hotswap.serve.detok_ref`):
+``CONTEXT_TOKENS`` commits back. Against the reference, a full decode (:mod:`hotswap.serve.engine.detok_ref`):
 
 - special tokens never enter the window (decode drops them, and a window of only special tokens would lose the
   space before the next word);
@@ -61,7 +61,7 @@ def skipped_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
 class Detokenizer:
     """The text of one request's generated tokens so far, and whether one of its stop strings occurs in it.
 
-    A request's handle (:class:`~hotswap.serve.request.RequestHandle`) calls :meth:`feed` per token (the stream's
+    A request's handle (:class:`~hotswap.serve.engine.request.RequestHandle`) calls :meth:`feed` per token (the stream's
     delta, and :attr:`stopped`), :meth:`final_text` and :meth:`rest` at the end. Without a tokenizer there is no
     text (``final_text`` is None, deltas are empty). Decoding is lazy: without stop strings, :meth:`add` only
     appends.

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hotswap.errors import InvalidArgument
-from hotswap.serve.config import RayOptions, ServerConfig
 
 T = TypeVar("T")
 _ACCEPTED: dict[type, tuple[type, ...]] = {
@@ -129,8 +128,3 @@ def build(cls: type[T], values: Mapping[str, Any], source: str) -> T:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise InvalidArgument(f"{source}: {f.name} is required")
     return cls(**kwargs)
-
-
-SERVE_CONFIGS = (ServerConfig, RayOptions)  # the serving dataclasses (ServerConfig holds the EngineConfig)
-# Ray Serve's build_app takes the settings a Serve config does not set itself.
-APP_ARGS = {name: s for name, s in settings_of(*SERVE_CONFIGS).items() if s.build_app}

@@ -5,12 +5,11 @@ into free rows (a request whose adapter is still loading waits without holding a
 prefill the newcomers, run one decode step for every running row, retire finished rows. Requests
 join and leave between steps; a finished row's cache row is reused at once.
 
-A request, from submit to a token: :meth:`Engine.submit` checks and resolves it into a
-:class:`~hotswap.serve.request.Job` and queues it (:mod:`hotswap.serve.scheduler`); the loop admits it
-into a cache row, runs :func:`~hotswap.serve.step.prefill` and then :func:`~hotswap.serve.step.decode_step`
-under fault isolation (:mod:`hotswap.serve.isolation`), and :meth:`Engine._emit` pushes each chosen token
-to the request's :class:`~hotswap.serve.request.RequestHandle`, ending it on eos, a stop token, a stop
-string (:mod:`hotswap.serve.detok`) or its length.
+A request, from submit to a token: :meth:`Engine.submit` checks and resolves it into a :class:`.request.Job`
+and queues it (:mod:`.scheduler`); the loop admits it into a cache row, runs :func:`.step.prefill` and then
+:func:`.step.decode_step` under fault isolation (:mod:`.isolation`), and :meth:`Engine._emit` pushes each chosen
+token to the request's :class:`.request.RequestHandle`, ending it on eos, a stop token, a stop string
+(:mod:`.detok`) or its length.
 """
 
 from __future__ import annotations
@@ -29,17 +28,17 @@ from hotswap.devices import free_memory, resolve_device, resolve_dtype, torch_dt
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument, clip_message
 from hotswap.methods.api import BaseInfo, BatchPlan, EngineRows, decoder_linears
 from hotswap.registry import Manifest, Registry
-from hotswap.serve.config import EngineConfig
-from hotswap.serve.isolation import UNHEALTHY_AFTER, StepHealth, choose_isolated, run_isolated
-from hotswap.serve.kvcache import PagedCache
-from hotswap.serve.layers import MultiAdapterLinear
-from hotswap.serve.pool import AdapterPool
-from hotswap.serve.request import Job, RequestHandle, make_job
-from hotswap.serve.rowkinds import EngineKinds
-from hotswap.serve.runner import Runner, kv_shape
-from hotswap.serve.scheduler import Scheduler
-from hotswap.serve.step import decode_step, prefill
-from hotswap.serve.types import EngineObserver, FinishReason, Request, Result
+from hotswap.serve.engine.config import EngineConfig
+from hotswap.serve.engine.isolation import UNHEALTHY_AFTER, StepHealth, choose_isolated, run_isolated
+from hotswap.serve.engine.pool import AdapterPool
+from hotswap.serve.engine.request import Job, RequestHandle, make_job
+from hotswap.serve.engine.scheduler import Scheduler
+from hotswap.serve.engine.step import decode_step, prefill
+from hotswap.serve.engine.types import EngineObserver, FinishReason, Request, Result
+from hotswap.serve.model.kvcache import PagedCache
+from hotswap.serve.model.layers import MultiAdapterLinear
+from hotswap.serve.model.rowkinds import EngineKinds
+from hotswap.serve.model.runner import Runner, kv_shape
 
 __all__ = ["UNHEALTHY_AFTER", "Engine", "RequestHandle"]
 
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """``Engine(base="path/to/base", registry="path-or-url", max_batch=32)``; see README for the API."""
+    """``Engine(base="path/to/base", registry="path-or-url", max_batch=32)``; see docs/serving.md for the API."""
 
     def __init__(
         self,

@@ -1,13 +1,13 @@
 """The servicer core: what each ``hotswap.v1`` call does, written once for every transport (the gRPC server in
-:mod:`hotswap.serve.server`, the Ray replica in :mod:`hotswap.serve.scaleout`, the OpenAI-compatible HTTP API in
-:mod:`hotswap.serve.http`, which speaks to it in ``hotswap.v1`` requests too).
+:mod:`hotswap.serve.api.server`, the Ray replica in :mod:`hotswap.serve.api.scaleout`, the OpenAI-compatible HTTP API in
+:mod:`hotswap.serve.api.http`, which speaks to it in ``hotswap.v1`` requests too).
 
 A generation (:class:`Generation`) goes: authorize the caller for each adapter ref, which resolves it (the
 request's one resolve: the engine gets the manifests) -> submit the engine request -> chunks (the token ids and
 text deltas of its handle) -> the final response;
 and it is recorded when it ends, however it ends: ``Metrics.request_done`` and one log line. A transport drives
 these steps with its own I/O (threads for gRPC, asyncio for Ray). Nothing here catches an error to answer it:
-:mod:`hotswap.serve.status` turns what is raised into a status.
+:mod:`hotswap.serve.api.status` turns what is raised into a status.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from types import TracebackType
 from hotswap.errors import DeadlineExceeded, HotswapError, PermissionDenied, mapping_for
 from hotswap.registry import AdapterRef, Manifest, Registry
 from hotswap.registry.registry import AdapterSummary
-from hotswap.serve.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
-from hotswap.serve.engine import Engine, RequestHandle
-from hotswap.serve.metrics import UNRESOLVED, Metrics
-from hotswap.serve.request import Delta
-from hotswap.serve.types import FinishReason, Request, Result
+from hotswap.serve.api.auth import ANONYMOUS_ADMIN, Principal, TokenAuth, authorize
+from hotswap.serve.api.metrics import UNRESOLVED, Metrics
+from hotswap.serve.engine.engine import Engine, RequestHandle
+from hotswap.serve.engine.request import Delta
+from hotswap.serve.engine.types import FinishReason, Request, Result
 from hotswap.v1 import hotswap_pb2 as pb
 
 Metadata = Sequence[tuple[str, str]]

@@ -1,4 +1,4 @@
-"""Reference for :mod:`hotswap.serve.detok`: the same interface, decoding the whole output again on every token
+"""Reference for :mod:`hotswap.serve.engine.detok`: the same interface, decoding the whole output again on every token
 (O(n²) per stream). The test oracle (tests/serve/test_detok.py); nothing serves with it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 class ReferenceDetokenizer:
-    """Like :class:`~hotswap.serve.detok.Detokenizer`, by full re-decode."""
+    """Like :class:`~hotswap.serve.engine.detok.Detokenizer`, by full re-decode."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: Sequence[str] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, list(stop)

@@ -1,15 +1,15 @@
 """The gRPC server: ``hotswap.v1`` (Inference, Adapters) over one :class:`Engine`, plus the standard health
 and reflection services and Prometheus ``/metrics``; with ``http_port``, the OpenAI-compatible HTTP API
-(:mod:`hotswap.serve.http`) in the same process, over the same engine, admitted and drained with the gRPC calls.
+(:mod:`hotswap.serve.api.http`) in the same process, over the same engine, admitted and drained with the gRPC calls.
 
 Life cycle: :meth:`Server.open` binds the port and answers health (NOT_SERVING) and metrics at once;
 :meth:`Server.load` loads the base model (Generate answers UNAVAILABLE until then) and turns SERVING;
 :meth:`Server.stop` drains: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish within
 the grace period, the rest are cancelled, then the engine closes.
 
-The calls themselves are the servicer core's (:mod:`hotswap.serve.servicer`, shared with the Ray replica); this
+The calls themselves are the servicer core's (:mod:`hotswap.serve.api.servicer`, shared with the Ray replica); this
 module adds what is gRPC's: admission and drain, cancel and deadline callbacks, one token per stream chunk. Every
-error leaves through :class:`~hotswap.serve.status.ErrorInterceptor`: the gRPC status from
+error leaves through :class:`~hotswap.serve.api.status.ErrorInterceptor`: the gRPC status from
 :data:`hotswap.errors.ERROR_TABLE`, a message saying what to fix, and the error class in trailing metadata
 ``hotswap-error`` (the Python client re-raises that class).
 """
@@ -29,13 +29,13 @@ from grpc_reflection.v1alpha import reflection
 
 from hotswap.errors import ServerUnavailable
 from hotswap.registry import Registry
-from hotswap.serve.auth import TokenAuth
-from hotswap.serve.config import ServerConfig
-from hotswap.serve.engine import Engine
-from hotswap.serve.http import HttpCore, HttpServer, LocalBackend, build_app
-from hotswap.serve.metrics import Metrics
-from hotswap.serve.servicer import Servicer
-from hotswap.serve.status import ErrorInterceptor
+from hotswap.serve.api.auth import TokenAuth
+from hotswap.serve.api.config import ServerConfig
+from hotswap.serve.api.http import HttpCore, HttpServer, LocalBackend, build_app
+from hotswap.serve.api.metrics import Metrics
+from hotswap.serve.api.servicer import Servicer
+from hotswap.serve.api.status import ErrorInterceptor
+from hotswap.serve.engine.engine import Engine
 from hotswap.v1 import hotswap_pb2 as pb
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 

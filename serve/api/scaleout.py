@@ -7,7 +7,7 @@ engine). The multiplexed id of a request is its first adapter's ref, exactly as 
 it (``hotswap.client`` sets the metadata; a weighted list is routed by its first adapter). Requests
 reach the replicas through Ray Serve's gRPC proxy, which serves ``hotswap.v1`` (with reflection).
 
-The OpenAI-compatible HTTP API (:mod:`hotswap.serve.http`) is a second application on Ray Serve's HTTP proxy:
+The OpenAI-compatible HTTP API (:mod:`hotswap.serve.api.http`) is a second application on Ray Serve's HTTP proxy:
 OpenAI clients name the adapter in the body (``model``), which the proxy does not read, so a small FastAPI
 ingress deployment (:class:`HttpIngress`) reads it and calls the replicas' handle with that routing id. With
 two applications on the cluster, Ray's gRPC proxy needs gRPC clients to name theirs (metadata ``application``).
@@ -39,21 +39,21 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics as ray_metrics
 
+from hotswap import settings
 from hotswap.client import MODEL_ID_KEY
 from hotswap.errors import HotswapError, InvalidArgument, ServerUnavailable
 from hotswap.registry import Registry
 from hotswap.registry.registry import check_base
-from hotswap.serve import settings
-from hotswap.serve.auth import TokenAuth
-from hotswap.serve.config import APP, RayOptions
-from hotswap.serve.engine import Engine
-from hotswap.serve.http import Head, HttpCore, Part, error_parts
-from hotswap.serve.http import build_app as build_http_api
-from hotswap.serve.http_api import Body, route_key
-from hotswap.serve.metrics import Metrics
-from hotswap.serve.server import SERVICES, ServerConfig
-from hotswap.serve.servicer import Generation, Servicer
-from hotswap.serve.status import ray_errors
+from hotswap.serve.api.auth import TokenAuth
+from hotswap.serve.api.config import APP, APP_ARGS, RayOptions
+from hotswap.serve.api.http import Head, HttpCore, Part, error_parts
+from hotswap.serve.api.http import build_app as build_http_api
+from hotswap.serve.api.http_api import Body, route_key
+from hotswap.serve.api.metrics import Metrics
+from hotswap.serve.api.server import SERVICES, ServerConfig
+from hotswap.serve.api.servicer import Generation, Servicer
+from hotswap.serve.api.status import ray_errors
+from hotswap.serve.engine.engine import Engine
 from hotswap.v1 import hotswap_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -345,12 +345,12 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Ray Serve's application builder (``import_path: hotswap.serve.scaleout:build_app`` in a Serve config,
+    """Ray Serve's application builder (``import_path: hotswap.serve.api.scaleout:build_app`` in a Serve config,
     e.g. deploy/rayservice.yaml): ``args`` are settings by field name of ServerConfig (``base`` and ``registry``
     required), its EngineConfig and RayOptions, as ``hotswap serve --config`` takes them, less those the Serve
-    config sets itself (ports, proxies, TLS, the cluster's address): :data:`hotswap.serve.settings.APP_ARGS`."""
+    config sets itself (ports, proxies, TLS, the cluster's address): :data:`hotswap.serve.api.config.APP_ARGS`."""
     source = "hotswap application args"
-    values = settings.normalize(args, settings.APP_ARGS, source)
+    values = settings.normalize(args, APP_ARGS, source)
     config = settings.build(ServerConfig, values, source)
     options = settings.build(RayOptions, values, source)
     return deployment(config, options).bind(config, options.route_by_adapter)
@@ -361,7 +361,7 @@ def build_http_app(args: dict[str, Any]) -> Any:
     ``args`` as :func:`build_app`'s (``app`` names the gRPC application whose replicas answer, default hotswap)."""
     source = "hotswap HTTP application args"
     app = args.get("app", APP)
-    values = settings.normalize({k: v for k, v in args.items() if k != "app"}, settings.APP_ARGS, source)
+    values = settings.normalize({k: v for k, v in args.items() if k != "app"}, APP_ARGS, source)
     config = settings.build(ServerConfig, values, source)
     options = settings.build(RayOptions, values, source)
     return http_deployment(config, options).bind(app, config.model_name)

@@ -3,14 +3,14 @@ same engine, tenants (``Authorization: Bearer``, the same tokens file), errors a
 
 - ``GET /v1/models``: the base (:attr:`ServerConfig.model_name`) and every adapter the caller may use.
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: ``model`` is the base's name or an adapter ref; the
-  body's format is :mod:`hotswap.serve.http_api`. ``stream`` answers Server-Sent Events ending ``data: [DONE]``.
+  body's format is :mod:`hotswap.serve.api.http_api`. ``stream`` answers Server-Sent Events ending ``data: [DONE]``.
 - ``GET /health``: 200 while serving, 503 while loading, draining or unhealthy; ``GET /metrics`` optionally.
 
-The calls are :class:`HttpCore`'s, on a :class:`~hotswap.serve.servicer.Servicer`: the single server's
-(:class:`LocalBackend`, admitted and drained with its gRPC calls) or a Ray replica's (:mod:`hotswap.serve.scaleout`,
+The calls are :class:`HttpCore`'s, on a :class:`~hotswap.serve.api.servicer.Servicer`: the single server's
+(:class:`LocalBackend`, admitted and drained with its gRPC calls) or a Ray replica's (:mod:`hotswap.serve.api.scaleout`,
 behind a FastAPI ingress deployment). An answer is a :class:`Head` then its body; the head waits for the first
 token, so a request that fails before any (a bad value, an unknown adapter, a full queue, a corrupt artifact)
-gets its own status: :func:`hotswap.serve.status.http_error`. A stream that fails later ends with an error event.
+gets its own status: :func:`hotswap.serve.api.status.http_error`. A stream that fails later ends with an error event.
 A client that goes away ends its generation: the row leaves the batch at the next step.
 """
 
@@ -41,9 +41,9 @@ from starlette.types import Receive, Scope, Send
 
 from hotswap.errors import HotswapError, ServerUnavailable
 from hotswap.registry import AdapterRef
-from hotswap.serve.http_api import Body, ChatBody, CompletionBody, Reply, generate_request
-from hotswap.serve.servicer import Generation, Metadata, Servicer, Visible
-from hotswap.serve.status import HTTP_STATUS, error_body, http_error
+from hotswap.serve.api.http_api import Body, ChatBody, CompletionBody, Reply, generate_request
+from hotswap.serve.api.servicer import Generation, Metadata, Servicer, Visible
+from hotswap.serve.api.status import HTTP_STATUS, error_body, http_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,11 +18,11 @@ import time
 from concurrent.futures import Future
 
 from hotswap.errors import CapacityExceeded, EngineClosed, HotswapError, InvalidArgument
-from hotswap.serve.kvcache import PagedCache, block_digests
-from hotswap.serve.pool import AdapterPool
-from hotswap.serve.request import Job
-from hotswap.serve.runner import Runner
-from hotswap.serve.types import EngineObserver, FinishReason
+from hotswap.serve.engine.pool import AdapterPool
+from hotswap.serve.engine.request import Job
+from hotswap.serve.engine.types import EngineObserver, FinishReason
+from hotswap.serve.model.kvcache import PagedCache, block_digests
+from hotswap.serve.model.runner import Runner
 
 
 class Scheduler:

@@ -2,7 +2,7 @@
 
 Any decoder-only causal LM whose HF class supports transformers' attention interface runs here (Llama,
 Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2, Granite, …): the model is called as HF would call it, with
-per-row ``position_ids`` and ``logits_to_keep``, and :mod:`hotswap.serve.attention` keeps each row's keys and
+per-row ``position_ids`` and ``logits_to_keep``, and :mod:`hotswap.serve.model.attention` keeps each row's keys and
 values. A model that cannot work this way is refused at load by :func:`check_supported`, with its model type.
 """
 
@@ -14,8 +14,8 @@ from transformers import PretrainedConfig
 
 from hotswap.basemodel import check_supported, head_dim
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.attention import ATTENTION, attending
-from hotswap.serve.kvcache import PagedCache, StaticCache
+from hotswap.serve.model.attention import ATTENTION, attending
+from hotswap.serve.model.kvcache import PagedCache, StaticCache
 
 
 def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
