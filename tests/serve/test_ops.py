@@ -1,4 +1,4 @@
-"""Fast batched ops vs their row-by-row references (serve/ops/*_ref.py), over the batch shapes that matter."""
+"""Fast batched ops vs their row-by-row references (``*_ref.py`` beside them), over the batch shapes that matter."""
 
 from __future__ import annotations
 
