@@ -74,7 +74,7 @@ class LoraKind(SlotKind):
             trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
             lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank, trunc))
         elif 2 * len(used) <= plan.slots.shape[0]:
-            lora = ("unique", *gather_unique(self.A, self.B, plan.slots, plan.weights, rank, used))
+            lora = ("unique", gather_unique(self.A, self.B, plan.slots, plan.weights, rank, used))
         else:
             lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank))
         dora = None
@@ -88,5 +88,5 @@ class LoraKind(SlotKind):
             base_no_bias = base_out if self.base.bias is None else base_out - self.base.bias
             y = y + dora * base_no_bias
         if lora[0] == "unique":  # accumulate in place: y is a fresh tensor owned by this forward
-            return lora_apply_unique(x, *lora[1:], out=y)
+            return lora_apply_unique(x, lora[1], out=y)
         return lora_apply(x, *lora[1:], out=y)

@@ -14,11 +14,14 @@ not change):
 - per row (``gather_rows`` + ``lora_apply``): each row's own factors, two ``bmm``; reads one copy of
   the factors per row, so it suits batches where most rows have distinct adapters;
 - per unique adapter (``gather_unique`` + ``lora_apply_unique``): the batch's U distinct adapters
-  concatenated, two dense GEMMs for the whole batch and a per-row coefficient mask; reads each
-  adapter once, so it wins when U is well below the batch size (popular adapters).
+  concatenated, two dense GEMMs for the whole batch and a per-row coefficient mask (none when every
+  row uses the same adapters: one popular adapter costs two GEMMs per linear); reads each adapter
+  once, so it wins when U is well below the batch size (popular adapters).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -77,35 +80,53 @@ def lora_delta(
     return lora_apply(x, *gather_rows(A, B, slots, weights, rank, truncation))
 
 
+@dataclass(frozen=True)
+class UniqueFactors:
+    """The batch's U distinct adapters' factors, prepared once per batch plan for :func:`lora_apply_unique`.
+
+    ``a_t`` [in, U*rank] (A transposed, contiguous: one plain GEMM per forward), ``b`` [U*rank, out]. ``coef``
+    [Bt, 1, U*rank] is each row's coefficient on each adapter and ``drop`` where it is zero; both are None when
+    every row has the same coefficients (one popular adapter on the whole batch), which are then folded into ``b``:
+    the forward is then two GEMMs and nothing else. ``coef`` alone is None when it is only ones and zeros."""
+
+    a_t: torch.Tensor
+    b: torch.Tensor
+    coef: torch.Tensor | None
+    drop: torch.Tensor | None
+
+
 def gather_unique(
     A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int, used: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Factors of the batch's distinct slots ``used`` (U of them) and each row's coefficient on them.
-
-    Returns a_cat [U*rank, in], b_cat [U*rank, out] and coef [Bt, 1, U*rank], where
-    coef[b, 0, u*rank:(u+1)*rank] = sum_k weights[b, k] * (slots[b, k] == used[u]).
-    """
+) -> UniqueFactors:
+    """Factors of the batch's distinct slots ``used`` (U of them) and each row's coefficient on them, where
+    coef[b, 0, u*rank:(u+1)*rank] = sum_k weights[b, k] * (slots[b, k] == used[u])."""
     idx = torch.tensor(used, device=slots.device)
-    a_cat = A[idx, :rank].reshape(len(used) * rank, A.shape[-1])  # (U*r, in)
-    b_cat = B[idx, :rank].reshape(len(used) * rank, B.shape[-1])  # (U*r, out)
+    a_t = A[idx, :rank].reshape(len(used) * rank, A.shape[-1]).T.contiguous()  # (in, U*r)
+    b = B[idx, :rank].reshape(len(used) * rank, B.shape[-1])  # (U*r, out)
     onehot = (slots[:, :, None] == idx[None, None, :]).to(weights.dtype)  # (Bt, K, U)
-    coef = torch.einsum("bk,bku->bu", weights, onehot)  # (Bt, U)
-    coef = coef.repeat_interleave(rank, dim=1)[:, None, :].to(A.dtype)  # (Bt, 1, U*r)
-    return a_cat, b_cat, coef
+    coef = torch.einsum("bk,bku->bu", weights, onehot).repeat_interleave(rank, dim=1).to(A.dtype)  # (Bt, U*r)
+    if bool((coef == coef[:1]).all()):  # every row alike: fold the coefficients into B, no per-row mask
+        return UniqueFactors(a_t, b * coef[0, :, None], None, None)
+    drop = (coef == 0)[:, None, :]  # (Bt, 1, U*r)
+    ones = bool(((coef == 0) | (coef == 1)).all())
+    return UniqueFactors(a_t, b, None if ones else coef[:, None, :], drop)
 
 
-def lora_apply_unique(
-    x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x: [Bt, T, in] -> delta [Bt, T, out] = ((x @ a_cat^T) * coef) @ b_cat, added in place to ``out`` if given.
+def lora_apply_unique(x: torch.Tensor, f: UniqueFactors, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [Bt, T, in] -> delta [Bt, T, out] = ((x @ a_t) * coef) @ b, added in place to ``out`` if given.
 
-    A row's coefficient on an adapter it does not use is an exact zero, even where ``x @ a_cat^T``
-    overflowed for that adapter (0 * inf would be NaN): one adapter can never reach another row."""
-    h = x @ a_cat.T  # (Bt, T, U*r)
-    h = torch.where(coef != 0, h * coef, 0.0)  # (Bt, T, U*r)
+    A row's coefficient on an adapter it does not use is an exact zero, even where ``x @ a_t`` overflowed for
+    that adapter (0 * inf would be NaN): one adapter can never reach another row."""
+    bt, t, _ = x.shape
+    h = torch.mm(x.reshape(bt * t, -1), f.a_t)  # (Bt*T, U*r)
+    if f.drop is not None:
+        h3 = h.view(bt, t, -1)
+        if f.coef is not None:
+            h3.mul_(f.coef)
+        h3.masked_fill_(f.drop, 0.0)
     if out is None:
-        return h @ b_cat  # (Bt, T, out)
-    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_cat)
+        return torch.mm(h, f.b).view(bt, t, -1)  # (Bt, T, out)
+    out.view(bt * t, -1).addmm_(h, f.b)
     return out
 
 
@@ -116,4 +137,4 @@ def lora_delta_unique(
     used = sorted(set(slots.flatten().tolist()) - {0})
     if not used:
         return torch.zeros(*x.shape[:2], B.shape[-1], dtype=x.dtype, device=x.device)
-    return lora_apply_unique(x, *gather_unique(A, B, slots, weights, rank, used))
+    return lora_apply_unique(x, gather_unique(A, B, slots, weights, rank, used))

@@ -29,6 +29,7 @@ class MultiAdapterLinear(nn.Module):
         self.kinds: dict[str, SlotKind] = {}  # created on first install, kept in application order
         self._cached_version = -1
         self._states: list[tuple[SlotKind, Any]] = []
+        self._scalers: list[tuple[SlotKind, Any]] = []  # the states' kinds that scale the base layer's input
 
     # Slot tables are ordinary tensors even when written from the engine's inference-mode loop, so
     # any later write (forward_logits, unload) can update them in place.
@@ -55,6 +56,7 @@ class MultiAdapterLinear(nn.Module):
                 used = sorted(s for s in plan.used if kind.holds(s))
                 if used:
                     self._states.append((kind, kind.gather(plan, used)))
+            self._scalers = [(k, s) for k, s in self._states if type(k).scale_input is not SlotKind.scale_input]
             self._cached_version = plan.version
         return self._states
 
@@ -63,7 +65,7 @@ class MultiAdapterLinear(nn.Module):
             return self.base(x)
         states = self._batch_states()
         x_base = x
-        for kind, state in states:
+        for kind, state in self._scalers:
             x_base = kind.scale_input(x_base, state)
         base_out = self.base(x_base)  # (Bt, T, out)
         y = base_out

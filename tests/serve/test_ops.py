@@ -80,7 +80,9 @@ def test_lora_paths_match_reference(pattern: str, tokens: int, k: int, dtype: to
     # In-place accumulation gives the same delta on top of an existing output.
     out = torch.randn(rows, tokens, OUT).to(dtype)
     used = sorted(set(slots.flatten().tolist()) - {0})
-    acc = lora.lora_apply_unique(x, *lora.gather_unique(A, B, slots, weights.to(dtype), rank, used), out=out.clone())
+    factors = lora.gather_unique(A, B, slots, weights.to(dtype), rank, used)
+    assert (factors.drop is None) == (pattern == "identical" and k == 1)  # alike rows: no per-row mask at all
+    acc = lora.lora_apply_unique(x, factors, out=out.clone())
     _check(acc - out, ref, dtype)
     acc = lora.lora_apply(x, *lora.gather_rows(A, B, slots, weights.to(dtype), rank), out=out.clone())
     _check(acc - out, ref, dtype)
