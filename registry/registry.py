@@ -13,10 +13,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hotswap.errors import (
     AdapterNotFound,
@@ -34,6 +35,7 @@ from hotswap.registry.manifest import MANIFEST_FILE, VISIBILITIES, Lineage, Mani
 from hotswap.registry.refs import LATEST, AdapterRef, check_alias, check_part
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENV_REGISTRY = "HOTSWAP_REGISTRY"
 DEFAULT_ROOT = Path("~/.cache/hotswap/registry")
@@ -264,6 +266,23 @@ class Registry:
         path = self.backend.local_path(manifest.name, manifest.version)
         verify(path, manifest)
         return manifest, path
+
+    def fetch_read(
+        self, ref: str | AdapterRef, read: Callable[[Manifest, Path], T], *, base_fingerprint: str | None = None
+    ) -> tuple[Manifest, T]:
+        """:meth:`fetch`, with ``read(manifest, path)`` run on the files while they are being verified (hashing
+        runs in another thread without the GIL, so a cold load pays for the slower of the two, not both). What
+        ``read`` returns is handed over only once the files proved intact; if they did not, IntegrityError is
+        raised whatever ``read`` did (an error of ``read`` on tampered files is reported as the tampering)."""
+        manifest = self.resolve(ref, base_fingerprint=base_fingerprint)
+        path = self.backend.local_path(manifest.name, manifest.version)
+        with ThreadPoolExecutor(1, thread_name_prefix="hotswap-verify") as hashing:
+            checked = hashing.submit(verify, path, manifest)
+            try:
+                value = read(manifest, path)
+            finally:
+                checked.result()  # IntegrityError wins over (and chains) whatever read raised
+        return manifest, value
 
     def pull(self, ref: str | AdapterRef, dest: str | os.PathLike[str]) -> Manifest:
         """Copy a verified version (files + manifest) to a new directory ``dest``, atomically."""

@@ -111,9 +111,13 @@ def read_tensors(path: Path, ref: str, base: BaseInfo, int_keys: tuple[str, ...]
 
 
 def check_finite(ref: str, what: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    """``t`` must hold only finite values once cast to ``dtype``. One pass: a NaN fails the comparison (max
-    propagates it) and an infinity, or a value the dtype cannot hold, exceeds the bound."""
-    if t.numel() and not bool(t.abs().max() <= torch.finfo(dtype).max):
+    """``t`` must hold only finite values once cast to ``dtype``. One pass, nothing allocated: a NaN fails the
+    comparisons (aminmax propagates it) and an infinity, or a value the dtype cannot hold, is out of bounds."""
+    if not t.numel():
+        return
+    lo, hi = torch.aminmax(t)
+    bound = torch.finfo(dtype).max
+    if not (bool(hi <= bound) and bool(lo >= -bound)):
         raise ArtifactRejected(f"{ref}: {what} holds NaN or infinite values (in {dtype})")
 
 

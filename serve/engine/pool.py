@@ -95,8 +95,11 @@ class AdapterPool:
     def _load(self, ref: str) -> None:
         start = time.perf_counter()
         try:
-            manifest, path = self.registry.fetch(ref, base_fingerprint=self.base_fingerprint)
-            loaded = load_adapter(path, manifest.ref, manifest.method, self.base)
+            _, loaded = self.registry.fetch_read(
+                ref,
+                lambda m, path: load_adapter(path, m.ref, m.method, self.base),
+                base_fingerprint=self.base_fingerprint,
+            )
             if loaded.rank > self.max_rank:
                 raise CapacityExceeded(f"{ref} has rank {loaded.rank}; this engine serves ranks up to {self.max_rank}")
         except HotswapError as e:

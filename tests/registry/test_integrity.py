@@ -29,6 +29,27 @@ def test_tampered_file_is_refused(registry: Registry, make_artifact: MakeArtifac
         registry.fetch("math")
 
 
+def test_fetch_read_hands_over_only_verified_reads(registry: Registry, make_artifact: MakeArtifact) -> None:
+    """The reader runs while the files are hashed: its result comes back only for intact files, and for tampered
+    ones IntegrityError wins over whatever the reader returned or raised."""
+    registry.publish(make_artifact(), "math")
+    manifest, size = registry.fetch_read("math", lambda m, path: (path / "adapter_model.safetensors").stat().st_size)
+    assert manifest.ref == "math@1" and size == manifest.files["adapter_model.safetensors"].size
+    f = _stored(registry, "math")
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        registry.fetch_read("math", lambda m, path: "parsed anyway")
+
+    def fails(m: Manifest, path: Path) -> None:
+        raise ValueError("garbled by the tampering")
+
+    with pytest.raises(IntegrityError, match="sha256") as caught:
+        registry.fetch_read("math", fails)
+    assert isinstance(caught.value.__context__, ValueError)
+
+
 def test_truncated_file_is_refused(registry: Registry, make_artifact: MakeArtifact) -> None:
     registry.publish(make_artifact(), "math")
     f = _stored(registry, "math")
