@@ -19,6 +19,7 @@ from hotswap.methods.api.adapter import (
     decoder_linears,
     read_json,
     read_tensors,
+    read_weights,
     target_linear,
     target_linears,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "peft_method",
     "read_json",
     "read_tensors",
+    "read_weights",
     "register",
     "register_kind",
     "registered",

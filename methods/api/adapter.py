@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as parse_safetensors
 from torch import nn
 
 from hotswap.basemodel import head_dim
@@ -92,11 +92,18 @@ def target_linears(model: nn.Module, target_modules: tuple[str, ...] | list[str]
     return {n: getattr(m, "base", m) for n, m in found if n.rsplit(".", 1)[-1] in target_modules}
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The artifact's safetensors file as tensors, unchecked. One read into memory, then parsed: ``load_file``'s
+    tensors page-fault on first touch, which made the checks and scaling over them slower than the read itself
+    (15-20 ms for a 20 MB adapter on a 2-core CPU)."""
+    return parse_safetensors((path / WEIGHTS).read_bytes())
+
+
 def read_tensors(path: Path, ref: str, base: BaseInfo, int_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The artifact's weights, every one checked: floating point (int64 for keys ending in ``int_keys``),
     and finite once cast to the serving dtype."""
     try:
-        tensors = load_file(path / WEIGHTS)
+        tensors = read_weights(path)
     except Exception as e:  # safetensors raises its own error type for truncated or malformed files
         raise ArtifactRejected(f"{ref}: {WEIGHTS} is not a readable safetensors file ({e})") from e
     for key, t in tensors.items():
@@ -115,9 +122,9 @@ def check_finite(ref: str, what: str, t: torch.Tensor, dtype: torch.dtype) -> No
     comparisons (aminmax propagates it) and an infinity, or a value the dtype cannot hold, is out of bounds."""
     if not t.numel():
         return
-    lo, hi = torch.aminmax(t)
+    lo, hi = (x.item() for x in torch.aminmax(t))
     bound = torch.finfo(dtype).max
-    if not (bool(hi <= bound) and bool(lo >= -bound)):
+    if not -bound <= lo <= hi <= bound:
         raise ArtifactRejected(f"{ref}: {what} holds NaN or infinite values (in {dtype})")
 
 

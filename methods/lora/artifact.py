@@ -67,15 +67,16 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
         check_shape(ref, f"{module}.lora_B.weight", b, (linear.out_features, r))
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
-        b.mul_(scaling)  # in place: the tensors were read for this load alone
-        b_scaled = b.T  # (r, out), a view: installing copies it into the slot table
+        # (r, out) contiguous, scaled and transposed in one pass here in the loader's thread, so that installing
+        # on the engine's thread is a plain copy
+        b_scaled = torch.mul(b.T, scaling, out=torch.empty(r, linear.out_features))
         dora_scale = None
         magnitude = tensors.get(f"{module}.lora_magnitude_vector")
         if magnitude is not None:
             check_shape(ref, f"{module}.lora_magnitude_vector", magnitude, (linear.out_features,))
             # DoRA (PEFT's DoraLinearLayer): y = W x + (m/n - 1) * W x + (m/n) * s B A x, n = ||W + s B A||
             # per output row, computed once here in fp32; m/n is folded into B.
-            weight = linear.weight.float() + b @ a  # (out, in); b holds s B
+            weight = linear.weight.float() + b_scaled.T @ a  # (out, in)
             mag_scale = magnitude.float() / torch.linalg.norm(weight, dim=1)  # (out,)
             if not torch.isfinite(mag_scale).all():
                 raise ArtifactRejected(f"{ref}: {module}'s DoRA scale is not finite (a zero-norm weight row)")

@@ -41,26 +41,23 @@ class LoraKind(SlotKind):
         self.slot_dora = [False] * (num_slots + 1)
 
     def set(self, slot: int, payload: LoraFactors | None) -> None:
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        if self.dora is not None:
-            self.dora[slot].zero_()
-        self.slot_rank[slot], self.slot_dora[slot] = 0, False
-        if payload is None:
-            return
-        r = payload.A.shape[0]
+        r = 0 if payload is None else payload.rank
         if r > self.A.shape[1]:
             pad = r - self.A.shape[1]
             self.A = torch.nn.functional.pad(self.A, (0, 0, 0, pad))
             self.B = torch.nn.functional.pad(self.B, (0, 0, 0, pad))
-        self.A[slot, :r] = payload.A
-        self.B[slot, :r] = payload.B
-        self.slot_rank[slot] = r
-        if payload.dora_scale is not None:
-            if self.dora is None:
-                self.dora = self._empty(self.base.out_features)
-            self.dora[slot] = payload.dora_scale
-            self.slot_dora[slot] = True
+        if payload is not None:
+            self.A[slot, :r] = payload.A
+            self.B[slot, :r] = payload.B
+        if r < self.A.shape[1]:  # the rest of the slot's capacity reads as zero (one table write per part)
+            self.A[slot, r:].zero_()
+            self.B[slot, r:].zero_()
+        dora = payload is not None and payload.dora_scale is not None
+        if dora and self.dora is None:
+            self.dora = self._empty(self.base.out_features)
+        if self.dora is not None:
+            self.dora[slot] = payload.dora_scale if dora else 0  # type: ignore[union-attr]
+        self.slot_rank[slot], self.slot_dora[slot] = r, dora
 
     def holds(self, slot: int) -> bool:
         return self.slot_rank[slot] > 0

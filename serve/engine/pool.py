@@ -65,6 +65,7 @@ class AdapterPool:
         self.pinned: set[str] = set()
         self.lru: OrderedDict[str, None] = OrderedDict()  # resident refs, least recently used first
         self.host: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._host_nbytes: dict[str, int] = {}  # each host entry's bytes, counted once when it arrives
         self.loading: set[str] = set()
         self.failed: dict[str, HotswapError] = {}  # loads that failed since the engine's last admission pass
         self.draining: set[str] = set()
@@ -122,19 +123,26 @@ class AdapterPool:
             self.stats.registry_loads += 1
             self.stats.load_seconds += elapsed
             self.observer.adapter_loaded("registry", elapsed)
-            self._host_put(ref, loaded)
+            size = self._host_put(ref, loaded)
             self.lock.notify_all()
-        log.info("loaded %s (%s, %.1f KiB) in %.1f ms", ref, loaded.method, loaded.nbytes / 1024, elapsed * 1e3)
+        log.info("loaded %s (%s, %.1f KiB) in %.1f ms", ref, loaded.method, size / 1024, elapsed * 1e3)
 
-    def _host_put(self, ref: str, loaded: LoadedAdapter) -> None:
+    def _host_put(self, ref: str, loaded: LoadedAdapter) -> int:
+        """Keep ``loaded`` in host RAM, dropping the least recently used entries over the budget; its bytes."""
         self.host[ref] = loaded
         self.host.move_to_end(ref)
-        total = sum(a.nbytes for a in self.host.values())
+        size = self._host_nbytes[ref] = loaded.nbytes
+        total = sum(self._host_nbytes.values())
         while total > self.host_cache_bytes and len(self.host) > 1:
-            old, dropped = self.host.popitem(last=False)
-            total -= dropped.nbytes
+            old, _ = self.host.popitem(last=False)
+            total -= self._host_nbytes.pop(old)
             self.observer.cache_event("host", "eviction")
             log.debug("host cache dropped %s", old)
+        return size
+
+    def _host_drop(self, ref: str) -> None:
+        self.host.pop(ref, None)
+        self._host_nbytes.pop(ref, None)
 
     # -- residency (engine thread) ---------------------------------------------------------------
     def install(self, ref: str) -> int | None:
@@ -161,7 +169,7 @@ class AdapterPool:
         except Exception as e:  # the loader checked it against the base, so this is a bug: keep it to ref
             log.exception("installing %s failed", ref)
             self._clear(slot)
-            self.host.pop(ref, None)
+            self._host_drop(ref)
             raise ArtifactRejected(f"{ref}: could not be installed ({type(e).__name__}: {e})") from e
         self.slot_of[ref], self.ref_at[slot], self.resident[slot] = slot, ref, loaded
         self.lru[ref] = None
@@ -212,7 +220,7 @@ class AdapterPool:
     def unload(self, ref: str) -> None:
         """Stop admitting rows for ``ref``; free its slot once the rows using it have finished."""
         self.pinned.discard(ref)
-        self.host.pop(ref, None)
+        self._host_drop(ref)
         slot = self.slot_of.get(ref)
         if slot is None:
             return

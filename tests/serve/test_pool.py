@@ -65,14 +65,14 @@ def test_unload_in_use_drains_first(tiny_base: Path, registry_path: Path, engine
 def test_cold_adapter_does_not_stall_running_rows(tiny_base: Path, registry_path: Path) -> None:
     with Engine(tiny_base, registry_path, max_batch=4, max_resident=4) as eng:
         release = threading.Event()
-        fetch = eng.pool.registry.fetch
+        fetch = eng.pool.registry.fetch_read
 
-        def slow_fetch(ref: str, **kw: object):
+        def slow_fetch(ref: str, *args: object, **kw: object):
             if ref.startswith("dora"):
                 release.wait(30)
-            return fetch(ref, **kw)
+            return fetch(ref, *args, **kw)
 
-        eng.pool.registry.fetch = slow_fetch  # type: ignore[method-assign]
+        eng.pool.registry.fetch_read = slow_fetch  # type: ignore[method-assign]
         running = eng.submit(Request(prompt_ids=PROMPT, adapters=["lora4"], max_new_tokens=30, ignore_eos=True))
         next(iter(running))
         cold = eng.submit(Request(prompt_ids=PROMPT, adapters=["dora"], max_new_tokens=2))
