@@ -27,7 +27,7 @@ from hotswap.errors import InvalidArgument
 from hotswap.gguf import PACKAGED, cached_base
 from hotswap.methods import RandomKnobs, registered
 from hotswap.registry import Registry
-from hotswap.serve import Engine, Request
+from hotswap.serve import Engine, EngineObserver, Request
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Workload:
     rank: int = 16
     alpha: float = 32.0
     seed: int = 0
-    repeats: int = 3  # timed runs per figure (after one warm-up); the median is reported
+    repeats: int = 5  # interleaved rounds (after one warm-up round): ratios are the per-round median, min and max
     requests: int = 3000  # scale-out: requests replayed per routing
     soak_seconds: float = 300.0  # soak: seconds of traffic
     api: str = "grpc"  # server: the clients' API, grpc, or http (the OpenAI-compatible one, beside grpc's row)
@@ -99,13 +99,67 @@ def set_threads() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Seconds of each compared configuration in each interleaved round (docs/benchmarks.md: a ratio is computed
+    per round, then summarised, so drift between rounds hits both sides of every ratio alike)."""
+
+    seconds: dict[str, list[float]]
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.seconds[key])
+
+    def tok_s(self, key: str, tokens: int) -> float:
+        """Tokens per second at the configuration's median round."""
+        return tokens / self.median(key)
+
+    def ratios(self, key: str, baseline: str) -> list[float]:
+        """Per round, how many times faster ``key`` ran than ``baseline`` (baseline seconds ÷ key seconds)."""
+        return [b / k for k, b in zip(self.seconds[key], self.seconds[baseline], strict=True)]
+
+    def vs(self, name: str, key: str, baseline: str) -> dict[str, float]:
+        """``vs_<name>``: the median of :meth:`ratios`, with ``vs_<name>_min`` / ``_max``."""
+        return summary(f"vs_{name}", self.ratios(key, baseline))
+
+
+def summary(field: str, ratios: list[float]) -> dict[str, float]:
+    """``field`` as the median of per-round ratios, with ``field_min`` and ``field_max``."""
+    return {field: statistics.median(ratios), f"{field}_min": min(ratios), f"{field}_max": max(ratios)}
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> Rounds:
+    """Each run once to warm up, then ``repeats`` rounds of all runs in turn (the first of each round rotates, so
+    no configuration always follows the same one)."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    keys = list(runs)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for i in range(repeats):
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            times[key].append(seconds(runs[key]))
+    return Rounds(times)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: every parameter once (tied ones once), less the input embedding unless
+    it is also the output head (a step reads a few rows of it, the head reads all of it)."""
+    params = {id(p): p for p in model.parameters()}
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not embed:
+        params.pop(id(embed), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def roofline(base_bytes: int, adapter_bytes: int) -> float:
+    """The ratio to base a purely bandwidth-bound decode step reaches when it also reads ``adapter_bytes``."""
+    return base_bytes / (base_bytes + adapter_bytes)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -178,11 +232,16 @@ class Fixtures:
         vocab = json.loads((self.base / "config.json").read_text())["vocab_size"]
         return [torch.randint(0, vocab, (self.workload.prompt,), generator=g).tolist() for _ in range(n)]
 
-    def engine(self, max_batch: int, max_resident: int = 64) -> Engine:
+    def engine(self, max_batch: int, max_resident: int = 64, observer: EngineObserver | None = None) -> Engine:
+        """An engine for the workload. Its prefix cache is off: every round replays the same prompts, which the
+        cache would answer from the previous round's blocks, while HF ``generate`` and PEFT prefill them again
+        (the ``kv`` scenario measures the prefix cache on its own)."""
         w = self.workload
         return Engine(
             self.base,
             self.registry,
+            observer=observer,
+            prefix_cache=False,
             max_batch=max_batch,
             max_resident=max_resident,
             max_seq_len=w.prompt + w.new_tokens + 32,
@@ -247,15 +306,27 @@ def write_results(scenario: str, workload: Workload, rows: list[dict[str, Any]],
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table; a ratio's ``_min`` / ``_max`` share its cell: ``0.93 (0.88–0.97)``."""
     keys: list[str] = []
     for row in rows:
-        keys += [k for k in row if k not in keys]
+        keys += [k for k in row if k not in keys and not _is_spread(k, row)]
 
-    def cell(v: Any) -> str:
+    def number(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 0.01 and v else f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
         return "" if v is None else str(v)
 
+    def cell(row: dict[str, Any], key: str) -> str:
+        if f"{key}_min" in row and f"{key}_max" in row:
+            return f"{number(row.get(key))} ({number(row[f'{key}_min'])}–{number(row[f'{key}_max'])})"
+        return number(row.get(key))
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _is_spread(key: str, row: dict[str, Any]) -> bool:
+    """``vs_x_min`` / ``vs_x_max`` of a ratio ``vs_x`` in the same row."""
+    stem, _, end = key.rpartition("_")
+    return end in ("min", "max") and stem in row

@@ -15,11 +15,8 @@ from typing import Any
 
 import grpc
 
-from hotswap.bench.common import (
-    Fixtures,
-    percentile,
-)
-from hotswap.bench.scenarios import interleaved, served, stream_all, tok_s
+from hotswap.bench.common import Fixtures, interleaved, percentile
+from hotswap.bench.scenarios import served, stream_all
 from hotswap.client import MODEL_ID_KEY, Client, build_request
 from hotswap.v1 import hotswap_pb2_grpc as pb_grpc
 
@@ -150,18 +147,18 @@ def _proxy_hop(
     latencies: dict[str, dict[str, list[tuple[float, list[float]]]]] = {
         t: {a: [] for a in names} for t in (ray_target, direct)
     }
-    seconds = interleaved(
+    rounds = interleaved(
         {t: partial(stream_all, clients[t], prompts, adapters, new_tokens, latencies[t]) for t in clients}, repeats
     )
     for cs in clients.values():
         for c in cs:
             c.close()
-    ray_tok, direct_tok = (tok_s(len(prompts), new_tokens, seconds[t]) for t in (ray_target, direct))
+    tokens = len(prompts) * new_tokens
     ttft = [t for runs in latencies[ray_target].values() for t, _ in runs]
     return {
-        "tok_s": ray_tok,
-        "direct_tok_s": direct_tok,
-        "vs_direct": ray_tok / direct_tok,
+        "tok_s": rounds.tok_s(ray_target, tokens),
+        "direct_tok_s": rounds.tok_s(direct, tokens),
+        **rounds.vs("direct", ray_target, direct),
         "ttft_ms_p50": percentile(ttft, 50) * 1e3,
         "ttft_ms_p95": percentile(ttft, 95) * 1e3,
     }

@@ -6,6 +6,7 @@ import itertools
 import logging
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -19,23 +20,26 @@ from hotswap.bench.common import (
     METHODS,
     Fixtures,
     hf_generate,
-    median_seconds,
+    interleaved,
+    model_bytes,
     peft_row_logits,
     percentile,
     requests,
+    roofline,
+    seconds,
     set_threads,
+    summary,
 )
 from hotswap.bench.training import train_bench
 from hotswap.client import Client
 from hotswap.errors import InvalidArgument
-from hotswap.methods import registered
+from hotswap.methods import load_adapter, registered
+from hotswap.methods.api import BaseInfo, read_weights
+from hotswap.registry.artifact import verify
+from hotswap.serve import EngineObserver
 
 log = logging.getLogger(__name__)
 CHECK_ROWS = 4  # rows per figure whose logits are compared with PEFT
-
-
-def tok_s(n_rows: int, new_tokens: int, seconds: float) -> float:
-    return n_rows * new_tokens / seconds
 
 
 def _max_diff(fx: Fixtures, engine: Any, peft: Any, prompts: list[list[int]], names: list[str | None]) -> float:
@@ -66,11 +70,10 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
     base_reqs = requests(prompts, [[] for _ in prompts], w.new_tokens)
     mixed_reqs = requests(prompts, [[a] for a in row_adapters], w.new_tokens)
     with fx.engine(max_batch=batch) as engine:
-        for name in names:
-            engine.load_adapter(name)
+        refs = [engine.load_adapter(name) for name in names]
         peft = fx.peft(names)
         set_threads()
-        seconds = interleaved(
+        rounds = interleaved(
             {
                 "base": lambda: engine.generate(base_reqs),
                 "mixed": lambda: engine.generate(mixed_reqs),
@@ -80,39 +83,35 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
             w.repeats,
         )
         diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], row_adapters[:CHECK_ROWS])
-    tok = {k: tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
+        bound = roofline(model_bytes(engine.model), sum(engine.adapter_bytes(ref) for ref in refs))
+    tokens = batch * w.new_tokens
     base_row = {
         "label": "base (no adapters)",
         "batch": batch,
-        "tok_s": tok["base"],
-        "hf_generate_tok_s": tok["hf"],
-        "vs_hf_generate": tok["base"] / tok["hf"],
+        "tok_s": rounds.tok_s("base", tokens),
+        "hf_generate_tok_s": rounds.tok_s("hf", tokens),
+        **rounds.vs("hf_generate", "base", "hf"),
     }
+    vs_base = rounds.vs("base", "mixed", "base")
     row = {
         "label": f"{n} adapters",
         "n_adapters": n,
         "batch": batch,
-        "tok_s": tok["mixed"],
-        "base_tok_s": tok["base"],
-        "peft_tok_s": tok["peft"],
-        "hf_generate_tok_s": tok["hf"],
-        "vs_base": tok["mixed"] / tok["base"],
-        "vs_peft": tok["mixed"] / tok["peft"],
-        "vs_hf_generate": tok["base"] / tok["hf"],
+        "tok_s": rounds.tok_s("mixed", tokens),
+        "base_tok_s": rounds.tok_s("base", tokens),
+        "peft_tok_s": rounds.tok_s("peft", tokens),
+        **vs_base,
+        **rounds.vs("peft", "mixed", "peft"),
+        **_roofline(vs_base["vs_base"], bound),
+        "base_vs_hf_generate": statistics.median(rounds.ratios("base", "hf")),
         "max_abs_logit_diff": diff,
     }
     return row, base_row
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per run; runs alternate within each repeat so machine noise hits all alike."""
-    for fn in runs.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            times[key].append(median_seconds(fn, 1))
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+def _roofline(vs_base: float, bound: float) -> dict[str, float]:
+    """The workload's memory roofline (docs/benchmarks.md) and how close the measured ratio to base comes to it."""
+    return {"roofline": bound, "vs_roofline": vs_base / bound}
 
 
 def swap(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
@@ -140,7 +139,7 @@ def _swap_one(fx: Fixtures, n: int) -> dict[str, Any]:
             engine.load_adapter(name)
         peft = fx.peft(names)
         set_threads()
-        seconds = interleaved(
+        rounds = interleaved(
             {
                 "hotswap": lambda: one_by_one(engine, [[a] for a in order]),
                 "base": lambda: one_by_one(engine, [[] for _ in order]),
@@ -149,52 +148,83 @@ def _swap_one(fx: Fixtures, n: int) -> dict[str, Any]:
             w.repeats,
         )
         diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], order[:CHECK_ROWS])
-    tok = {k: tok_s(w.batch, w.new_tokens, s) for k, s in seconds.items()}
+    tokens = w.batch * w.new_tokens
     return {
         "label": f"{n} adapters, one request at a time",
         "n_adapters": n,
         "requests": w.batch,
-        "tok_s": tok["hotswap"],
-        "base_tok_s": tok["base"],
-        "peft_tok_s": tok["peft"],
-        "vs_base": tok["hotswap"] / tok["base"],
-        "vs_peft": tok["hotswap"] / tok["peft"],
+        "tok_s": rounds.tok_s("hotswap", tokens),
+        "base_tok_s": rounds.tok_s("base", tokens),
+        "peft_tok_s": rounds.tok_s("peft", tokens),
+        **rounds.vs("base", "hotswap", "base"),
+        **rounds.vs("peft", "hotswap", "peft"),
         "max_abs_logit_diff": diff,
     }
 
 
+class _Loads(EngineObserver):
+    """The engine's own split of each cold load: registry (fetch, verify ∥ read + check + cast + pack), host
+    (install into the slot tables)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {"registry": [], "host": []}
+
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        self.seconds[source].append(seconds)
+
+
 def load(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
-    """Cold load from the local registry to servable (fetch + sha256 verify + parse + install) vs PEFT load_adapter."""
+    """Cold load from the local registry to servable (resolve, sha256 verify ∥ read + check + cast + pack, install
+    into the slots) vs PEFT ``load_adapter``, one adapter each in alternating turns; then each stage of our load
+    timed alone on the same adapters (what the end-to-end figure is made of)."""
     n = max(adapter_counts)
     names = fx.adapters("lora", n)
     ours, theirs = [], []
-    with fx.engine(max_batch=1, max_resident=n) as engine:
-        engine.load_adapter(names[0])  # warm-up: first use of the code paths
-        engine.unload_adapter(names[0])
-        for name in names:
-            start = time.perf_counter()
-            engine.load_adapter(name)
-            ours.append((time.perf_counter() - start) * 1e3)
+    watch = _Loads()
+    with fx.engine(max_batch=1, max_resident=n, observer=watch) as engine:
+        engine.unload_adapter(engine.load_adapter(names[0]))  # warm-up: first use of the code paths
         peft = fx.peft(names[:1])
         set_threads()
-        for i, name in enumerate(names):
-            path = fx.artifact(name)
-            start = time.perf_counter()
-            peft.load_adapter(path, adapter_name=f"cold{i}")
-            theirs.append((time.perf_counter() - start) * 1e3)
+        for i, name in enumerate(names):  # one adapter per turn, who goes first alternating
+            runs = {
+                "ours": partial(engine.load_adapter, name),
+                "peft": partial(peft.load_adapter, fx.artifact(name), f"cold{i}"),
+            }
+            ms = {k: seconds(runs[k]) * 1e3 for k in (["ours", "peft"] if i % 2 else ["peft", "ours"])}
+            ours.append(ms["ours"])
+            theirs.append(ms["peft"])
             peft.delete_adapter(f"cold{i}")
-    p50, p95, peft50 = percentile(ours, 50), percentile(ours, 95), percentile(theirs, 50)
+        stages = _load_stages(fx, names, BaseInfo.of(engine.model))
+    registry_ms, install_ms = ([s * 1e3 for s in watch.seconds[k][1:]] for k in ("registry", "host"))
     return [
         {
             "label": f"LoRA r={fx.workload.rank}, {n} cold loads",
             "n_adapters": n,
-            "load_ms_p50": p50,
-            "load_ms_p95": p95,
-            "peft_load_ms_p50": peft50,
+            "load_ms_p50": percentile(ours, 50),
+            "load_ms_p95": percentile(ours, 95),
+            "peft_load_ms_p50": percentile(theirs, 50),
             "peft_load_ms_p95": percentile(theirs, 95),
-            "vs_peft": peft50 / p50,
+            **summary("vs_peft", [p / o for o, p in zip(ours, theirs, strict=True)]),
+            "registry_ms_p50": percentile(registry_ms, 50),
+            "install_ms_p50": percentile(install_ms, 50),
+            **{f"{stage}_ms_p50": percentile(ms, 50) for stage, ms in stages.items()},
         }
     ]
+
+
+def _load_stages(fx: Fixtures, names: list[str], base: BaseInfo) -> dict[str, list[float]]:
+    """Each stage of a cold load alone, per adapter (ms): verify (sha256 of every file), read (the safetensors
+    file into tensors), check_cast_pack (the method's loader less the read: checks, scaling, cast, packing)."""
+    stages: dict[str, list[float]] = {"verify": [], "read": [], "check_cast_pack": []}
+    for name in names:
+        manifest = fx.registry.resolve(name)
+        path = fx.artifact(name)
+        stages["verify"].append(seconds(partial(verify, path, manifest)) * 1e3)
+        read = seconds(partial(read_weights, path)) * 1e3
+        stages["read"].append(read)
+        loader = seconds(partial(load_adapter, path, manifest.ref, manifest.method, base)) * 1e3
+        stages["check_cast_pack"].append(loader - read)
+    return stages
 
 
 def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
@@ -213,23 +243,28 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
                 engine.load_adapter(name)
         runs: dict[str, Callable[[], object]] = {"base": lambda: engine.generate(base_reqs)}
         runs |= {label: partial(engine.generate, r) for label, r in reqs.items()}
-        seconds = interleaved(runs, w.repeats)
+        rounds = interleaved(runs, w.repeats)
         diffs = {}
         for method in (m for m in METHODS if registered()[m].peft):  # PEFT loads these; the rest: the tests
             peft = fx.peft(per_method[method][:CHECK_ROWS])
             diffs[method] = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
+        base_bytes = model_bytes(engine.model)
+        ref_of = {name: ref for ref in engine.resident() for name in [ref.partition("@")[0]]}
+        bounds = {label: roofline(base_bytes, sum(engine.adapter_bytes(ref_of[a]) for a in set(adapters)))
+                  for label, adapters in batches.items()}  # fmt: skip
     rows = []
-    base = tok_s(w.batch, w.new_tokens, seconds["base"])
+    tokens = w.batch * w.new_tokens
     for label in batches:
-        tok = tok_s(w.batch, w.new_tokens, seconds[label])
+        vs_base = rounds.vs("base", label, "base")
         rows.append(
             {
                 "label": label,
                 "method": label,
                 "n_adapters": n,
-                "tok_s": tok,
-                "base_tok_s": base,
-                "vs_base": tok / base,
+                "tok_s": rounds.tok_s(label, tokens),
+                "base_tok_s": rounds.tok_s("base", tokens),
+                **vs_base,
+                **_roofline(vs_base["vs_base"], bounds[label]),
                 "max_abs_logit_diff": diffs.get(label),
             }
         )
@@ -261,10 +296,10 @@ def server(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
         }
         for api, starts in streams.items():
             runs[api] = partial(stream_rows, starts, prompts, row_adapters, w.new_tokens, latencies[api])
-        seconds = interleaved(runs, w.repeats)
+        rounds = interleaved(runs, w.repeats)
         for c in clients:
             c.close()
-    tok = {k: tok_s(batch, w.new_tokens, s) for k, s in seconds.items()}
+    tokens = batch * w.new_tokens
     rows = []
     for api in apis:
         ttft = [t for runs in latencies[api].values() for t, _ in runs]
@@ -275,9 +310,9 @@ def server(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
                 "api": api,
                 "n_adapters": n,
                 "batch": batch,
-                "tok_s": tok[api],
-                "engine_tok_s": tok["engine"],
-                "vs_engine": tok[api] / tok["engine"],
+                "tok_s": rounds.tok_s(api, tokens),
+                "engine_tok_s": rounds.tok_s("engine", tokens),
+                **rounds.vs("engine", api, "engine"),
                 "ttft_ms_p50": percentile(ttft, 50) * 1e3,
                 "ttft_ms_p95": percentile(ttft, 95) * 1e3,
                 "itl_ms_p50": percentile(itl, 50) * 1e3,

@@ -69,7 +69,7 @@ def register(add: AddCommand) -> None:
     sp.add_argument("--prompt", type=positive_int, default=64)
     sp.add_argument("--new-tokens", type=positive_int, default=32)
     sp.add_argument("--rank", type=positive_int, default=16)
-    sp.add_argument("--repeats", type=positive_int, default=3)
+    sp.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds after a warm-up round")
     sp.add_argument("--requests", type=positive_int, default=3000, help="scale-out: requests replayed per routing")
     sp.add_argument("--adapters", help="comma-separated adapter counts N (default per scenario)")
     api_help = "server: grpc clients, or http: the openai package's clients too, beside the gRPC row (same run)"

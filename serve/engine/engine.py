@@ -185,6 +185,14 @@ class Engine:
         with self._cv:
             return sorted(self.pool.slot_of)
 
+    def adapter_bytes(self, ref: str) -> int:
+        """Bytes of the exact ``ref``'s tensors as served (0 unless it is resident or in host RAM): what a step
+        reads for its rows, beside the base's weights."""
+        with self._cv:
+            slot = self.pool.slot_of.get(ref)
+            loaded = self.pool.resident.get(slot) if slot is not None else self.pool.host.get(ref)
+            return loaded.nbytes if loaded is not None else 0
+
     def counts(self) -> tuple[int, int]:
         """(waiting, running) requests right now."""
         return self.scheduler.counts()
