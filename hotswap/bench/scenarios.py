@@ -249,7 +249,7 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
             peft = fx.peft(per_method[method][:CHECK_ROWS])
             diffs[method] = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
         base_bytes = model_bytes(engine.model)
-        ref_of = {name: ref for ref in engine.resident() for name in [ref.partition("@")[0]]}
+        ref_of = {ref.partition("@")[0]: ref for ref in engine.resident()}
         bounds = {label: roofline(base_bytes, sum(engine.adapter_bytes(ref_of[a]) for a in set(adapters)))
                   for label, adapters in batches.items()}  # fmt: skip
     rows = []
