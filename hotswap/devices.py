@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # the choices are plain names, so CLI parsers and configs imp
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# How the engine runs full decode steps: eagerly, or as the static step (serve.model.graphs) run eagerly, traced by
+# torch.compile, or captured as CUDA graphs.
+DECODE_CHOICES = ("eager", "static", "compile", "cuda-graphs")
 
 
 def torch_dtype(name: str) -> torch.dtype:

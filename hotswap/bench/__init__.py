@@ -21,6 +21,7 @@ SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
     "scale-out": scaleout.scale_out,
     "soak": soak.soak,
     "kv": kv.kv,
+    "decode": scenarios.decode,
 }
 DEFAULT_ADAPTERS = {
     "mixed": [1, 4, 16, 32],
@@ -32,6 +33,7 @@ DEFAULT_ADAPTERS = {
     "scale-out": [1000],
     "soak": [2],  # plain LoRA adapters in the mix
     "kv": [16],  # adapters in the prefix-reuse part
+    "decode": [0, 1, 16],
 }
 DEFAULT_MODELS = {"soak": "tiny"}  # the base preset when --model is not given (else smollm2-135m, W1)
 

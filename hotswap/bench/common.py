@@ -232,7 +232,9 @@ class Fixtures:
         vocab = json.loads((self.base / "config.json").read_text())["vocab_size"]
         return [torch.randint(0, vocab, (self.workload.prompt,), generator=g).tolist() for _ in range(n)]
 
-    def engine(self, max_batch: int, max_resident: int = 64, observer: EngineObserver | None = None) -> Engine:
+    def engine(
+        self, max_batch: int, max_resident: int = 64, observer: EngineObserver | None = None, decode: str = "eager"
+    ) -> Engine:
         """An engine for the workload. Its prefix cache is off: every round replays the same prompts, which the
         cache would answer from the previous round's blocks, while HF ``generate`` and PEFT prefill them again
         (the ``kv`` scenario measures the prefix cache on its own)."""
@@ -247,6 +249,7 @@ class Fixtures:
             max_seq_len=w.prompt + w.new_tokens + 32,
             device=w.device,
             dtype=self.dtype,
+            decode=decode,
         )
 
     def peft(self, names: list[str]) -> PeftModel:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -32,6 +32,7 @@ from hotswap.bench.common import (
 )
 from hotswap.bench.training import train_bench
 from hotswap.client import Client
+from hotswap.devices import DECODE_CHOICES
 from hotswap.errors import InvalidArgument
 from hotswap.methods import load_adapter, registered
 from hotswap.methods.api import BaseInfo, read_weights
@@ -268,6 +269,36 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
                 "max_abs_logit_diff": diffs.get(label),
             }
         )
+    return rows
+
+
+def decode(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
+    """The engine's decode modes side by side (``eager``, the ``static`` step, ``compile``, and ``cuda-graphs`` on
+    CUDA), one engine each: a full batch whose request i uses adapter i mod N (N = 0: the base), interleaved."""
+    w = fx.workload
+    modes = [m for m in DECODE_CHOICES if m != "cuda-graphs" or w.device.startswith("cuda")]
+    prompts = fx.prompts(w.batch)
+    rows = []
+    with ExitStack() as stack:
+        engines = {m: stack.enter_context(fx.engine(max_batch=w.batch, decode=m)) for m in modes}
+        for n in adapter_counts:
+            names = fx.adapters("lora", n) if n else []
+            for engine in engines.values():
+                for name in names:
+                    engine.load_adapter(name)
+            reqs = requests(prompts, [[names[i % n]] if n else [] for i in range(w.batch)], w.new_tokens)
+            set_threads()
+            rounds = interleaved({m: partial(e.generate, reqs) for m, e in engines.items()}, w.repeats)
+            tokens = {m: [r.token_ids for r in e.generate(reqs)] for m, e in engines.items()}
+            row: dict[str, Any] = {"label": f"{n} adapters" if n else "base", "n_adapters": n, "batch": w.batch}
+            for m in modes:
+                field = m.replace("-", "_")
+                row[f"{field}_tok_s"] = rounds.tok_s(m, w.batch * w.new_tokens)
+                if m != "eager":
+                    row |= rounds.vs(field, m, "eager")
+            row["same_tokens"] = all(t == tokens["eager"] for t in tokens.values())
+            rows.append(row)
+            log.info("decode N=%d: %s", n, row)
     return rows
 
 

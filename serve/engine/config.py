@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hotswap.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from hotswap.devices import DECODE_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
 
 
@@ -53,6 +53,14 @@ class EngineConfig:
     max_prefill_tokens: int = field(
         default=2048, metadata={"help": "prompt positions prefilled per step over all rows (chunked); 0 = no limit"}
     )
+    decode: str = field(
+        default="eager",
+        metadata={
+            "help": "full decode steps: eager; static (fixed shapes per batch bucket, run eagerly); compile "
+            "(that step traced by torch.compile); cuda-graphs (captured, one graph per bucket and adapter layout)",
+            "choices": DECODE_CHOICES,
+        },
+    )
     # CPU intra-op threads for prefill (compute-bound: all cores) and decode (memory-bound: on small
     # batches extra threads add fork/join cost to every small op and barely speed up the big ones).
     prefill_threads: int = field(default=0, metadata={"help": "CPU threads for prefill; 0 = torch's default (all)"})
@@ -66,5 +74,7 @@ class EngineConfig:
                      "max_prefill_tokens"):  # fmt: skip  # 0: none / torch's default / static / as needed / no limit
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.decode not in DECODE_CHOICES:
+            raise InvalidArgument(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise InvalidArgument(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")

@@ -71,7 +71,7 @@ class Engine:
         base_info = BaseInfo.of(self.model)
         self.layers = self._wrap_linears()
         c = self.config
-        self.runner = Runner(self.model, c.max_batch, c.max_seq_len, c.kv_block_size, self._kv_blocks())
+        self.runner = Runner(self.model, c.max_batch, c.max_seq_len, c.kv_block_size, self._kv_blocks(), c.decode)
         self.kinds = EngineKinds(
             EngineRows(c.max_batch, c.max_seq_len, self.runner.device, self.model.dtype, self._side_runner)
         )

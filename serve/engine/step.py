@@ -68,7 +68,7 @@ def decode_step(runner: Runner, plan: BatchPlan, kinds: EngineKinds, jobs: list[
     """Feed each job its last generated token at ``job.position`` (writing its cache there); returns next-token
     logits (V,) per job. ``full``: the jobs are all running rows, decoded in place over rows [0, max row]."""
     assert jobs and all(j.generated and j.row >= 0 for j in jobs), "decode feeds bound jobs their last token"
-    n = max(j.row for j in jobs) + 1 if full else len(jobs)
+    n = runner.decode_rows(max(j.row for j in jobs) + 1) if full else len(jobs)
     tokens = torch.zeros(n, dtype=torch.long)  # (n,)
     positions = torch.full((n,), -1, dtype=torch.long)  # (n,); idle rows inside [0, n) stay padding
     rows = list(range(n)) if full else [j.row for j in jobs]

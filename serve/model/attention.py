@@ -11,16 +11,13 @@ Each layer's attention gets its post-rotary query/key/value; :func:`hotswap_atte
 values into the :class:`KVCache` at each token's cache index and attends over that row's cache only, with a
 causal mask (and the layer's sliding window, and logit soft-capping where the family has them); the cache is
 static or paged (:mod:`hotswap.serve.model.kvcache`). What one forward attends over travels in a
-:class:`~hotswap.serve.model.kvcache.Batch` set by :func:`attending` around the model call, so it
-reaches every family whatever its forward passes down. :func:`attention_ref` is the plain per-row loop the
-fast path is tested against.
+:class:`~hotswap.serve.model.kvcache.Batch` passed to the model call as the keyword ``hotswap_batch``, which
+transformers hands down to the attention function (a plain argument, so a traced or captured step sees it; a
+family that drops it is refused at load). :func:`attention_ref` is the plain per-row loop the fast path is tested
+against.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +33,7 @@ ATTENTION = "hotswap"
 # passing one is refused at load (see serve.runner.check_supported), never answered wrongly.
 UNSUPPORTED_KWARGS = ("s_aux", "sinks")
 
-
-_batch: ContextVar[Batch | None] = ContextVar("hotswap_attention_batch", default=None)
-
-
-@contextlib.contextmanager
-def attending(batch: Batch) -> Iterator[None]:
-    """Run a model forward inside this block to attend over ``batch``."""
-    token = _batch.set(batch)
-    try:
-        yield
-    finally:
-        _batch.reset(token)
+BATCH_KWARG = "hotswap_batch"  # the model call's keyword carrying the Batch
 
 
 def hotswap_attention(
@@ -64,9 +50,9 @@ def hotswap_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query (B, H, T, hd), key/value (B, KV, T, hd) after rotary; returns
     (B, T, H, hd). Writes key/value into the cache, then attends over each row's cache."""
-    batch = _batch.get()
-    if batch is None:
-        raise RuntimeError(f"the {ATTENTION!r} attention runs only inside serve.attention.attending()")
+    batch = kwargs.pop(BATCH_KWARG, None)
+    if not isinstance(batch, Batch):
+        raise InvalidBaseModel(f"this model's forward does not pass {BATCH_KWARG!r} down to its attention")
     unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
     if unsupported or attention_mask is not None:
         raise InvalidBaseModel(f"this model's attention needs {unsupported or ['its own mask']}, which hotswap lacks")

@@ -72,7 +72,17 @@ class StaticCache:
         self.max_seq_len = max_seq_len
 
     def bind(self, rows: Sequence[int], positions: torch.Tensor, contiguous: bool = False) -> Batch:
-        return _StaticBatch(self, rows, positions, contiguous)
+        rows_t = torch.as_tensor(rows, device=positions.device)
+        return _StaticBatch(self, rows_t, positions, contiguous, _key_len(positions))
+
+    # The static decode (:mod:`hotswap.serve.model.graphs`): rows [0, n) read over a fixed key length, from tables
+    # written into fixed buffers outside the step (here the rows themselves).
+    def decode_table(self, n: int, key_len: int) -> torch.Tensor:
+        return torch.arange(n)
+
+    def bind_table(self, table: torch.Tensor, positions: torch.Tensor, key_len: int) -> Batch:
+        """``table`` from :meth:`decode_table`, on the device; tensor ops only (capturable)."""
+        return _StaticBatch(self, table, positions, True, key_len)
 
     # The row lifecycle the scheduler drives, as for the paged cache: a static row owns all its positions from
     # the start, so it reserves and extends without asking anyone, and shares nothing.
@@ -102,11 +112,18 @@ class StaticCache:
             self.v[i, row, :, : v.shape[1]] = v
 
 
+def _key_len(positions: torch.Tensor) -> int:
+    """Keys a forward reads per row: up to its last position (padding alone still reads position 0)."""
+    return max(int(positions.max()) + 1, 1)
+
+
 class _StaticBatch(Batch):
-    def __init__(self, cache: StaticCache, rows: Sequence[int], positions: torch.Tensor, contiguous: bool) -> None:
-        super().__init__(positions, max(int(positions.max()) + 1, 1))  # padding alone still reads position 0
+    def __init__(
+        self, cache: StaticCache, rows: torch.Tensor, positions: torch.Tensor, contiguous: bool, key_len: int
+    ) -> None:
+        super().__init__(positions, key_len)
         self.cache, self.contiguous = cache, contiguous  # contiguous: rows == arange(B), read without a gather
-        self.rows = torch.as_tensor(rows, device=positions.device)
+        self.rows = rows
         self.index = torch.where(positions >= 0, positions, cache.max_seq_len)  # (B, T) write index
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -251,7 +268,23 @@ class PagedCache:
         return -(-positions // self.block_size)
 
     def bind(self, rows: Sequence[int], positions: torch.Tensor, contiguous: bool = False) -> Batch:
-        return _PagedBatch(self, rows, positions)
+        width = self.blocks_for(_key_len(positions))
+        return _PagedBatch(self, self._table(rows, width).to(positions.device), positions)
+
+    def decode_table(self, n: int, key_len: int) -> torch.Tensor:
+        """Block tables (n, key_len / block_size) of rows [0, n), for the static decode (see StaticCache's)."""
+        return self._table(range(n), self.blocks_for(key_len))
+
+    def bind_table(self, table: torch.Tensor, positions: torch.Tensor, key_len: int) -> Batch:
+        return _PagedBatch(self, table, positions)
+
+    def _table(self, rows: Sequence[int], width: int) -> torch.Tensor:
+        """The rows' block tables over ``width`` blocks, padded with the null block (host tensor)."""
+        table = torch.full((len(rows), width), self.null, dtype=torch.long)
+        for b, row in enumerate(rows):
+            blocks = self.tables[row][:width]
+            table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        return table
 
     # -- block tables (engine thread) ---------------------------------------------------------------------------
     def reserve(self, row: int, positions: int, digests: Sequence[bytes] = ()) -> int | None:
@@ -318,15 +351,11 @@ class PagedCache:
 
 
 class _PagedBatch(Batch):
-    def __init__(self, cache: PagedCache, rows: Sequence[int], positions: torch.Tensor) -> None:
+    def __init__(self, cache: PagedCache, table: torch.Tensor, positions: torch.Tensor) -> None:
+        """``table`` (B, width): the rows' blocks, on the device; tensor ops only."""
         bs = cache.block_size
-        tables = [cache.tables[r] for r in rows]
-        width = max(cache.blocks_for(int(positions.max()) + 1), 1)
-        super().__init__(positions, width * bs)
-        table = torch.full((len(rows), width), cache.null, dtype=torch.long)
-        for b, t in enumerate(tables):
-            table[b, : min(len(t), width)] = torch.tensor(t[:width], dtype=torch.long)
-        self.cache, self.table = cache, table.to(positions.device)  # (B, width)
+        super().__init__(positions, table.shape[1] * bs)
+        self.cache, self.table = cache, table
         pad = positions < 0
         safe = positions.clamp(min=0)
         block = torch.where(pad, cache.scratch, self.table.gather(1, safe // bs))  # (B, T)

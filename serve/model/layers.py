@@ -29,7 +29,10 @@ class MultiAdapterLinear(nn.Module):
         self.kinds: dict[str, SlotKind] = {}  # created on first install, kept in application order
         self._cached_version = -1
         self._states: list[tuple[SlotKind, Any]] = []
-        self._scalers: list[tuple[SlotKind, Any]] = []  # the states' kinds that scale the base layer's input
+        # Set by the static decode (serve.model.graphs): the states a traced or captured step reads, so that its
+        # forward never consults the plan (None: the plan's, gathered on demand).
+        self.fixed: list[tuple[SlotKind, Any]] | None = None
+        self.epoch = 0  # bumped whenever the states are recomputed (a captured step copies them in then)
 
     # Slot tables are ordinary tensors even when written from the engine's inference-mode loop, so
     # any later write (forward_logits, unload) can update them in place.
@@ -47,8 +50,9 @@ class MultiAdapterLinear(nn.Module):
             kind.set(slot, parts.get(name))
         self._cached_version = -1
 
-    def _batch_states(self) -> list[tuple[SlotKind, Any]]:
-        """Each kind's gathered rows for the current plan, computed once per plan version."""
+    def batch_states(self) -> list[tuple[SlotKind, Any]]:
+        """Each kind's gathered rows for the current plan (empty without adapters), computed once per plan version
+        (a new list whenever recomputed)."""
         plan = self.plan
         if self._cached_version != plan.version:
             self._states = []
@@ -56,17 +60,21 @@ class MultiAdapterLinear(nn.Module):
                 used = sorted(s for s in plan.used if kind.holds(s))
                 if used:
                     self._states.append((kind, kind.gather(plan, used)))
-            self._scalers = [(k, s) for k, s in self._states if type(k).scale_input is not SlotKind.scale_input]
             self._cached_version = plan.version
+            self.epoch += 1
         return self._states
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.plan.used:
+        if self.fixed is not None:
+            states = self.fixed
+        elif self.plan.used:
+            states = self.batch_states()
+        else:
             return self.base(x)
-        states = self._batch_states()
         x_base = x
-        for kind, state in self._scalers:
-            x_base = kind.scale_input(x_base, state)
+        for kind, state in states:
+            if type(kind).scale_input is not SlotKind.scale_input:
+                x_base = kind.scale_input(x_base, state)
         base_out = self.base(x_base)  # (Bt, T, out)
         y = base_out
         for kind, state in states:

@@ -14,7 +14,8 @@ from transformers import PretrainedConfig
 
 from hotswap.basemodel import check_supported, head_dim
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.model.attention import ATTENTION, attending
+from hotswap.serve.model.attention import ATTENTION, BATCH_KWARG
+from hotswap.serve.model.graphs import StaticDecode
 from hotswap.serve.model.kvcache import PagedCache, StaticCache
 
 
@@ -29,7 +30,13 @@ class Runner:
     ``block_size`` > 0 pages it in ``num_blocks`` blocks of that many positions, else every row owns its positions."""
 
     def __init__(
-        self, model: nn.Module, max_batch: int, max_seq_len: int, block_size: int = 0, num_blocks: int = 0
+        self,
+        model: nn.Module,
+        max_batch: int,
+        max_seq_len: int,
+        block_size: int = 0,
+        num_blocks: int = 0,
+        decode: str = "eager",
     ) -> None:
         check_supported(model)
         model.set_attn_implementation(ATTENTION)
@@ -44,6 +51,8 @@ class Runner:
         else:
             self.cache = StaticCache(layers, max_batch, kv_heads, max_seq_len, hd, w.dtype, w.device)
         self._probe()
+        # the static decode (serve.model.graphs) of full batches
+        self.static = None if decode == "eager" else StaticDecode(model, self.cache, max_batch, max_seq_len, decode)
 
     @property
     def device(self) -> torch.device:
@@ -77,9 +86,18 @@ class Runner:
             return [logits[i, width - n :] for i, n in enumerate(lengths)]
         return list(logits[:, -1])
 
+    def decode_rows(self, n: int) -> int:
+        """Rows a full batch of ``n`` decodes: ``n``, or its batch bucket under the static decode (the rows beyond
+        ``n`` are fed as idle rows)."""
+        return n if self.static is None else self.static.rows(n)
+
     def decode(self, rows: list[int], tokens: torch.Tensor, positions: torch.Tensor, contiguous: bool) -> torch.Tensor:
-        """One token per row: ``tokens`` (n,) at ``positions`` (n,; -1 for an idle row) of cache ``rows`` (n,).
-        Returns float logits (n, V)."""
+        """One token per row: ``tokens`` (n,) at ``positions`` (n,; -1 for an idle row) of cache ``rows`` (n,)
+        (host tensors). ``contiguous``: rows are [0, n), n from :meth:`decode_rows`. Returns float logits (n, V)."""
+        if contiguous and self.static is not None:
+            logits = self.static.decode(tokens, positions)
+            if logits is not None:
+                return logits
         embeds = self.embed(tokens.to(self.device)[:, None])  # (n, 1, hidden)
         return self.forward(rows, embeds, positions[:, None], keep=1, contiguous=contiguous)[:, 0]
 
@@ -89,10 +107,14 @@ class Runner:
         """The model on ``embeds`` (B, T, hidden) for cache ``rows`` (B,) at ``positions`` (B, T; -1 = padding):
         float logits (B, keep or T, V) of the last ``keep`` tokens (0 = all), post-processed as the family does."""
         positions = positions.to(self.device)
-        with attending(self.cache.bind(rows, positions, contiguous)):
-            out = self.model(
-                inputs_embeds=embeds, position_ids=positions.clamp(min=0), logits_to_keep=keep, use_cache=False
-            )
+        batch = self.cache.bind(rows, positions, contiguous)
+        out = self.model(
+            inputs_embeds=embeds,
+            position_ids=positions.clamp(min=0),
+            logits_to_keep=keep,
+            use_cache=False,
+            **{BATCH_KWARG: batch},
+        )
         return out.logits.float()
 
     @torch.inference_mode()
@@ -100,6 +122,6 @@ class Runner:
         """One token through the whole path at load: a family whose attention needs what ours lacks (sinks, its
         own masks) fails here, refused with its model type, rather than on a request."""
         try:  # position -1: a padding token, which writes only scratch space
-            self.decode([0], torch.zeros(1, dtype=torch.long), torch.full((1,), -1), True)
+            self.forward([0], self.embed_ids([0])[None], torch.full((1, 1), -1), keep=1, contiguous=True)
         except InvalidBaseModel as e:
             raise InvalidBaseModel(f"model type {self.model.config.model_type!r}: {e}") from e

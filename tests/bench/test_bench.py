@@ -99,6 +99,18 @@ def test_methods(tmp_path: Path, cache: Path) -> None:
             assert r["max_abs_logit_diff"] < 1e-4
 
 
+@pytest.mark.slow
+def test_decode_modes(tmp_path: Path, cache: Path) -> None:
+    """eager, static and compile side by side (cuda-graphs only on CUDA), the same tokens from each."""
+    rows = _load(run("decode", TINY, tmp_path, cache, [0, 2])[0])["rows"]
+    assert [r["label"] for r in rows] == ["base", "2 adapters"]
+    for r in rows:
+        assert r["same_tokens"] is True
+        for mode in ("static", "compile"):
+            assert r[f"vs_{mode}"] == pytest.approx(r[f"{mode}_tok_s"] / r["eager_tok_s"])
+        assert "cuda_graphs_tok_s" not in r
+
+
 def test_cli_prints_table_and_writes_json(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "bench",

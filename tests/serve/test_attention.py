@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.model.attention import attending, attention_ref, hotswap_attention
+from hotswap.serve.model.attention import attention_ref, hotswap_attention
 from hotswap.serve.model.kvcache import PagedCache, StaticCache
 from hotswap.serve.model.runner import Runner
 
@@ -57,8 +57,10 @@ def test_fast_attention_equals_the_row_loop(
     query = torch.randn(3, HEADS, 5, HEAD_DIM, generator=g)
     key, value = torch.randn(2, 3, KV_HEADS, 5, HEAD_DIM, generator=g)
     before = _row_kv(cache, 1, rows[1])[0].clone()
-    with attending(cache.bind(rows, positions, contiguous)):
-        out, _ = hotswap_attention(_Layer(1), query, key, value, None, 0.3, sliding_window=window, softcap=softcap)
+    batch = cache.bind(rows, positions, contiguous)
+    out, _ = hotswap_attention(
+        _Layer(1), query, key, value, None, 0.3, sliding_window=window, softcap=softcap, hotswap_batch=batch
+    )
     for b in range(3):
         real = positions[b] >= 0
         pos = positions[b][real].tolist()
@@ -76,8 +78,7 @@ def test_padding_writes_only_scratch_space(kind: str) -> None:
     positions = torch.tensor([[-1, -1, 0], [0, 1, 2]])
     q = torch.randn(2, HEADS, 3, HEAD_DIM)
     k, v = torch.randn(2, 2, KV_HEADS, 3, HEAD_DIM)
-    with attending(cache.bind([0, 1], positions)):
-        out, _ = hotswap_attention(_Layer(0), q, k, v, None, 1.0)
+    out, _ = hotswap_attention(_Layer(0), q, k, v, None, 1.0, hotswap_batch=cache.bind([0, 1], positions))
     assert torch.isfinite(out).all(), "a padding query sees position 0 of its row, never an empty set"
     assert _row_kv(cache, 0, 0)[0][:, 1:].abs().sum() == 0, "row 0's padding touched none of its real positions"
     scratch = cache.k[0, 0, :, MAX_LEN] if kind == "static" else cache.k[0, cache.scratch]
@@ -86,9 +87,10 @@ def test_padding_writes_only_scratch_space(kind: str) -> None:
         assert cache.k[:, cache.null].abs().sum() == 0, "the null block padding tables read stays zero"
 
 
-def test_the_attention_runs_only_inside_a_batch() -> None:
+def test_the_attention_needs_its_batch() -> None:
+    """A family whose forward drops the model call's keywords cannot reach our attention's batch: refused."""
     q = torch.randn(1, HEADS, 1, HEAD_DIM)
-    with pytest.raises(RuntimeError, match="attending"):
+    with pytest.raises(InvalidBaseModel, match="hotswap_batch"):
         hotswap_attention(_Layer(0), q, q[:, :KV_HEADS], q[:, :KV_HEADS], None, 1.0)
 
 
