@@ -270,26 +270,49 @@ def check_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def load_model(
-    path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
 ) -> PreTrainedModel:
-    """Load a base checkpoint with ``from_pretrained`` (safetensors only), frozen, in eval mode."""
+    """Load a base checkpoint with ``from_pretrained`` (safetensors only), frozen, in eval mode; ``quantize`` (one of
+    :data:`hotswap.quantization.QUANTIZE_NAMES`) quantizes a float checkpoint at load, its products in ``dtype``.
+    A checkpoint already quantized loads as it is, where its kernels exist (else refused)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    from hotswap.quantization import quantization_config
+
     p = check_checkpoint(path)
+    kw: dict[str, Any] = {}
+    if _config(p).get("quantization_config"):  # quantized checkpoint: placed by its quantizer
+        if quantize is not None:
+            raise InvalidBaseModel(f"{p}: already quantized; load it without --quantize")
+        kw = {"device_map": device}
+    elif quantize is not None:
+        kw = {"quantization_config": quantization_config(quantize, dtype or torch.float32), "device_map": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True, **kw)
+    except ImportError as e:  # a quantization library (or its kernels) missing here
+        raise InvalidBaseModel(f"{p}: cannot be loaded here: {e}") from e
+    except (OSError, ValueError, RuntimeError) as e:
         raise InvalidBaseModel(f"{p}: cannot be loaded as a causal LM ({e})") from e
     model.requires_grad_(False)
-    return model.to(device).eval()
+    if getattr(model, "hf_quantizer", None) is None:
+        model = model.to(device)  # quantized models were placed by device_map (and refuse .to)
+    return model.eval()
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidBaseModel(f"{path}/config.json: not valid JSON ({e})") from e
 
 
 def _canonical_config(path: Path) -> bytes:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise InvalidBaseModel(f"{path}/config.json: not valid JSON ({e})") from e
-    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    config = {k: v for k, v in _config(path).items() if k not in _VOLATILE_CONFIG_KEYS}
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -310,10 +333,15 @@ def _tensor_digests(file: Path) -> dict[str, tuple[str, list[int], str]]:
     return out
 
 
-def fingerprint(path: str | os.PathLike[str]) -> str:
+def fingerprint(path: str | os.PathLike[str], quantize: str | None = None) -> str:
     """Stable digest of a checkpoint: its config (minus write-time keys) and every tensor's name, dtype,
     shape and bytes. Identical checkpoints (however sharded or ordered) agree; any weight change differs.
+    ``quantize``: the base as served quantized at load, which appends the quantization (:mod:`hotswap.quantization`).
     """
+    if quantize is not None:
+        from hotswap.quantization import fingerprint_tag
+
+        return fingerprint(path) + fingerprint_tag(quantize)
     p = check_checkpoint(path)
     files, weight_map = _weights(p)
     tensors: dict[str, tuple[str, list[int], str]] = {}

@@ -62,10 +62,11 @@ def load_adapter(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAda
         raise ArtifactRejected(f"{ref}: cannot be read as a {method} adapter ({type(e).__name__}: {e})") from e
 
 
-def base_checker(base_dir: Path) -> Callable[[Path, str], None]:
+def base_checker(base_dir: Path, quantize: str | None = None) -> Callable[[Path, str], None]:
     """``check(artifact_dir, method)`` for :meth:`Registry.publish`: runs the serving loader against the base
-    at ``base_dir``, so an artifact that would not serve on it is refused before it is published."""
-    info = BaseInfo.of(load_model(base_dir))
+    at ``base_dir`` (quantized at load by ``quantize``), so an artifact that would not serve on it is refused before
+    it is published."""
+    info = BaseInfo.of(load_model(base_dir, quantize=quantize))
 
     def check(path: Path, method: str) -> None:
         load_adapter(path, path.name, method, info)

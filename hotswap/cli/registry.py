@@ -11,6 +11,7 @@ from hotswap import __version__
 from hotswap.cli.common import AddCommand, positive_int, registry, table
 from hotswap.cli.evaluate import gate, gate_options
 from hotswap.errors import InvalidArgument
+from hotswap.quantization import QUANTIZE_CHOICES
 from hotswap.registry import AdapterRef, Lineage, Manifest, Registry
 from hotswap.registry.artifact import HOTSWAP_CONFIG, PEFT_CONFIG, detect_method
 from hotswap.registry.refs import check_alias
@@ -46,9 +47,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not args.no_base:  # checked against the base before anything is written: what publishes serves
         from hotswap.basemodel import fingerprint
         from hotswap.methods import base_checker
+        from hotswap.quantization import check_quantize
 
-        base = args.base or _declared_base(args.dir)
-        base_fp, check = fingerprint(base), base_checker(base)
+        base, quantize = args.base or _declared_base(args.dir), check_quantize(args.quantize)
+        base_fp, check = fingerprint(base, quantize), base_checker(base, quantize)
     lineage = Lineage(parent=args.parent, code_version=f"hotswap {__version__}")
     m = registry(args).publish(
         args.dir,
@@ -255,6 +257,13 @@ def register(add: AddCommand) -> None:
     )
     fits.add_argument(
         "--no-base", action="store_true", help="record no base: for the registry only, the server refuses it"
+    )
+    sp.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_CHOICES,
+        help="publish for the base quantized at load this way (serve --quantize): its fingerprint names the "
+        "quantization, and an adapter serves only on the base it was published for",
     )
     sp.add_argument("--alias", action="append", default=[], help="move this alias to the new version (repeatable)")
     sp.add_argument("--method", help="override the method detected from the config (e.g. plora)")

@@ -10,6 +10,7 @@ and publishing with a known base runs them too (:func:`base_checker`), so what p
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,17 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
         if inside_block and not in_wrapper and isinstance(getattr(module, "base", module), nn.Linear):
             found[name] = module
     return found
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A base linear's weight (out, in) as float32, dequantized where the layer is quantized (bitsandbytes, torchao:
+    PEFT's own helper, which knows their formats). A bitsandbytes int8 layer is dequantized from a copy: the helper
+    leaves the layer's own state unusable for its next forward."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    if type(linear.weight).__name__ == "Int8Params":
+        linear = copy.deepcopy(linear)
+    return dequantize_module_weight(linear).detach().float()
 
 
 def target_linears(model: nn.Module, target_modules: tuple[str, ...] | list[str]) -> dict[str, nn.Linear]:

@@ -101,8 +101,10 @@ class SlotKind:
     name: ClassVar[str]
     order: ClassVar[int] = 50
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        """``dtype``: the layer's compute dtype, the deltas' (a quantized base's weight holds packed integers)."""
         self.base, self.num_slots = base, num_slots
+        self.dtype, self.device = dtype, base.weight.device
 
     def set(self, slot: int, payload: Any | None) -> None:
         """Install ``payload`` in ``slot`` (or clear it with None). Never during a forward."""
@@ -122,8 +124,7 @@ class SlotKind:
         return y
 
     def _empty(self, *shape: int) -> torch.Tensor:
-        w = self.base.weight
-        return torch.zeros(self.num_slots + 1, *shape, dtype=w.dtype, device=w.device)
+        return torch.zeros(self.num_slots + 1, *shape, dtype=self.dtype, device=self.device)
 
 
 class RowRunner(Protocol):

@@ -15,8 +15,8 @@ class BiasKind(SlotKind):
     name = "bias"
     order = 30
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
-        super().__init__(base, num_slots)
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
         self.table = self._empty(base.out_features)  # (slots+1, out)
         self.slot_set = [False] * (num_slots + 1)
 

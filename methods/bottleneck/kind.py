@@ -16,15 +16,14 @@ class BottleneckKind(SlotKind):
     name = "bottleneck"
     order = 100
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
-        super().__init__(base, num_slots)
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
         self.entries: dict[int, Bottleneck] = {}
 
     def set(self, slot: int, payload: Bottleneck | None) -> None:
         self.entries.pop(slot, None)
         if payload is not None:
-            w = self.base.weight
-            moved = [t.to(device=w.device, dtype=w.dtype) for t in (payload.down, payload.down_bias, payload.up,
+            moved = [t.to(device=self.device, dtype=self.dtype) for t in (payload.down, payload.down_bias, payload.up,
                                                                       payload.up_bias)]  # fmt: skip
             self.entries[slot] = Bottleneck(*moved, activation=payload.activation, serial=payload.serial)
 

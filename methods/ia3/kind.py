@@ -25,8 +25,8 @@ class IA3Kind(SlotKind):
     name = "ia3"
     order = 5  # before the LoRA kind, which accumulates into the output in place
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
-        super().__init__(base, num_slots)
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
         self.inp = self._empty(base.in_features)  # (slots+1, in): l - 1 of feed-forward adapters
         self.out = self._empty(base.out_features)  # (slots+1, out): l - 1 of the others
         self.side: list[str | None] = [None] * (num_slots + 1)

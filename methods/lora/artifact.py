@@ -21,6 +21,7 @@ from hotswap.methods.api import (
     LinearDelta,
     LoadedAdapter,
     check_shape,
+    dense_weight,
     read_json,
     read_tensors,
     target_linear,
@@ -76,7 +77,7 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
             check_shape(ref, f"{module}.lora_magnitude_vector", magnitude, (linear.out_features,))
             # DoRA (PEFT's DoraLinearLayer): y = W x + (m/n - 1) * W x + (m/n) * s B A x, n = ||W + s B A||
             # per output row, computed once here in fp32; m/n is folded into B.
-            weight = linear.weight.float() + b_scaled.T @ a  # (out, in)
+            weight = dense_weight(linear) + b_scaled.T @ a  # (out, in)
             mag_scale = magnitude.float() / torch.linalg.norm(weight, dim=1)  # (out,)
             if not torch.isfinite(mag_scale).all():
                 raise ArtifactRejected(f"{ref}: {module}'s DoRA scale is not finite (a zero-norm weight row)")

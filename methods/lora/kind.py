@@ -32,8 +32,8 @@ class LoraKind(SlotKind):
     name = "lora"
     order = 10
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
-        super().__init__(base, num_slots)
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
         self.A = self._empty(0, base.in_features)  # (slots+1, R, in)
         self.B = self._empty(0, base.out_features)  # (slots+1, R, out)
         self.dora: torch.Tensor | None = None  # (slots+1, out), allocated on the first DoRA adapter

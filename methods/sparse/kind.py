@@ -15,16 +15,15 @@ class SparseKind(SlotKind):
     name = "sparse"
     order = 20
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
-        super().__init__(base, num_slots)
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
         self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (indices, values)
 
     def set(self, slot: int, payload: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.entries.pop(slot, None)
         if payload is not None:
-            w = self.base.weight
             idx, val = payload
-            self.entries[slot] = (idx.to(w.device), val.to(device=w.device, dtype=w.dtype))
+            self.entries[slot] = (idx.to(self.device), val.to(device=self.device, dtype=self.dtype))
 
     def holds(self, slot: int) -> bool:
         return slot in self.entries

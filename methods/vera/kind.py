@@ -45,8 +45,8 @@ class VeraKind(SlotKind):
     name = "vera"
     order = 20  # after LoRA's in-place accumulation; VeRA reads only the input
 
-    def __init__(self, base: nn.Linear, num_slots: int) -> None:
-        super().__init__(base, num_slots)
+    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
         self.A = self._empty(0, base.in_features)  # (slots+1, R, in)
         self.B = self._empty(0, base.out_features)  # (slots+1, R, out)
         self.slot_rank = [0] * (num_slots + 1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from hotswap.devices import DECODE_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
+from hotswap.quantization import QUANTIZE_CHOICES, check_quantize
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class EngineConfig:
             "choices": DTYPE_CHOICES,
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "quantize a float base at load with bitsandbytes (nf4 and fp4: 4 bits; int8) or torchao (int8 "
+            "weights); an adapter serves only on the base it was published for, quantization included",
+            "choices": QUANTIZE_CHOICES,
+        },
+    )
     kv_block_size: int = field(
         default=16, metadata={"help": "KV cache block size in positions; 0 = a static max_batch x max_seq_len cache"}
     )
@@ -57,7 +66,7 @@ class EngineConfig:
         default="eager",
         metadata={
             "help": "full decode steps: eager; static (fixed shapes per batch bucket, run eagerly); compile "
-            "(that step traced by torch.compile); cuda-graphs (captured, one graph per bucket and adapter layout)",
+            "(that step traced by torch.compile); CUDA graphs (captured, one graph per bucket and adapter layout)",
             "choices": DECODE_CHOICES,
         },
     )
@@ -74,6 +83,7 @@ class EngineConfig:
                      "max_prefill_tokens"):  # fmt: skip  # 0: none / torch's default / static / as needed / no limit
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_quantize(self.quantize)
         if self.decode not in DECODE_CHOICES:
             raise InvalidArgument(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
         if self.dtype not in DTYPE_CHOICES:

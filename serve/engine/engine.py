@@ -27,6 +27,7 @@ from hotswap.basemodel import bundled_tokenizer, fingerprint, load_model
 from hotswap.devices import free_memory, resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument, clip_message
 from hotswap.methods.api import BaseInfo, BatchPlan, EngineRows, decoder_linears
+from hotswap.quantization import check_quantize
 from hotswap.registry import Manifest, Registry
 from hotswap.serve.engine.config import EngineConfig
 from hotswap.serve.engine.isolation import UNHEALTHY_AFTER, StepHealth, choose_isolated, run_isolated
@@ -62,8 +63,11 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.base_path = Path(base)
-        self.base_fingerprint = fingerprint(self.base_path)
-        self.model = load_model(self.base_path, dtype=torch_dtype(self.config.dtype), device=self.config.device)
+        quantize = check_quantize(self.config.quantize)
+        self.base_fingerprint = fingerprint(self.base_path, quantize)
+        self.model = load_model(
+            self.base_path, dtype=torch_dtype(self.config.dtype), device=self.config.device, quantize=quantize
+        )
         self.tokenizer = bundled_tokenizer(self.base_path)
         cfg = self.model.config
         self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))
@@ -126,7 +130,7 @@ class Engine:
         wrapped = {}
         for name, linear in decoder_linears(self.model).items():
             parent, _, child = name.rpartition(".")
-            wrapped[name] = MultiAdapterLinear(linear, self.plan, self.config.max_resident)
+            wrapped[name] = MultiAdapterLinear(linear, self.plan, self.config.max_resident, self.model.dtype)
             setattr(self.model.get_submodule(parent), child, wrapped[name])
         return wrapped
 

@@ -21,9 +21,10 @@ from hotswap.methods.api import BatchPlan, LinearDelta, SlotKind, slot_kind
 class MultiAdapterLinear(nn.Module):
     """A frozen ``nn.Linear`` plus per-slot adapter deltas applied row by row, never merged into W."""
 
-    def __init__(self, base: nn.Linear, plan: BatchPlan, num_slots: int) -> None:
+    def __init__(self, base: nn.Linear, plan: BatchPlan, num_slots: int, dtype: torch.dtype) -> None:
+        """``dtype``: the model's compute dtype (the deltas'; a quantized ``base`` keeps its own weights)."""
         super().__init__()
-        self.base = base
+        self.base, self.dtype = base, dtype
         self.plan = plan
         self.num_slots = num_slots  # resident slots; tables have num_slots + 1 rows (slot 0 = zero)
         self.kinds: dict[str, SlotKind] = {}  # created on first install, kept in application order
@@ -44,7 +45,7 @@ class MultiAdapterLinear(nn.Module):
         parts = delta.parts if delta is not None else {}
         for name in parts:
             if name not in self.kinds:
-                self.kinds[name] = slot_kind(name)(self.base, self.num_slots)
+                self.kinds[name] = slot_kind(name)(self.base, self.num_slots, self.dtype)
                 self.kinds = dict(sorted(self.kinds.items(), key=lambda kv: kv[1].order))
         for name, kind in self.kinds.items():
             kind.set(slot, parts.get(name))

@@ -28,7 +28,7 @@ def test_batched_ia3_matches_the_row_loop(k: int, tokens: int) -> None:
     """Input-side and output-side vectors, composed with weights, beside rows without adapters and a LoRA slot."""
     g = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(IN, OUT)
-    layer = MultiAdapterLinear(base, BatchPlan(), SLOTS)
+    layer = MultiAdapterLinear(base, BatchPlan(), SLOTS, base.weight.dtype)
     vectors = {}
     for slot in range(1, SLOTS):
         feedforward = slot % 2 == 0

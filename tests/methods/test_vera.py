@@ -37,7 +37,7 @@ def test_batched_vera_matches_the_row_loop(k: int, tokens: int) -> None:
     weights, beside rows without adapters, a cleared slot and a slot the kind does not hold."""
     g = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(IN, OUT)
-    kind = VeraKind(base, SLOTS)
+    kind = VeraKind(base, SLOTS, base.weight.dtype)
     adapters = {}
     for slot in range(1, SLOTS):  # slot SLOTS stays empty: another method's
         r = 2 + slot

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from hotswap.basemodel import load_model
 
@@ -32,3 +33,12 @@ def reference_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int
     for _ in range(n):
         seq.append(int(reference_logits(model, seq)[-1].argmax()))
     return seq[len(ids) :]
+
+
+def with_bias_deltas(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """BitFit's reference: ``model`` with the adapter's bias deltas added to its linears (a bias where none was)."""
+    for key, delta in load_file(adapter / "adapter_model.safetensors").items():
+        layer = model.get_submodule(key.removesuffix(".bias"))
+        bias = delta if layer.bias is None else layer.bias.detach() + delta
+        layer.bias = torch.nn.Parameter(bias.clone())
+    return model

@@ -29,7 +29,7 @@ from hotswap.train import (
     random_proxies,
     random_sparse,
 )
-from tests.serve.reference import TEST_DEVICE, peft_model, reference_greedy, reference_logits
+from tests.serve.reference import TEST_DEVICE, peft_model, reference_greedy, reference_logits, with_bias_deltas
 
 FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-olmo2",
             "tiny-granite"]  # fmt: skip
@@ -72,13 +72,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def _bitfit_model(base: Path, adapter: Path) -> torch.nn.Module:
-    """The base with the adapter's bias deltas added to its linears (a bias where the layer has none)."""
-    model = load_model(base)
-    for key, delta in load_file(adapter / "adapter_model.safetensors").items():
-        layer = model.get_submodule(key.removesuffix(".bias"))
-        bias = delta if layer.bias is None else layer.bias.detach() + delta
-        layer.bias = torch.nn.Parameter(bias.clone())
-    return model
+    return with_bias_deltas(load_model(base), adapter)
 
 
 def _sparse_model(base: Path, adapter: Path) -> torch.nn.Module:
