@@ -299,6 +299,13 @@ def load_model(
     except (OSError, ValueError, RuntimeError) as e:
         raise InvalidBaseModel(f"{p}: cannot be loaded as a causal LM ({e})") from e
     model.requires_grad_(False)
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval forward (which
+        # then computes in bfloat16 whatever the compute dtype) and unpacks it on save: a training run alternating
+        # evaluations, steps and checkpoints repacked it twice, over corrupted weights. Off: the layer dequantizes
+        # to its compute dtype, the same way in training and serving.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     if getattr(model, "hf_quantizer", None) is None:
         model = model.to(device)  # quantized models were placed by device_map (and refuse .to)
     return model.eval()

@@ -13,6 +13,7 @@ from typing import Any
 
 from hotswap.devices import DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
+from hotswap.quantization import QUANTIZE_CHOICES, check_quantize
 from hotswap.train.methods import method_options, trainable_methods
 
 # our scheduler name -> transformers' (without warmup, with warmup): the rate after the warmup
@@ -98,6 +99,14 @@ class TrainConfig:
             "choices": DTYPE_CHOICES,
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "train over the base quantized at load (nf4: QLoRA), PEFT's methods only; the adapter is "
+            "published for that quantized base",
+            "choices": QUANTIZE_CHOICES,
+        },
+    )
     deepspeed: str | None = field(  # methods with `sharding` only
         default=None, metadata={"help": "DeepSpeed config (JSON file), passed to Trainer (PEFT's methods only)"}
     )
@@ -106,8 +115,14 @@ class TrainConfig:
         metadata={"help": "FSDP options passed to Trainer, e.g. 'full_shard auto_wrap' (PEFT's methods only)"},
     )
 
+    @property
+    def quantized(self) -> str | None:
+        """The quantization of the base (None: float)."""
+        return None if self.quantize == "none" else self.quantize
+
     def __post_init__(self) -> None:
         method_options(self.method, self.options)  # unknown method / foreign options fail here
+        check_quantize(self.quantize)
         if self.steps is not None and self.epochs is not None:
             raise InvalidArgument("give steps or epochs, not both")
         for name in POSITIVE_INTS:

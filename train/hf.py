@@ -244,6 +244,9 @@ def training_arguments(
             ddp_find_unused_parameters=False,  # every trainable parameter takes part in every step
             deepspeed=config.deepspeed,
             fsdp=config.fsdp or None,
+            # QLoRA's paged optimizer (optimizer state paged out of GPU memory under pressure) where bitsandbytes
+            # pages: on CUDA
+            **({"optim": "paged_adamw_32bit"} if config.quantized and device.startswith("cuda") else {}),
         )
     except (ValueError, ImportError, RuntimeError) as e:  # e.g. bf16 on a GPU without it, DeepSpeed not installed
         raise InvalidArgument(f"cannot train with these settings: {e}") from None

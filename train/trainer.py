@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -182,7 +183,7 @@ def _parent(config: TrainConfig, reg: Registry, parent: str, base_path: Path) ->
         raise InvalidArgument(f"{config.method} cannot continue from a parent version (it restructures the adapter)")
     if config.options:
         raise InvalidArgument("with a parent, the adapter's shape comes from the parent: drop the method options")
-    parent_manifest, parent_dir = reg.fetch(parent, base_fingerprint=fingerprint(base_path))
+    parent_manifest, parent_dir = reg.fetch(parent, base_fingerprint=fingerprint(base_path, config.quantized))
     if parent_manifest.method != config.method:
         raise InvalidArgument(f"parent {parent_manifest.ref} is {parent_manifest.method}, not {config.method}")
     return parent_manifest, parent_dir
@@ -220,9 +221,11 @@ def _publish(
         data_digest=data_digest,
         code_version=f"hotswap {__version__}",
     )
-    return reg.publish(out_dir / "adapter", push, method=run["method"], base_fingerprint=fingerprint(base_path),
+    quantize = None if run["quantize"] == "none" else run["quantize"]  # the lineage records it (TrainConfig's)
+    base_fp = fingerprint(base_path, quantize)
+    return reg.publish(out_dir / "adapter", push, method=run["method"], base_fingerprint=base_fp,
                        aliases=list(aliases), lineage=lineage, metrics=metrics, visibility=visibility,
-                       description=description, check=base_checker(base_path))  # fmt: skip
+                       description=description, check=base_checker(base_path, quantize))  # fmt: skip
 
 
 @dataclass
@@ -256,7 +259,14 @@ def _prepare(
     args = training_arguments(config, out_dir, config.lr or spec.lr, device, resuming)
     dtype = resolve_dtype(config.dtype, base_path, device)
     _check_precision(config, dtype, device)
-    model = load_model(base_path, dtype=torch_dtype(dtype), device=args.device)
+    if config.quantized and not spec.sharding:
+        raise InvalidArgument(
+            f"quantize {config.quantize}: {config.method} trains state of its own beside PEFT's; over a quantized "
+            f"base train one of PEFT's methods ({', '.join(n for n, s in trainable_methods().items() if s.sharding)})"
+        )
+    model = load_model(base_path, dtype=torch_dtype(dtype), device=args.device, quantize=config.quantized)
+    if config.quantized:  # QLoRA: PEFT's k-bit preparation (norms in float32, input gradients for checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     codec = text_codec(bundled_tokenizer(base_path), model.config)
     train_ds, eval_ds, eval_source = _datasets(data, eval_data, codec, config)
     for ds in (train_ds, eval_ds):
