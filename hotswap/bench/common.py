@@ -26,6 +26,7 @@ from hotswap.devices import resolve_dtype, torch_dtype
 from hotswap.errors import InvalidArgument
 from hotswap.gguf import PACKAGED, cached_base
 from hotswap.methods import RandomKnobs, registered
+from hotswap.quantization import check_quantize
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineObserver, Request
 
@@ -54,6 +55,7 @@ class Workload:
     api: str = "grpc"  # server: the clients' API, grpc, or http (the OpenAI-compatible one, beside grpc's row)
     device: str = "cpu"  # settled (not auto): hotswap.devices.resolve_device
     dtype: str = "auto"  # the engine's and the baselines' (hotswap.devices.resolve_dtype, per base)
+    quantize: str = "none"  # the base quantized at load (hotswap.quantization), for the engine and the baselines
 
     def __post_init__(self) -> None:
         if self.model not in PRESETS and self.model not in PACKAGED:
@@ -181,25 +183,27 @@ class Fixtures:
             if not self.base.exists():
                 log.info("building base %s at %s", workload.model, self.base)
                 save_model(build_model(workload.model, seed=workload.seed), self.base)
-        self.fingerprint = fingerprint(self.base)
-        self.registry = Registry(self.root / "registry")
+        self.quantize = check_quantize(workload.quantize)
+        self.fingerprint = fingerprint(self.base, self.quantize)  # adapters are published for the base as served
+        self.registry = Registry(self.root / ("registry" if self.quantize is None else f"registry-{self.quantize}"))
         self.dtype = resolve_dtype(workload.dtype, self.base, workload.device)
 
     def load_base(self) -> torch.nn.Module:
         """The base for a baseline (HF generate, PEFT): the engine's device and dtype."""
-        return load_model(self.base, dtype=torch_dtype(self.dtype), device=self.workload.device)
+        return load_model(self.base, dtype=torch_dtype(self.dtype), device=self.workload.device, quantize=self.quantize)
 
     def adapters(self, method: str, n: int) -> list[str]:
         """Names of ``n`` published adapters of ``method`` ("lora-0", ...), creating missing ones."""
         names = [f"{method}-{i}" for i in range(n)]
-        missing = [i for i, name in enumerate(names) if name not in self.registry.names()]
-        if missing:
-            outs = {self.root / "artifacts" / names[i]: 1000 * METHODS.index(method) + i for i in missing}
+        missing = [self.root / "artifacts" / name for name in names if name not in self.registry.names()]
+        # the artifacts are shared by the registries of the float and the quantized base
+        outs = {out: 1000 * METHODS.index(method) + names.index(out.name) for out in missing if not out.exists()}
+        if outs:
             w = self.workload
             knobs = RandomKnobs(rank=w.rank, alpha=w.alpha, small=self.proxy_small)
             registered()[method].random(self.base, outs, knobs)  # type: ignore[misc]
-            for out in outs:
-                self.registry.publish(out, out.name, base_fingerprint=self.fingerprint)
+        for out in missing:
+            self.registry.publish(out, out.name, base_fingerprint=self.fingerprint)
         return names
 
     def proxy_small(self) -> Path:
@@ -233,11 +237,17 @@ class Fixtures:
         return [torch.randint(0, vocab, (self.workload.prompt,), generator=g).tolist() for _ in range(n)]
 
     def engine(
-        self, max_batch: int, max_resident: int = 64, observer: EngineObserver | None = None, decode: str = "eager"
+        self,
+        max_batch: int,
+        max_resident: int = 64,
+        observer: EngineObserver | None = None,
+        decode: str = "eager",
+        float_base: bool = False,
     ) -> Engine:
         """An engine for the workload. Its prefix cache is off: every round replays the same prompts, which the
         cache would answer from the previous round's blocks, while HF ``generate`` and PEFT prefill them again
-        (the ``kv`` scenario measures the prefix cache on its own)."""
+        (the ``kv`` scenario measures the prefix cache on its own). ``float_base``: on the float base even where the
+        workload quantizes it (for base rows only: the registry's adapters are for the quantized base)."""
         w = self.workload
         return Engine(
             self.base,
@@ -250,6 +260,7 @@ class Fixtures:
             device=w.device,
             dtype=self.dtype,
             decode=decode,
+            quantize="none" if float_base else w.quantize,
         )
 
     def peft(self, names: list[str]) -> PeftModel:

@@ -70,19 +70,24 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
     row_adapters = [names[i % n] for i in range(batch)]
     base_reqs = requests(prompts, [[] for _ in prompts], w.new_tokens)
     mixed_reqs = requests(prompts, [[a] for a in row_adapters], w.new_tokens)
-    with fx.engine(max_batch=batch) as engine:
+    memory: dict[str, float] = {}
+    with ExitStack() as stack:
+        engine = stack.enter_context(fx.engine(max_batch=batch))
         refs = [engine.load_adapter(name) for name in names]
         peft = fx.peft(names)
+        runs = {
+            "base": lambda: engine.generate(base_reqs),
+            "mixed": lambda: engine.generate(mixed_reqs),
+            "peft": lambda: hf_generate(peft, prompts, w.new_tokens, adapter_names=row_adapters),
+            "hf": lambda: hf_generate(hf_model, prompts, w.new_tokens),
+        }
+        if fx.quantize:  # the float base beside the quantized one
+            float_engine = stack.enter_context(fx.engine(max_batch=batch, float_base=True))
+            runs["float_base"] = lambda: float_engine.generate(base_reqs)
+            memory = {"base_memory_mb": engine.model.get_memory_footprint() / 2**20,
+                      "float_base_memory_mb": float_engine.model.get_memory_footprint() / 2**20}  # fmt: skip
         set_threads()
-        rounds = interleaved(
-            {
-                "base": lambda: engine.generate(base_reqs),
-                "mixed": lambda: engine.generate(mixed_reqs),
-                "peft": lambda: hf_generate(peft, prompts, w.new_tokens, adapter_names=row_adapters),
-                "hf": lambda: hf_generate(hf_model, prompts, w.new_tokens),
-            },
-            w.repeats,
-        )
+        rounds = interleaved(runs, w.repeats)
         diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], row_adapters[:CHECK_ROWS])
         bound = roofline(model_bytes(engine.model), sum(engine.adapter_bytes(ref) for ref in refs))
     tokens = batch * w.new_tokens
@@ -93,6 +98,9 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
         "hf_generate_tok_s": rounds.tok_s("hf", tokens),
         **rounds.vs("hf_generate", "base", "hf"),
     }
+    if fx.quantize:
+        base_row |= {"quantize": fx.quantize, **memory, "float_base_tok_s": rounds.tok_s("float_base", tokens),
+                     **rounds.vs("float_base", "base", "float_base")}  # fmt: skip
     vs_base = rounds.vs("base", "mixed", "base")
     row = {
         "label": f"{n} adapters",

@@ -8,6 +8,7 @@ from pathlib import Path
 from hotswap.cli.common import AddCommand, positive_float, positive_int
 from hotswap.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from hotswap.errors import InvalidArgument
+from hotswap.quantization import QUANTIZE_CHOICES
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -31,6 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         api=args.api,
         device=resolve_device(args.device),
         dtype=args.dtype,
+        quantize=args.quantize,
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
     print(table)
@@ -65,6 +67,12 @@ def register(add: AddCommand) -> None:
         "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = the base's dtype (float32 on a CPU without bf16)"
     )
     sp.add_argument("--model", metavar="MODEL", help=_model_help())
+    sp.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_CHOICES,
+        help="the base quantized at load, for the engine and the baselines (mixed adds the float base's row)",
+    )
     sp.add_argument("--batch", type=positive_int, default=16)
     sp.add_argument("--prompt", type=positive_int, default=64)
     sp.add_argument("--new-tokens", type=positive_int, default=32)

@@ -56,6 +56,16 @@ def test_mixed(tmp_path: Path, cache: Path) -> None:
     assert f"{rows[0]['vs_base']:.2f} ({rows[0]['vs_base_min']:.2f}–{rows[0]['vs_base_max']:.2f})" in table
 
 
+def test_mixed_on_a_quantized_base(tmp_path: Path, cache: Path) -> None:
+    """NF4: adapters published for the NF4 base, PEFT on the same NF4 base, and the float base's row beside it."""
+    pytest.importorskip("bitsandbytes")
+    base, row = _load(run("mixed", replace(TINY, quantize="nf4"), tmp_path, cache, [1])[0])["rows"]
+    assert base["quantize"] == "nf4" and base["base_memory_mb"] < base["float_base_memory_mb"]
+    assert base["vs_float_base"] == pytest.approx(base["tok_s"] / base["float_base_tok_s"])
+    _spread(base, "vs_float_base")
+    assert row["max_abs_logit_diff"] < 1e-4
+
+
 def test_ratios_are_per_round_medians(tmp_path: Path, cache: Path) -> None:
     """Three interleaved rounds: each ratio is the median of its per-round values, within their min and max."""
     base, row = _load(run("mixed", replace(TINY, repeats=3), tmp_path, cache, [1])[0])["rows"]

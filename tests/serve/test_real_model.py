@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hotswap.basemodel import load_model, load_tokenizer
+from hotswap.serve import Engine, Request
 from hotswap.serve.api.server import Server
 from tests.serve.serverutil import client, make_server
 
@@ -114,3 +115,17 @@ def test_http_chat_answers_are_transformers_generate(srv: Server, real_base: Pat
         assert (choice.message.content, choice.finish_reason) == (text, reason), messages
         assert "<|im_end|>" not in choice.message.content and choice.message.role == "assistant"
         assert g.usage.completion_tokens == len(tokens)
+
+
+def test_nf4_answers_are_transformers_generate_on_the_nf4_model(real_base: Path, tmp_path: Path) -> None:
+    """The real base quantized to NF4 at load still answers correctly, token for token as transformers' greedy
+    generate on the same NF4 model."""
+    pytest.importorskip("bitsandbytes")
+    tok, model = load_tokenizer(real_base), load_model(real_base, quantize="nf4")
+    chats = CHATS[:3]
+    expected = [hf_answer(model, tok, messages) for messages in chats]
+    assert "Paris" in expected[0][1] and "4" in expected[1][1]
+    prompts = [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in chats]
+    with Engine(real_base, tmp_path / "registry", max_batch=len(chats), max_seq_len=256, quantize="nf4") as engine:
+        got = engine.generate([Request(prompt_ids=p, max_new_tokens=N) for p in prompts])
+    assert [(g.token_ids, g.finish_reason.value) for g in got] == [(t, r) for t, _, r in expected]
