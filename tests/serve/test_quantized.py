@@ -136,21 +136,34 @@ def test_an_adapter_is_served_on_the_base_it_was_published_for(
             engine.load_adapter("nf4-trained")
 
 
-def test_quantizing_a_quantized_checkpoint_is_refused(tiny_base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("quantize", "layer"), [("nf4", "Linear4bit"), ("torchao-int8", "Int8Tensor")])
+def test_a_quantized_checkpoint_loads_and_serves_as_it_is(
+    tiny_base: Path, tmp_path: Path, quantize: str, layer: str
+) -> None:
+    """Saved quantized (bitsandbytes, torchao: safetensors), it loads as it is, refuses a second quantization, and
+    the engine serves it (its own fingerprint: the config carries the quantization)."""
     base = tmp_path / "prequantized"
-    load_model(tiny_base, quantize="nf4").save_pretrained(base)
+    quantized = load_model(tiny_base, quantize=quantize)
+    quantized.save_pretrained(base)
     with pytest.raises(InvalidBaseModel, match="already quantized"):
         load_model(base, quantize="int8")
-    model = load_model(base)  # loads as it is
-    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    model = load_model(base)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert layer in (type(q_proj).__name__, type(q_proj.weight).__name__)
+    assert fingerprint(base) not in (fingerprint(tiny_base), fingerprint(tiny_base, quantize))
+    ids = PROMPTS[1]
+    with Engine(base, tmp_path / "registry", max_batch=1) as engine:
+        (ours,) = engine.forward_logits([Request(prompt_ids=ids)])
+    want = reference_logits(quantized, ids)
+    assert (ours - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
 def test_a_checkpoint_whose_kernels_are_missing_is_refused_in_one_line(
     tiny_base: Path, tmp_path: Path, method: str
 ) -> None:
-    """A GPTQ or AWQ checkpoint where its kernels are not installed (this CPU machine): refused at load, naming the
-    checkpoint, never loaded as if it were float."""
+    """A GPTQ, AWQ or compressed-tensors checkpoint whose library is not installed (this CPU machine): refused at
+    load in one line naming the checkpoint and what is missing, never loaded as if it were float."""
     base = tmp_path / method
     shutil.copytree(tiny_base, base)
     config = json.loads((base / "config.json").read_text())
