@@ -118,7 +118,7 @@ class TrainConfig:
     @property
     def quantized(self) -> str | None:
         """The quantization of the base (None: float)."""
-        return None if self.quantize == "none" else self.quantize
+        return check_quantize(self.quantize)
 
     def __post_init__(self) -> None:
         method_options(self.method, self.options)  # unknown method / foreign options fail here

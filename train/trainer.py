@@ -40,6 +40,7 @@ from hotswap.errors import InvalidArgument
 from hotswap.fsutil import building_dir
 from hotswap.methods import base_checker
 from hotswap.methods.api.trainable import Trainable
+from hotswap.quantization import check_quantize
 from hotswap.registry import Lineage, Manifest, Registry
 from hotswap.train import checkpoints
 from hotswap.train.config import TrainConfig
@@ -221,7 +222,7 @@ def _publish(
         data_digest=data_digest,
         code_version=f"hotswap {__version__}",
     )
-    quantize = None if run["quantize"] == "none" else run["quantize"]  # the lineage records it (TrainConfig's)
+    quantize = check_quantize(run["quantize"])  # the lineage records it (TrainConfig's)
     base_fp = fingerprint(base_path, quantize)
     return reg.publish(out_dir / "adapter", push, method=run["method"], base_fingerprint=base_fp,
                        aliases=list(aliases), lineage=lineage, metrics=metrics, visibility=visibility,

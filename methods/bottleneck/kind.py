@@ -23,8 +23,8 @@ class BottleneckKind(SlotKind):
     def set(self, slot: int, payload: Bottleneck | None) -> None:
         self.entries.pop(slot, None)
         if payload is not None:
-            moved = [t.to(device=self.device, dtype=self.dtype) for t in (payload.down, payload.down_bias, payload.up,
-                                                                      payload.up_bias)]  # fmt: skip
+            parts = (payload.down, payload.down_bias, payload.up, payload.up_bias)
+            moved = [t.to(device=self.device, dtype=self.dtype) for t in parts]
             self.entries[slot] = Bottleneck(*moved, activation=payload.activation, serial=payload.serial)
 
     def holds(self, slot: int) -> bool:

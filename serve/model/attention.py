@@ -36,6 +36,22 @@ UNSUPPORTED_KWARGS = ("s_aux", "sinks")
 BATCH_KWARG = "hotswap_batch"  # the model call's keyword carrying the Batch
 
 
+def model_logits(
+    model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, batch: Batch, keep: int
+) -> torch.Tensor:
+    """The causal LM on ``embeds`` (B, T, hidden) at cache ``positions`` (B, T; -1 = padding) attending over
+    ``batch``: float logits (B, keep or T, V) of the last ``keep`` tokens (0 = all), post-processed as the family
+    does. Tensor ops only, so the static decode traces or captures it."""
+    out = model(
+        inputs_embeds=embeds,
+        position_ids=positions.clamp(min=0),
+        logits_to_keep=keep,
+        use_cache=False,
+        **{BATCH_KWARG: batch},
+    )
+    return out.logits.float()
+
+
 def hotswap_attention(
     module: nn.Module,
     query: torch.Tensor,

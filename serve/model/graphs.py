@@ -34,7 +34,7 @@ from torch import nn
 
 from hotswap.devices import DECODE_CHOICES
 from hotswap.errors import InvalidArgument
-from hotswap.serve.model.attention import BATCH_KWARG
+from hotswap.serve.model.attention import model_logits
 from hotswap.serve.model.kvcache import PagedCache, StaticCache
 from hotswap.serve.model.layers import MultiAdapterLinear
 
@@ -116,6 +116,8 @@ class StaticDecode:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * MAX_GRAPHS)
             self._forward = torch.compile(self._step, fullgraph=True, dynamic=False)
         self._pool = torch.cuda.graph_pool_handle() if mode == "cuda-graphs" else None
+        # (plan version, layer epochs) -> the layers' layouts (None: an opaque state), for the last ones seen
+        self._layouts: tuple[tuple, tuple | None] = ((None,), ())
         self.new_steps = 0  # keys met so far (each traced or captured once)
         self.eager_steps = 0  # steps left to the eager decode (an opaque adapter state)
 
@@ -132,10 +134,16 @@ class StaticDecode:
         """Like ``Runner.decode`` over rows [0, n), n a batch bucket (host tensors): float logits (n, V), or None when
         an adapter state is opaque (the caller decodes eagerly)."""
         states = [layer.batch_states() if layer.plan.used else [] for layer in self.layers]
-        try:
-            layouts = tuple(tuple((k.name, layout(s)) for k, s in st) for st in states)
-        except OpaqueState as e:
-            log.debug("decoding eagerly: %s", e)
+        # the layouts change only with the plan or a layer's states: walked once per change, not per step
+        seen = (self.layers[0].plan.version, tuple(layer.epoch for layer in self.layers)) if self.layers else ()
+        if seen != self._layouts[0]:
+            try:
+                self._layouts = seen, tuple(tuple((k.name, layout(s)) for k, s in st) for st in states)
+            except OpaqueState as e:
+                self._layouts = seen, None
+                log.debug("decoding eagerly: %s", e)
+        layouts = self._layouts[1]
+        if layouts is None:
             self.eager_steps += 1
             return None
         n, key_len = len(tokens), self.key_len(positions)
@@ -202,10 +210,7 @@ class StaticDecode:
         """The step itself: tensor ops over the buffers only (no host sync, no shape from data)."""
         pos = positions[:, None]
         batch = self.cache.bind_table(table, pos, key_len)
-        embeds = self.embed(tokens[:, None])
-        out = self.model(inputs_embeds=embeds, position_ids=pos.clamp(min=0), logits_to_keep=1,
-                                use_cache=False, **{BATCH_KWARG: batch})  # fmt: skip
-        return out.logits[:, 0].float()
+        return model_logits(self.model, self.embed(tokens[:, None]), pos, batch, keep=1)[:, 0]
 
 
 def _clone(state: Any) -> Any:

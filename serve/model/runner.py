@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from hotswap.basemodel import check_supported, head_dim
 from hotswap.errors import InvalidBaseModel
-from hotswap.serve.model.attention import ATTENTION, BATCH_KWARG
+from hotswap.serve.model.attention import ATTENTION, model_logits
 from hotswap.serve.model.graphs import StaticDecode
 from hotswap.serve.model.kvcache import PagedCache, StaticCache
 
@@ -107,15 +107,7 @@ class Runner:
         """The model on ``embeds`` (B, T, hidden) for cache ``rows`` (B,) at ``positions`` (B, T; -1 = padding):
         float logits (B, keep or T, V) of the last ``keep`` tokens (0 = all), post-processed as the family does."""
         positions = positions.to(self.device)
-        batch = self.cache.bind(rows, positions, contiguous)
-        out = self.model(
-            inputs_embeds=embeds,
-            position_ids=positions.clamp(min=0),
-            logits_to_keep=keep,
-            use_cache=False,
-            **{BATCH_KWARG: batch},
-        )
-        return out.logits.float()
+        return model_logits(self.model, embeds, positions, self.cache.bind(rows, positions, contiguous), keep)
 
     @torch.inference_mode()
     def _probe(self) -> None:
