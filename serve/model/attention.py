@@ -9,8 +9,8 @@ while HF's caches share one write position per batch.
 
 Each layer's attention gets its post-rotary query/key/value; :func:`hotswap_attention` writes the keys and
 values into the :class:`KVCache` at each token's cache index and attends over that row's cache only, with a
-causal mask (and the layer's sliding window, and logit soft-capping where the family has them); the cache is
-static or paged (:mod:`hotswap.serve.model.kvcache`). What one forward attends over travels in a
+causal mask (and the layer's sliding window, logit soft-capping and gpt-oss's attention sinks where the family has
+them); the cache is static or paged (:mod:`hotswap.serve.model.kvcache`). What one forward attends over travels in a
 :class:`~hotswap.serve.model.kvcache.Batch` passed to the model call as the keyword ``hotswap_batch``, which
 transformers hands down to the attention function (a plain argument, so a traced or captured step sees it; a
 family that drops it is refused at load). :func:`attention_ref` is the plain per-row loop the fast path is tested
@@ -29,9 +29,10 @@ from hotswap.errors import InvalidBaseModel
 from hotswap.serve.model.kvcache import Batch
 
 ATTENTION = "hotswap"
-# Attention features some families pass that this function does not implement (attention sinks): a model
-# passing one is refused at load (see serve.runner.check_supported), never answered wrongly.
-UNSUPPORTED_KWARGS = ("s_aux", "sinks")
+# Attention features some families pass that this function does not implement (per-token sinks computed from the
+# hidden states, Inkling 2's ``sinks``; gpt-oss's learned per-head ``s_aux`` is implemented): a model passing one is
+# refused at load (see Runner._probe), never answered wrongly.
+UNSUPPORTED_KWARGS = ("sinks",)
 
 BATCH_KWARG = "hotswap_batch"  # the model call's keyword carrying the Batch
 
@@ -65,21 +66,28 @@ def hotswap_attention(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query (B, H, T, hd), key/value (B, KV, T, hd) after rotary; returns
-    (B, T, H, hd). Writes key/value into the cache, then attends over each row's cache."""
+    (B, T, H, hd). Writes key/value into the cache, then attends over each row's cache. ``s_aux`` (H,): gpt-oss's
+    learned sink logit per head, one more softmax column (after scaling and masking, never windowed) whose
+    probability is dropped, as its eager attention does."""
     batch = kwargs.pop(BATCH_KWARG, None)
     if not isinstance(batch, Batch):
         raise InvalidBaseModel(f"this model's forward does not pass {BATCH_KWARG!r} down to its attention")
     unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    s_aux = kwargs.get("s_aux")
+    sinks = s_aux if isinstance(s_aux, torch.Tensor) else None
+    if s_aux is not None and (sinks is None or sinks.shape != query.shape[1:2]):
+        unsupported.append("s_aux other than one logit per head")
     if unsupported or attention_mask is not None:
         raise InvalidBaseModel(f"this model's attention needs {unsupported or ['its own mask']}, which hotswap lacks")
     batch.write(module.layer_idx, key, value)
     keys, values = batch.read(module.layer_idx)
     mask = batch.mask(sliding_window)
     scaling = scaling or query.shape[-1] ** -0.5
-    if softcap is None and _sdpa_is_faster(query):
+    # SDPA has no sink column (and its fused kernels keep their log-sum-exp private): sinks take the matmul path
+    if softcap is None and sinks is None and _sdpa_is_faster(query):
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
     else:
-        out = _grouped_attention(query, keys, values, mask, scaling, softcap)
+        out = _grouped_attention(query, keys, values, mask, scaling, softcap, sinks)
     return out.transpose(1, 2), None
 
 
@@ -96,17 +104,24 @@ def _grouped_attention(
     mask: torch.Tensor,
     scaling: float,
     softcap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDPA's result (with Gemma 2's logit soft-capping where given) as two matmuls per kv head over its group of
-    query heads, softmax in float32: query (B, H, T, hd), keys/values (B, KV, L, hd), mask (B, 1, T, L)."""
+    """SDPA's result (with Gemma 2's logit soft-capping and gpt-oss's sinks where given) as two matmuls per kv head
+    over its group of query heads, softmax in float32: query (B, H, T, hd), keys/values (B, KV, L, hd), mask
+    (B, 1, T, L), sinks (H,)."""
     b, h, t, d = query.shape
     kv, length = keys.shape[1], keys.shape[2]
     q = query.reshape(b, kv, h // kv * t, d)  # head i uses kv head i // (H / KV), as HF's repeat_kv
     scores = (q @ keys.transpose(-1, -2)).float() * scaling  # (B, KV, G*T, L)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(b, kv, h // kv, t, length).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = scores.softmax(-1).to(values.dtype).view(b, kv, -1, length)
+    scores = scores.view(b, kv, h // kv, t, length).masked_fill(~mask[:, :, None], float("-inf"))  # (B, KV, G, T, L)
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:  # the sink's column joins the softmax, then leaves: its probability attends to nothing
+        sink = sinks.float().view(1, kv, h // kv, 1, 1).expand(b, -1, -1, t, 1)  # (B, KV, G, T, 1)
+        probs = torch.cat([scores, sink], -1).softmax(-1)[..., :length]
+    probs = probs.to(values.dtype).reshape(b, kv, -1, length)  # (B, KV, G*T, L)
     return (probs @ values).view(b, h, t, d)
 
 
@@ -118,9 +133,11 @@ def attention_ref(
     scaling: float,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference for one row and one layer, a loop over its tokens: cache_k/cache_v (KV, L, hd) already hold
-    the row's keys/values, query (H, T, hd) at ``positions``; returns (T, H, hd)."""
+    the row's keys/values, query (H, T, hd) at ``positions``, ``sinks`` (H,) a sink logit per head; returns
+    (T, H, hd)."""
     groups = query.shape[0] // cache_k.shape[0]
     out = []
     for t, q_pos in enumerate(positions):
@@ -130,7 +147,10 @@ def attention_ref(
         scores = (k.float() @ query[:, t, :, None].float())[..., 0] * scaling  # (H, n)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        out.append((scores.softmax(-1)[:, None, :] @ v.float())[:, 0])  # (H, hd)
+        if sinks is not None:  # whatever the window, each query sees its head's sink
+            scores = torch.cat([scores, sinks.float()[:, None]], -1)  # (H, n + 1)
+        probs = scores.softmax(-1)[:, : v.shape[1]]  # (H, n)
+        out.append((probs[:, None, :] @ v.float())[:, 0])  # (H, hd)
     return torch.stack(out).to(query.dtype)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
 
 from hotswap.errors import InvalidBaseModel
 from hotswap.serve.model.attention import attention_ref, hotswap_attention
@@ -42,10 +43,12 @@ def _row_kv(cache: StaticCache | PagedCache, layer: int, row: int) -> tuple[torc
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
 def test_fast_attention_equals_the_row_loop(
-    kind: str, window: int | None, softcap: float | None, contiguous: bool
+    kind: str, window: int | None, softcap: float | None, contiguous: bool, sinks: bool
 ) -> None:
     g = torch.Generator().manual_seed(0)
+    s_aux = torch.randn(HEADS, generator=g) * 2 if sinks else None  # gpt-oss's learned sink logit per head
     cache = _cache(kind)
     cache.k.normal_(generator=g)  # earlier tokens' keys/values, already in the rows
     cache.v.normal_(generator=g)
@@ -58,15 +61,14 @@ def test_fast_attention_equals_the_row_loop(
     key, value = torch.randn(2, 3, KV_HEADS, 5, HEAD_DIM, generator=g)
     before = _row_kv(cache, 1, rows[1])[0].clone()
     batch = cache.bind(rows, positions, contiguous)
-    out, _ = hotswap_attention(
-        _Layer(1), query, key, value, None, 0.3, sliding_window=window, softcap=softcap, hotswap_batch=batch
-    )
+    kw = dict(sliding_window=window, softcap=softcap, s_aux=s_aux, hotswap_batch=batch)
+    out, _ = hotswap_attention(_Layer(1), query, key, value, None, 0.3, **kw)
     for b in range(3):
         real = positions[b] >= 0
         pos = positions[b][real].tolist()
         k, v = _row_kv(cache, 1, rows[b])  # written by the call above
         assert torch.equal(k[:, pos], key[b][:, real]), "keys land at their positions of their own row"
-        ref = attention_ref(k, v, query[b][:, real], pos, 0.3, window, softcap)
+        ref = attention_ref(k, v, query[b][:, real], pos, 0.3, window, softcap, s_aux)
         torch.testing.assert_close(out[b][real], ref, atol=1e-5, rtol=1e-5)
     untouched = [p for p in range(MAX_LEN) if p not in (9, 10, 11)]
     assert torch.equal(_row_kv(cache, 1, rows[1])[0][:, untouched], before[:, untouched]), "padding wrote elsewhere"
@@ -85,6 +87,57 @@ def test_padding_writes_only_scratch_space(kind: str) -> None:
     assert scratch.abs().sum() > 0
     if isinstance(cache, PagedCache):
         assert cache.k[:, cache.null].abs().sum() == 0, "the null block padding tables read stays zero"
+
+
+class _SinkLayer(_Layer):
+    """What gpt-oss's eager attention reads off its module."""
+
+    def __init__(self, layer_idx: int, sinks: torch.Tensor) -> None:
+        super().__init__(layer_idx)
+        self.sinks = nn.Parameter(sinks)
+        self.num_key_value_groups = HEADS // KV_HEADS
+
+
+@pytest.mark.parametrize("kind", ["static", "paged"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_sinks_equal_transformers_eager_gpt_oss_attention(kind: str, window: int | None) -> None:
+    """Two rows prefilled in two chunks (the second reads the first's keys from the cache) give gpt-oss's own eager
+    attention over the whole sequence, with its additive causal (sliding-window) mask and its sinks."""
+    g = torch.Generator().manual_seed(1)
+    n, half = 12, 6  # past the window: the windowed layer masks the oldest keys, never the sink
+    layer = _SinkLayer(0, torch.randn(HEADS, generator=g) * 2)
+    query = torch.randn(2, HEADS, n, HEAD_DIM, generator=g)
+    key, value = torch.randn(2, 2, KV_HEADS, n, HEAD_DIM, generator=g)
+    cache = _cache(kind, rows=2)
+    out = []
+    for lo, hi in [(0, half), (half, n)]:
+        positions = torch.arange(lo, hi).expand(2, -1)
+        batch = cache.bind([0, 1], positions, contiguous=True)
+        o, _ = hotswap_attention(
+            layer, query[..., lo:hi, :], key[..., lo:hi, :], value[..., lo:hi, :], None, 0.3,
+            sliding_window=window, s_aux=layer.sinks, hotswap_batch=batch,
+        )  # fmt: skip
+        out.append(o)
+    q, k = torch.arange(n)[:, None], torch.arange(n)
+    visible = (k <= q) & (q - k < (window or n))
+    mask = torch.zeros(n, n).masked_fill(~visible, torch.finfo(torch.float32).min)  # as HF's eager masks
+    ref, _ = gpt_oss.eager_attention_forward(layer, query, key, value, mask, 0.3)  # (B, T, H, hd)
+    torch.testing.assert_close(torch.cat(out, 1), ref, atol=1e-5, rtol=1e-5)
+    without, _ = gpt_oss.eager_attention_forward(
+        _SinkLayer(0, torch.full((HEADS,), -1e9)), query, key, value, mask, 0.3
+    )
+    assert (ref - without).abs().max() > 0.1, "the sinks must change the output"
+
+
+def test_per_token_sinks_are_refused() -> None:
+    """Sinks computed per token (``sinks`` (B, H, T, 1)), or any ``s_aux`` but one logit per head, are not ours."""
+    q = torch.randn(1, HEADS, 1, HEAD_DIM)
+    kv = q[:, :KV_HEADS]
+    batch = _cache("static").bind([0], torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(InvalidBaseModel, match="'sinks'"):
+        hotswap_attention(_Layer(0), q, kv, kv, None, 1.0, sinks=q[..., :1], hotswap_batch=batch)
+    with pytest.raises(InvalidBaseModel, match="s_aux other than one logit per head"):
+        hotswap_attention(_Layer(0), q, kv, kv, None, 1.0, s_aux=q[..., :1], hotswap_batch=batch)
 
 
 def test_the_attention_needs_its_batch() -> None:
@@ -111,18 +164,15 @@ REFUSED = {
         "is an encoder-decoder",
     ),
     "qwen3_next": ({**_SMALL, "layer_types": ["linear_attention", "full_attention"]}, "has linear_attention layers"),
-    "gpt_oss": (
-        {
-            **_SMALL,
-            "num_local_experts": 2,
-            "num_experts_per_tok": 1,
-            "head_dim": 8,
-            "layer_types": ["full_attention"] * 2,
-        },
-        "needs \\['s_aux'\\]",  # attention sinks
-    ),
     "gpt2": (dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4), "decoder layers are not at model.layers"),
 }
+
+
+def test_gpt_oss_attention_sinks_are_served() -> None:
+    """gpt-oss, once refused for its sinks (``s_aux``), loads: the load probe runs a token through every layer."""
+    config = {**_SMALL, "num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8, "sliding_window": 4,
+              "layer_types": ["sliding_attention", "full_attention"]}  # fmt: skip
+    Runner(AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **config)).eval(), 2, 16)
 
 
 @pytest.mark.parametrize("model_type", list(REFUSED))
