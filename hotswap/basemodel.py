@@ -87,6 +87,24 @@ PRESETS: dict[str, Preset] = {
         "granite", True, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
         attention_multiplier=1 / 16,  # Granite 3's values; attention scaled by 1/head_dim, not 1/sqrt
     ),
+    # Mixture-of-experts families: 4 experts, 2 per token, so the tokens of one batch spread over the experts.
+    "tiny-mixtral": _tiny("mixtral", False, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "tiny-qwen3-moe": _tiny(
+        "qwen3_moe", False, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32
+    ),
+    "tiny-qwen2-moe": _tiny(  # a shared expert (plain linears) and its sigmoid gate beside the routed experts
+        "qwen2_moe", True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),
+    "tiny-olmoe": _tiny("olmoe", False, num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "tiny-gpt-oss": _tiny(  # attention sinks, biased experts stored transposed and interleaved, a biased router
+        "gpt_oss", False, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        sliding_window=_WINDOW, layer_types=_MIXED,
+        rope_parameters=dict(  # gpt-oss's YaRN, its original context scaled to the tiny one (512 / 32)
+            rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=16, rope_theta=150000.0,
+        ),
+    ),
     # Real published shapes at random init (benchmarks; the config values of the checkpoints' config.json).
     "smollm2-135m": Preset(  # the benchmark card, workload W1: SmolLM2-135M's shape, 134.5M parameters
         "llama",

@@ -1,5 +1,6 @@
 """Reading adapters for serving: what a loader returns (:class:`LoadedAdapter`), what it knows of the base
-(:class:`BaseInfo`, :func:`decoder_linears`, :func:`target_linears`) and the checks every loader uses. The
+(:class:`BaseInfo`, :func:`decoder_linears`, :func:`decoder_experts`, :func:`target_linears`) and the checks every
+loader uses. The
 dispatch to each method's own loader is :func:`hotswap.methods.load_adapter`.
 
 The loaders are also the artifact's validation against a base: every tensor must map to a module the
@@ -51,6 +52,7 @@ class BaseInfo:
     """What loaders need to know about the served base."""
 
     linears: dict[str, nn.Linear]  # wrapped module path -> the frozen base layer
+    experts: dict[str, nn.Module]  # wrapped module path -> an MoE layer's experts (transformers' stacked weights)
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -64,6 +66,7 @@ class BaseInfo:
         cfg = model.config
         return cls(
             linears={name: getattr(layer, "base", layer) for name, layer in decoder_linears(model).items()},
+            experts={name: getattr(layer, "base", layer) for name, layer in decoder_experts(model).items()},
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim(cfg),
@@ -84,6 +87,43 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
         if inside_block and not in_wrapper and isinstance(getattr(module, "base", module), nn.Linear):
             found[name] = module
     return found
+
+
+def is_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is an MoE layer's experts as transformers stores them: per-expert weights stacked in 3-D
+    parameters (``gate_up_proj`` or ``up_proj``, and ``down_proj``), its class dispatched through transformers'
+    experts interface (``use_experts_implementation``, which records the layout: ``has_gate``, ``is_transposed``)."""
+    down = getattr(module, "down_proj", None)
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "is_transposed")
+        and isinstance(down, nn.Parameter)
+        and (down.dim() == 3)
+    )
+
+
+def decoder_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """The MoE layers' experts inside the decoder blocks (module path -> experts): the ones the engine wraps for
+    expert adapters (e.g. PEFT's LoRA on ``target_parameters``). Once wrapped, the wrapper (holding the experts as
+    ``base``) stands where they were."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside_block = ".layers." in name.rpartition(".")[0] + "."
+        in_wrapper = any(name.startswith(f"{w}.") for w in found)
+        if inside_block and not in_wrapper and is_experts(getattr(module, "base", module)):
+            found[name] = module
+    return found
+
+
+def expert_projections(experts: nn.Module) -> dict[str, tuple[int, int]]:
+    """The projections of one MoE layer's experts, in their registration order: parameter name -> (in_features,
+    out_features) of one expert (the stacked weight is (experts, out, in), or (experts, in, out) when transposed)."""
+    out = {}
+    for name, param in experts.named_parameters(recurse=False):
+        if param.dim() == 3:
+            _, a, b = param.shape
+            out[name] = (a, b) if experts.is_transposed else (b, a)
+    return out
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
@@ -147,7 +187,9 @@ def check_shape(ref: str, key: str, t: torch.Tensor, expected: tuple[int, ...]) 
 
 def target_linear(ref: str, module: str, key: str, base: BaseInfo) -> nn.Linear:
     if module not in base.linears:
-        raise ArtifactRejected(f"{ref}: tensor {key} targets {module!r}, not a linear layer of the base's blocks")
+        raise ArtifactRejected(
+            f"{ref}: tensor {key} targets {module!r}, not a linear layer (or MoE experts) of the base's blocks"
+        )
     return base.linears[module]
 
 

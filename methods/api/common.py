@@ -13,7 +13,7 @@ from peft import PeftConfig, get_peft_model
 from hotswap.basemodel import load_model
 from hotswap.errors import InvalidArgument, InvalidArtifact
 from hotswap.fsutil import building_dir
-from hotswap.methods.api import decoder_linears, target_linears
+from hotswap.methods.api import decoder_experts, decoder_linears, expert_projections, target_linears
 
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
 DEFAULT_TARGETS = (ALL_LINEAR,)
@@ -22,6 +22,11 @@ TARGETS_HELP = (
     f"module names (last part) of the linear layers to adapt; {ALL_LINEAR} (as in PEFT): every linear layer of the "
     "decoder blocks, e.g. q/k/v/o_proj and gate/up/down_proj on Llama, Mistral, Qwen, Gemma, OLMo 2 and Granite, "
     "qkv_proj, o_proj, gate_up_proj and down_proj on Phi-3 (fused)"
+)
+EXPERTS = "experts"  # every projection of every MoE layer's experts
+PARAMETERS_HELP = (
+    f"parameter names (last parts) to adapt directly, as PEFT's target_parameters; {EXPERTS}: every projection of "
+    "every MoE layer's experts (e.g. mlp.experts.gate_up_proj and mlp.experts.down_proj), a LoRA per expert"
 )
 PathLike = str | os.PathLike[str]
 # fill(name, parameter, its value at attach time, generator) -> the random value to save
@@ -48,6 +53,23 @@ def resolve_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> tu
     if not names:
         raise InvalidArgument(f"{type(model).__name__} has no linear layer in decoder blocks (model.layers.N)")
     return names
+
+
+def resolve_parameters(model: torch.nn.Module, target_parameters: Sequence[str]) -> tuple[str, ...]:
+    """PEFT ``target_parameters`` for ``model``: as given, or, for ``experts``, every projection of the MoE layers'
+    experts, named from inside a block (e.g. ``mlp.experts.down_proj``)."""
+    if EXPERTS not in target_parameters:
+        return tuple(target_parameters)
+    if len(target_parameters) > 1:
+        raise InvalidArgument(f"{EXPERTS} stands alone, got target parameters {', '.join(target_parameters)}")
+    names = {
+        f"{path.split('.layers.', 1)[1].partition('.')[2]}.{proj}"
+        for path, experts in decoder_experts(model).items()
+        for proj in expert_projections(getattr(experts, "base", experts))
+    }
+    if not names:
+        raise InvalidArgument(f"{type(model).__name__} has no MoE experts in its decoder blocks to adapt")
+    return tuple(sorted(names))
 
 
 def adapted_linears(model: torch.nn.Module, target_modules: Sequence[str]) -> dict[str, torch.nn.Linear]:

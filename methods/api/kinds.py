@@ -8,13 +8,15 @@ folder (:func:`register_kind`), so the engine names no method:
   scales...). Every linear of the base's decoder blocks is wrapped once; the wrapper creates a layer's kind the
   first time one of its payloads is installed. Before each forward the engine sets the shared
   :class:`BatchPlan`; each kind gathers its rows once per plan and adds its delta with its batched op.
+- :class:`ExpertKind` — the same for one mixture-of-experts layer's stacked expert weights (e.g. LoRA per
+  expert): a delta on each expert's projections, for the tokens routed to that expert only.
 - :class:`ContextKind` — what comes before a row's text: positions written straight into the row's KV cache
   (learned keys/values) and/or virtual embeddings computed before the text.
 - :class:`LogitKind` — an offset added to a row's next-token logits, computed beside the base (e.g. by other
   models over the row's text).
 
 Context and logit kinds are engine-wide (one instance per engine, created on first use with the engine's
-:class:`EngineRows`); slot kinds are per layer.
+:class:`EngineRows`); slot and expert kinds are per wrapped module (both are a :class:`SlotTable`).
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ def nbytes(payload: object) -> int:
 
 @dataclass(frozen=True)
 class LinearDelta:
-    """One adapter's delta for one linear layer, ready to install in a slot: payloads keyed by slot kind name
-    (e.g. ``{"lora": LoraFactors(...)}``; a method may use several kinds on one layer)."""
+    """One adapter's delta for one wrapped module (a linear layer or an MoE layer's experts), ready to install in a
+    slot: payloads keyed by kind name (e.g. ``{"lora": LoraFactors(...)}``; a method may use several kinds on one
+    module)."""
 
     parts: dict[str, Any]
 
@@ -90,21 +93,18 @@ class LinearDelta:
         return sum(nbytes(p) for p in self.parts.values())
 
 
-class SlotKind:
-    """One kind of per-slot delta of one layer: its tables, its per-plan gather and its batched apply.
-
-    ``order`` places it among the layer's kinds (applied in increasing order; a kind that reads the whole
-    output, like a serial bottleneck, goes last). A kind may scale the base layer's input per row
-    (:meth:`scale_input`) and add to the output (:meth:`apply`, given the base output and the running one).
-    """
+class SlotTable:
+    """One kind of per-slot delta of one wrapped module (a linear layer, or an MoE layer's experts): its tables, filled
+    per resident slot, and its per-plan gather. ``order`` places it among the module's kinds (applied in increasing
+    order)."""
 
     name: ClassVar[str]
     order: ClassVar[int] = 50
 
-    def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
-        """``dtype``: the layer's compute dtype, the deltas' (a quantized base's weight holds packed integers)."""
+    def __init__(self, base: nn.Module, num_slots: int, dtype: torch.dtype) -> None:
+        """``dtype``: the module's compute dtype, the deltas' (a quantized base's weight holds packed integers)."""
         self.base, self.num_slots = base, num_slots
-        self.dtype, self.device = dtype, base.weight.device
+        self.dtype, self.device = dtype, next(base.parameters()).device
 
     def set(self, slot: int, payload: Any | None) -> None:
         """Install ``payload`` in ``slot`` (or clear it with None). Never during a forward."""
@@ -117,14 +117,33 @@ class SlotKind:
         """Per-row state for the plan's rows, given the plan's slots this kind holds (non-empty)."""
         raise NotImplementedError
 
+    def _empty(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(self.num_slots + 1, *shape, dtype=self.dtype, device=self.device)
+
+
+class SlotKind(SlotTable):
+    """A linear layer's kind. It may scale the base layer's input per row (:meth:`scale_input`) and add to the output
+    (:meth:`apply`, given the base output and the running one; a kind that reads the whole output, like a serial
+    bottleneck, goes last)."""
+
+    base: nn.Linear
+
     def scale_input(self, x: torch.Tensor, state: Any) -> torch.Tensor:
         return x
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
         return y
 
-    def _empty(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(self.num_slots + 1, *shape, dtype=self.dtype, device=self.device)
+
+class ExpertKind(SlotTable):
+    """An MoE layer's kind (``base``: the layer's experts, transformers' stacked expert weights). The layer runs each
+    expert on the tokens routed to it; the kind adds its delta to that expert's projections there."""
+
+    def delta(self, proj: str, expert: int, x: torch.Tensor, rows: torch.Tensor, state: Any) -> torch.Tensor | None:
+        """The delta (n, out) of projection ``proj`` (the experts' parameter name, e.g. ``gate_up_proj``) of
+        ``expert`` on its routed tokens ``x`` (n, in), whose batch rows are ``rows`` (n,); None where the kind adapts
+        no such projection."""
+        raise NotImplementedError
 
 
 class RowRunner(Protocol):
@@ -229,7 +248,7 @@ class LogitKind(AdapterKind):
         raise NotImplementedError
 
 
-_SLOT_KINDS: dict[str, type[SlotKind]] = {}
+_SLOT_KINDS: dict[str, type[SlotTable]] = {}
 _ADAPTER_KINDS: dict[str, type[AdapterKind]] = {}
 
 
@@ -237,17 +256,17 @@ K = TypeVar("K", bound=type)
 
 
 def register_kind(cls: K) -> K:
-    """Register a slot, context or logit kind by its ``name``; a name registers once."""
-    table: dict[str, Any] = _SLOT_KINDS if issubclass(cls, SlotKind) else _ADAPTER_KINDS
-    if not issubclass(cls, SlotKind | ContextKind | LogitKind):
-        raise TypeError(f"{cls.__name__} is not a SlotKind, ContextKind or LogitKind")
+    """Register a slot, expert, context or logit kind by its ``name``; a name registers once."""
+    table: dict[str, Any] = _SLOT_KINDS if issubclass(cls, SlotTable) else _ADAPTER_KINDS
+    if not issubclass(cls, SlotKind | ExpertKind | ContextKind | LogitKind):
+        raise TypeError(f"{cls.__name__} is not a SlotKind, ExpertKind, ContextKind or LogitKind")
     if cls.name in _SLOT_KINDS or cls.name in _ADAPTER_KINDS:
         raise ValueError(f"kind {cls.name!r} is already registered")
     table[cls.name] = cls
     return cls
 
 
-def slot_kind(name: str) -> type[SlotKind]:
+def slot_kind(name: str) -> type[SlotTable]:
     if name not in _SLOT_KINDS:
         raise ValueError(f"unknown slot kind {name!r} (registered: {', '.join(sorted(_SLOT_KINDS))})")
     return _SLOT_KINDS[name]

@@ -39,15 +39,16 @@ _FEEDFORWARD = ("down_proj",)
 def ia3_defaults(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """IA3's default (target, feedforward) modules on ``model``: PEFT's own for its model type
     (``TRANSFORMERS_MODELS_TO_IA3_*_MAPPING``: k/v/down_proj on Llama and Mistral, q/v/down_proj on Qwen and Gemma);
-    for a type PEFT does not list (Phi-3, OLMo 2, Granite ...), its Llama default's roles found by name."""
+    for a type PEFT does not list (Phi-3, OLMo 2, Granite, the MoE families ...), its Llama default's roles found by
+    name."""
     model_type = model.config.model_type
     if model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
         targets = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]
         return tuple(targets), tuple(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, ()))
     names = set(resolve_targets(model, (ALL_LINEAR,)))
     keys_values = next((group for group in _KEYS_VALUES if set(group) <= names), ())
-    feedforward = tuple(n for n in _FEEDFORWARD if n in names)
-    if not keys_values or not feedforward:
+    feedforward = tuple(n for n in _FEEDFORWARD if n in names)  # none on an MoE base: its experts are no linears
+    if not keys_values:
         raise InvalidArgument(f"no IA3 default for model type {model_type!r}: give target and feedforward modules")
     return (*keys_values, *feedforward), feedforward
 

@@ -1,6 +1,7 @@
 """LoRA and DoRA artifacts: PEFT's own files (``adapter_config.json`` + ``adapter_model.safetensors``). The reader
-also serves every method published in PEFT's LoRA format (AdaLoRA, PLoRA, DyLoRA exports); the writers make
-random ones for tests and benchmarks (``factors.py`` writes LoRA files from per-layer factors)."""
+also serves every method published in PEFT's LoRA format (AdaLoRA, PLoRA, DyLoRA exports), and LoRA on an MoE
+layer's experts (PEFT's ``target_parameters``); the writers make random ones for tests and benchmarks
+(``factors.py`` writes LoRA files from per-layer factors)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,18 @@ from hotswap.methods.api import (
     LoadedAdapter,
     check_shape,
     dense_weight,
+    expert_projections,
     read_json,
     read_tensors,
     target_linear,
 )
-from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, resolve_targets, save_variants
-from hotswap.methods.lora.kind import LoraFactors, LoraKind
+from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, resolve_parameters, resolve_targets, save_variants
+from hotswap.methods.lora.kind import ExpertLoraFactors, ExpertLoraKind, LoraFactors, LoraKind
 
 _PEFT_PREFIX = "base_model.model."
 # -- LoRA family (LoRA, DoRA, and anything published in PEFT's LoRA format) --------------------------
 _LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+_NESTED = ".base_layer"  # PEFT's wrapper of a module around the one it wraps
 
 
 def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapter:
@@ -46,10 +49,20 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
         raise UnsupportedAdapter(f"{ref}: LoRA bias={config.bias!r} is not served; use bias='none'")
     tensors = {k.removeprefix(_PEFT_PREFIX): v for k, v in read_tensors(path, ref, base).items()}
     modules: set[str] = set()
+    expert_keys: dict[str, dict[str, str]] = {}  # experts module -> projection -> its tensors' key prefix
     for key in tensors:
         module, _, part = key.partition(".lora_")
         if not part or f"lora_{part}" not in _LORA_PARTS:
             raise ArtifactRejected(f"{ref}: unexpected tensor {key!r} (a LoRA artifact holds {', '.join(_LORA_PARTS)})")
+        depth, experts = 0, module
+        while experts.endswith(_NESTED):  # PEFT nests one wrapper per targeted parameter of a module
+            experts, depth = experts.removesuffix(_NESTED), depth + 1
+        if experts in base.experts:
+            proj = _targeted_parameter(ref, config, experts, base.experts[experts], depth)
+            if part != "A.weight" and part != "B.weight":
+                raise ArtifactRejected(f"{ref}: tensor {key!r}: {experts}.{proj} takes plain LoRA (lora_A, lora_B)")
+            expert_keys.setdefault(experts, {})[proj] = module
+            continue
         target_linear(ref, module, key, base)
         modules.add(module)
     out = LoadedAdapter(ref=ref, method=method)
@@ -86,9 +99,65 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
         out.linear[module] = LinearDelta(
             {LoraKind.name: LoraFactors(a.to(base.dtype), b_scaled.to(base.dtype), dora_scale)}
         )
+    for experts, projections in sorted(expert_keys.items()):
+        factors = {
+            proj: _expert_factors(ref, config, tensors, f"{experts}.{proj}", prefix, base.experts[experts], base)
+            for proj, prefix in projections.items()
+        }
+        out.linear[experts] = LinearDelta({ExpertLoraKind.name: ExpertLoraFactors(factors)})
     if not out.linear:
         raise ArtifactRejected(f"{ref}: no LoRA tensors found in {WEIGHTS}")
     return out
+
+
+def _targeted_parameter(ref: str, config: LoraConfig, module: str, experts: torch.nn.Module, depth: int) -> str:
+    """The experts' parameter a tensor nested ``depth`` wrappers deep adapts. PEFT wraps a module once per targeted
+    parameter, in the module's registration order (the first one innermost), so the config's
+    ``target_parameters`` and the nesting name it."""
+    targets = config.target_parameters or []
+    names = [
+        name
+        for name, _ in experts.named_parameters(recurse=False)
+        if any(f"{module}.{name}" == t or f"{module}.{name}".endswith(f".{t}") for t in targets)
+    ]
+    if depth >= len(names):
+        raise ArtifactRejected(
+            f"{ref}: tensors under {module} nested {depth} deep, but its target_parameters match "
+            f"{len(names)} of its parameters ({', '.join(names) or 'none'})"
+        )
+    name = names[len(names) - 1 - depth]
+    if name not in expert_projections(experts):
+        raise ArtifactRejected(f"{ref}: {module}.{name} is not an expert projection (LoRA adapts 3-D expert weights)")
+    return name
+
+
+def _expert_factors(
+    ref: str,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    param: str,
+    prefix: str,
+    experts: torch.nn.Module,
+    base: BaseInfo,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert projection's (A (E, r, in), B (E, r, out) scaled) from PEFT's stacked factors: lora_A (E*r, in),
+    its rows expert by expert, and lora_B (out, r*E), its columns rank component by component (PEFT's
+    ``ParamWrapper.get_delta_weight``)."""
+    n_in, n_out = expert_projections(experts)[param.rpartition(".")[2]]
+    e = experts.num_experts
+    try:
+        a, b = (tensors[f"{prefix}.lora_{x}.weight"].float() for x in "AB")
+    except KeyError as err:
+        raise ArtifactRejected(f"{ref}: {param} lacks tensor {err.args[0]!r}") from None
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), param), config.r)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ArtifactRejected(f"{ref}: {param}'s rank in {PEFT_CONFIG} must be a positive integer, got {r!r}")
+    check_shape(ref, f"{prefix}.lora_A.weight", a, (e * r, n_in))
+    check_shape(ref, f"{prefix}.lora_B.weight", b, (n_out, r * e))
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), param), config.lora_alpha)
+    scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+    b_experts = b.view(n_out, r, e).permute(2, 1, 0) * scaling  # (E, r, out)
+    return a.view(e, r, n_in).to(base.dtype), b_experts.to(base.dtype).contiguous()
 
 
 @dataclass(frozen=True)
@@ -96,6 +165,7 @@ class RandomLoraConfig:
     rank: int = 8  # LoRA rank r
     alpha: float = 16.0  # scaling numerator: delta = (alpha / r) * B @ A
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # module name suffixes to adapt (or all-linear)
+    target_parameters: tuple[str, ...] = ()  # parameters to adapt directly (PEFT's target_parameters, or experts)
     use_dora: bool = False  # DoRA: add PEFT's magnitude vector (random around the base column norms)
     seed: int = 0  # fixes A, B (and DoRA magnitudes) for random_lora
     init_std: float = 0.02  # std of the random A and B entries
@@ -115,6 +185,7 @@ def random_loras(base: PathLike, outs: Mapping[PathLike, int], config: RandomLor
             r=config.rank,
             lora_alpha=config.alpha,
             target_modules=list(resolve_targets(model, config.target_modules)),
+            target_parameters=list(resolve_parameters(model, config.target_parameters)) or None,
             use_dora=config.use_dora,
             lora_dropout=0.0,
             bias="none",

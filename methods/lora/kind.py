@@ -1,4 +1,5 @@
-"""LoRA's slot kind: per-slot factors padded to a common rank, DoRA's per-output scale, and per-row ranks."""
+"""LoRA's kinds: on linears, per-slot factors padded to a common rank, DoRA's per-output scale, and per-row ranks;
+on an MoE layer's experts, per-slot factors of every expert of each adapted projection."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotswap.methods.api import BatchPlan, SlotKind, register_kind, weighted_rows
-from hotswap.methods.lora.ops import gather_rows, gather_unique, lora_apply, lora_apply_unique, rank_truncation
+from hotswap.methods.api import BatchPlan, ExpertKind, SlotKind, expert_projections, register_kind, weighted_rows
+from hotswap.methods.lora.ops import (
+    ExpertFactors,
+    expert_lora_apply,
+    gather_experts,
+    gather_rows,
+    gather_unique,
+    lora_apply,
+    lora_apply_unique,
+    rank_truncation,
+)
 
 
 @dataclass(frozen=True)
@@ -87,3 +97,69 @@ class LoraKind(SlotKind):
         if lora[0] == "unique":  # accumulate in place: y is a fresh tensor owned by this forward
             return lora_apply_unique(x, lora[1], out=y)
         return lora_apply(x, *lora[1:], out=y)
+
+
+@dataclass(frozen=True)
+class ExpertLoraFactors:
+    """LoRA on an MoE layer's experts (PEFT's ``target_parameters``): per projection (the experts' parameter name),
+    A (E, r, in) and B (E, r, out) of every expert, the scaling folded into B."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[1] for a, _ in self.factors.values())
+
+
+@register_kind
+class ExpertLoraKind(ExpertKind):
+    """LoRA on experts: per projection, slot tables (slots+1, E, R, in) / (slots+1, E, R, out) padded to a common
+    rank; a batch reads each of its distinct adapters once (:func:`gather_experts`)."""
+
+    name = "expert_lora"
+    order = 10
+
+    def __init__(self, base: nn.Module, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
+        self.shapes = expert_projections(base)  # projection -> (in, out)
+        self.A: dict[str, torch.Tensor] = {}  # projection -> (slots+1, E, R, in), created on its first adapter
+        self.B: dict[str, torch.Tensor] = {}
+        self.slot_rank: dict[str, list[int]] = {}
+
+    def set(self, slot: int, payload: ExpertLoraFactors | None) -> None:
+        factors = {} if payload is None else payload.factors
+        for proj in factors.keys() - self.A.keys():
+            (n_in, n_out), experts = self.shapes[proj], factors[proj][0].shape[0]
+            self.A[proj], self.B[proj] = self._empty(experts, 0, n_in), self._empty(experts, 0, n_out)
+            self.slot_rank[proj] = [0] * (self.num_slots + 1)
+        for proj in self.A:
+            a, b = factors.get(proj, (None, None))
+            r = 0 if a is None else a.shape[1]
+            if r > self.A[proj].shape[2]:
+                pad = (0, 0, 0, r - self.A[proj].shape[2])
+                self.A[proj] = torch.nn.functional.pad(self.A[proj], pad)
+                self.B[proj] = torch.nn.functional.pad(self.B[proj], pad)
+            if a is not None:
+                self.A[proj][slot, :, :r] = a
+                self.B[proj][slot, :, :r] = b
+            self.A[proj][slot, :, r:].zero_()
+            self.B[proj][slot, :, r:].zero_()
+            self.slot_rank[proj][slot] = r
+
+    def holds(self, slot: int) -> bool:
+        return any(ranks[slot] for ranks in self.slot_rank.values())
+
+    def gather(self, plan: BatchPlan, used: list[int]) -> dict[str, ExpertFactors]:
+        assert plan.slots is not None and plan.weights is not None
+        state = {}
+        for proj, ranks in self.slot_rank.items():
+            if holding := [s for s in used if ranks[s]]:
+                rank = max(ranks[s] for s in holding)
+                state[proj] = gather_experts(self.A[proj], self.B[proj], plan.slots, plan.weights, rank, holding)
+        return state
+
+    def delta(
+        self, proj: str, expert: int, x: torch.Tensor, rows: torch.Tensor, state: dict[str, ExpertFactors]
+    ) -> torch.Tensor | None:
+        f = state.get(proj)
+        return None if f is None else expert_lora_apply(x, f, expert, rows)

@@ -138,3 +138,54 @@ def lora_delta_unique(
     if not used:
         return torch.zeros(*x.shape[:2], B.shape[-1], dtype=x.dtype, device=x.device)
     return lora_apply_unique(x, gather_unique(A, B, slots, weights, rank, used))
+
+
+@dataclass(frozen=True)
+class ExpertFactors:
+    """One projection of an MoE layer's experts: the batch's U distinct adapters' factors per expert, prepared once
+    per batch plan for :func:`expert_lora_apply`. ``a`` [E, in, U*rank], ``b`` [E, U*rank, out] (scaling folded in),
+    ``coef`` [Bt, U*rank]: each row's coefficient on each adapter's rank components (as :func:`gather_unique`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    coef: torch.Tensor
+
+
+def gather_experts(
+    A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int, used: list[int]
+) -> ExpertFactors:
+    """A: [S, E, R, in], B: [S, E, R, out] slot tables of one projection -> the distinct slots ``used``' factors."""
+    idx = torch.tensor(used, device=slots.device)
+    u, e = len(used), A.shape[1]
+    a = A[idx, :, :rank].transpose(0, 1).reshape(e, u * rank, A.shape[-1]).transpose(1, 2).contiguous()
+    b = B[idx, :, :rank].transpose(0, 1).reshape(e, u * rank, B.shape[-1]).contiguous()
+    onehot = (slots[:, :, None] == idx[None, None, :]).to(weights.dtype)  # (Bt, K, U)
+    coef = torch.einsum("bk,bku->bu", weights, onehot).repeat_interleave(rank, dim=1).to(A.dtype)  # (Bt, U*r)
+    return ExpertFactors(a, b, coef)
+
+
+def expert_lora_apply(x: torch.Tensor, f: ExpertFactors, expert: int, rows: torch.Tensor) -> torch.Tensor:
+    """The delta [n, out] of ``expert`` on its routed tokens x [n, in] from batch rows ``rows`` [n]: two GEMMs over
+    the batch's adapters, each token keeping its row's adapters only (an exact zero elsewhere, as
+    :func:`lora_apply_unique`)."""
+    coef = f.coef[rows]  # (n, U*r)
+    h = (x @ f.a[expert]).mul_(coef).masked_fill_(coef == 0, 0.0)
+    return h @ f.b[expert]
+
+
+def expert_lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    rank: int,
+    expert: int,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Per token n of ``expert``: sum_k weights[rows[n], k] * x[n] @ A[s, expert, :rank].T @ B[s, expert, :rank] with
+    s = slots[rows[n], k] (slot 0: zeros)."""
+    used = sorted(set(slots.flatten().tolist()) - {0})
+    if not used:
+        return torch.zeros(x.shape[0], B.shape[-1], dtype=x.dtype, device=x.device)
+    return expert_lora_apply(x, gather_experts(A, B, slots, weights, rank, used), expert, rows)

@@ -37,3 +37,24 @@ def truncated_delta(
             if r:
                 out[b] += w * (r / c) * (x[b].float() @ A[s, :c].float().T) @ B[s, :c].float()
     return out
+
+
+def expert_lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    rank: int,
+    expert: int,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """delta[n] = sum_k weights[rows[n], k] * x[n] @ A[s, expert, :rank].T @ B[s, expert, :rank], with
+    s = slots[rows[n], k]."""
+    out = torch.zeros(x.shape[0], B.shape[-1], dtype=torch.float32)
+    for n in range(x.shape[0]):
+        b = int(rows[n])
+        for k in range(slots.shape[1]):
+            s, w = int(slots[b, k]), float(weights[b, k])
+            out[n] += w * (x[n].float() @ A[s, expert, :rank].float().T) @ B[s, expert, :rank].float()
+    return out

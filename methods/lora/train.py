@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hotswap.errors import InvalidArgument
-from hotswap.methods.api.common import DEFAULT_TARGETS, TARGETS_HELP
+from hotswap.methods.api.common import DEFAULT_TARGETS, PARAMETERS_HELP, TARGETS_HELP, resolve_parameters
 from hotswap.methods.api.peft_common import PeftTrainable, attach_peft, lora_config
 
 
@@ -17,6 +17,7 @@ class LoraOptions:
     alpha: float = field(default=16.0, metadata={"help": "scaling numerator: the update is (alpha / r) B A"})
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": TARGETS_HELP, "flag": "targets"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input while training"})
+    target_parameters: tuple[str, ...] = field(default=(), metadata={"help": PARAMETERS_HELP})
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -26,6 +27,12 @@ class LoraOptions:
 
 
 def attach_lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> PeftTrainable:
+    extra = (
+        {"target_parameters": list(resolve_parameters(model, opts.target_parameters))} if opts.target_parameters else {}
+    )
     return attach_peft(
-        model, lora_config(model, opts.rank, opts.alpha, opts.target_modules, lora_dropout=opts.dropout, use_dora=dora)
+        model,
+        lora_config(
+            model, opts.rank, opts.alpha, opts.target_modules, lora_dropout=opts.dropout, use_dora=dora, **extra
+        ),
     )

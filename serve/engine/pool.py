@@ -22,7 +22,7 @@ from hotswap.methods import load_adapter
 from hotswap.methods.api import BaseInfo, LoadedAdapter
 from hotswap.registry import Registry
 from hotswap.serve.engine.types import EngineObserver
-from hotswap.serve.model.layers import MultiAdapterLinear
+from hotswap.serve.model.layers import MultiAdapterModule
 from hotswap.serve.model.rowkinds import EngineKinds
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class AdapterPool:
         registry: Registry,
         base: BaseInfo,
         base_fingerprint: str,
-        layers: dict[str, MultiAdapterLinear],
+        layers: dict[str, MultiAdapterModule],
         kinds: EngineKinds,
         max_resident: int,
         host_cache_bytes: int,

@@ -10,7 +10,7 @@ gathered when the batch plan changes. A captured step replays fixed kernels over
   (the next power of two positions, capped at ``max_seq_len``; the mask hides the rest);
 - tokens, positions and the rows' block tables are copied into buffers owned by the bucket before each step;
 - each wrapped linear's adapter state (what its slot kinds gathered for the plan) is computed outside the step,
-  once per plan change, and handed to the layer as :attr:`MultiAdapterLinear.fixed`. Its *layout* (the kinds, the
+  once per plan change, and handed to the layer as :attr:`MultiAdapterModule.fixed`. Its *layout* (the kinds, the
   state's structure, every tensor's shape and dtype, every plain value) is part of the key: a plan of the same
   layout reuses the step with the new states copied into the captured ones, another layout gets its own step (as
   vLLM captures a graph per batch size with adapters). A state holding anything else (an opaque object) runs eagerly.
@@ -36,7 +36,7 @@ from hotswap.devices import DECODE_CHOICES
 from hotswap.errors import InvalidArgument
 from hotswap.serve.model.attention import model_logits
 from hotswap.serve.model.kvcache import PagedCache, StaticCache
-from hotswap.serve.model.layers import MultiAdapterLinear
+from hotswap.serve.model.layers import MultiAdapterExperts, MultiAdapterModule
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class StaticDecode:
         if mode == "cuda-graphs" and self.device.type != "cuda":
             raise InvalidArgument(f"decode 'cuda-graphs' needs a CUDA device, the engine runs on {self.device}")
         self.buckets = batch_buckets(max_batch)
-        self.layers = [m for m in model.modules() if isinstance(m, MultiAdapterLinear)]
+        self.layers = [m for m in model.modules() if isinstance(m, MultiAdapterModule)]
         self.steps: OrderedDict[tuple, _Step] = OrderedDict()
         self._forward: Callable[..., torch.Tensor] = self._step
         if mode == "compile":
@@ -138,6 +138,10 @@ class StaticDecode:
         seen = (self.layers[0].plan.version, tuple(layer.epoch for layer in self.layers)) if self.layers else ()
         if seen != self._layouts[0]:
             try:
+                if self.mode != "static" and any(
+                    st and isinstance(layer, MultiAdapterExperts) for layer, st in zip(self.layers, states, strict=True)
+                ):  # each expert runs on its own tokens, its adapters too: shapes from the routing, not one graph
+                    raise OpaqueState("expert adapters on routed tokens")
                 self._layouts = seen, tuple(tuple((k.name, layout(s)) for k, s in st) for st in states)
             except OpaqueState as e:
                 self._layouts = seen, None

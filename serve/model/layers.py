@@ -1,38 +1,40 @@
-"""The multi-adapter linear layer: a frozen base linear plus per-slot deltas, applied row by row.
+"""The multi-adapter modules: a frozen base module plus per-slot deltas, applied row by row.
 
-At start-up every linear layer of the base's decoder blocks is wrapped once by :class:`MultiAdapterLinear`.
-It keeps the base layer untouched (weights never change) and, per resident adapter slot, that adapter's delta
-for this layer, held by slot kinds (:class:`hotswap.methods.api.SlotKind`, each registered by its method folder).
-A kind is created the first time one of its payloads is installed, so the layer never names a method. Before
-each forward the engine sets the shared :class:`~hotswap.methods.api.BatchPlan` (which slots, with which weights,
-each row uses); each kind gathers its rows once per plan and adds its delta with its batched op.
+At start-up every linear layer of the base's decoder blocks is wrapped once by :class:`MultiAdapterLinear`, and
+every MoE layer's experts (transformers' stacked expert weights) by :class:`MultiAdapterExperts`. Each keeps its
+base module untouched (weights never change) and, per resident adapter slot, that adapter's delta for it, held by
+kinds (:class:`hotswap.methods.api.SlotKind` / :class:`~hotswap.methods.api.ExpertKind`, each registered by its
+method folder). A kind is created the first time one of its payloads is installed, so the module never names a
+method. Before each forward the engine sets the shared :class:`~hotswap.methods.api.BatchPlan` (which slots, with
+which weights, each row uses); each kind gathers its rows once per plan and adds its delta with its batched op.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from hotswap.methods.api import BatchPlan, LinearDelta, SlotKind, slot_kind
+from hotswap.methods.api import BatchPlan, ExpertKind, LinearDelta, SlotKind, SlotTable, slot_kind
 
 
-class MultiAdapterLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus per-slot adapter deltas applied row by row, never merged into W."""
+class MultiAdapterModule(nn.Module):
+    """A frozen base module and its kinds' per-slot tables; the forward is the subclass's."""
 
-    def __init__(self, base: nn.Linear, plan: BatchPlan, num_slots: int, dtype: torch.dtype) -> None:
+    def __init__(self, base: nn.Module, plan: BatchPlan, num_slots: int, dtype: torch.dtype) -> None:
         """``dtype``: the model's compute dtype (the deltas'; a quantized ``base`` keeps its own weights)."""
         super().__init__()
         self.base, self.dtype = base, dtype
         self.plan = plan
         self.num_slots = num_slots  # resident slots; tables have num_slots + 1 rows (slot 0 = zero)
-        self.kinds: dict[str, SlotKind] = {}  # created on first install, kept in application order
+        self.kinds: dict[str, SlotTable] = {}  # created on first install, kept in application order
         self._cached_version = -1
-        self._states: list[tuple[SlotKind, Any]] = []
+        self._states: list[tuple[Any, Any]] = []
         # Set by the static decode (serve.model.graphs): the states a traced or captured step reads, so that its
         # forward never consults the plan (None: the plan's, gathered on demand).
-        self.fixed: list[tuple[SlotKind, Any]] | None = None
+        self.fixed: list[tuple[Any, Any]] | None = None
         self.epoch = 0  # bumped whenever the states are recomputed (a captured step copies them in then)
 
     # Slot tables are ordinary tensors even when written from the engine's inference-mode loop, so
@@ -51,7 +53,7 @@ class MultiAdapterLinear(nn.Module):
             kind.set(slot, parts.get(name))
         self._cached_version = -1
 
-    def batch_states(self) -> list[tuple[SlotKind, Any]]:
+    def batch_states(self) -> list[tuple[Any, Any]]:
         """Each kind's gathered rows for the current plan (empty without adapters), computed once per plan version
         (a new list whenever recomputed)."""
         plan = self.plan
@@ -65,13 +67,25 @@ class MultiAdapterLinear(nn.Module):
             self.epoch += 1
         return self._states
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def states(self) -> list[tuple[Any, Any]]:
+        """The states this forward applies: the static decode's, or the plan's (empty without adapters)."""
         if self.fixed is not None:
-            states = self.fixed
-        elif self.plan.used:
-            states = self.batch_states()
-        else:
+            return self.fixed
+        return self.batch_states() if self.plan.used else []
+
+
+class MultiAdapterLinear(MultiAdapterModule):
+    """A frozen ``nn.Linear`` plus per-slot adapter deltas applied row by row, never merged into W."""
+
+    base: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states: list[tuple[SlotKind, Any]] = self.states()
+        if not states:
             return self.base(x)
+        if x.dim() == 2:  # the batch's rows one after the other (e.g. a shared expert inside an MoE block)
+            assert self.plan.slots is not None
+            return self.forward(x.view(self.plan.slots.shape[0], -1, x.shape[-1])).flatten(0, 1)
         x_base = x
         for kind, state in states:
             if type(kind).scale_input is not SlotKind.scale_input:
@@ -81,3 +95,87 @@ class MultiAdapterLinear(nn.Module):
         for kind, state in states:
             y = kind.apply(x, base_out, y, state)
         return y
+
+
+# deltas(projection name, expert, its inputs (n, in), their tokens (n,)) -> the sum of the kinds' deltas, or None
+Deltas = Callable[[str, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+class MultiAdapterExperts(MultiAdapterModule):
+    """An MoE layer's frozen experts plus per-slot expert deltas (e.g. a low-rank delta per expert), applied to the
+    tokens routed to each expert with their row's adapters, never merged into the stacked weights. Called as the experts
+    are, by the family's own MoE block: ``(hidden_states (N, hidden), top_k_index (N, k), top_k_weights (N, k))``, the
+    N tokens being the batch's rows one after the other (the block flattens (rows, T))."""
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        states: list[tuple[ExpertKind, Any]] = self.states()
+        if not states:
+            return self.base(hidden, top_k_index, top_k_weights)  # the family's own experts implementation
+        assert self.plan.slots is not None
+        n = hidden.shape[0]
+        token_rows = torch.arange(n, device=hidden.device) // (n // self.plan.slots.shape[0])
+
+        def deltas(proj: str, expert: int, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+            out = None
+            for kind, state in states:
+                d = kind.delta(proj, expert, x, token_rows[tokens], state)
+                if d is not None:
+                    out = d if out is None else out + d
+            return out
+
+        return routed_experts(self.base, hidden, top_k_index, top_k_weights, deltas)
+
+
+def _project(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert's projection ``name`` of ``x`` (n, in), with its bias where the experts have biases."""
+    w = getattr(experts, name)[expert]
+    y = x @ w if experts.is_transposed else nn.functional.linear(x, w)
+    return y + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else y
+
+
+def _expert(experts: nn.Module, expert: int, x: torch.Tensor, tokens: torch.Tensor, deltas: Deltas) -> torch.Tensor:
+    """One expert on its tokens ``x`` (n, hidden): up (and gate), activation, down, each projection plus its deltas."""
+    h = x
+    for name in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
+        y = _project(experts, name, expert, h)
+        d = deltas(name, expert, h, tokens)
+        y = y if d is None else y + d
+        if name != "down_proj":
+            y = experts._apply_gate(y) if experts.has_gate else experts.act_fn(y)
+        h = y
+    return experts.post_expert_norm(h) if experts.has_post_expert_norm else h
+
+
+def routed_experts(
+    experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, deltas: Deltas
+) -> torch.Tensor:
+    """The experts' output (N, hidden) for N tokens, each through its k routed experts weighted and summed, with the
+    deltas added to each expert's projections. The (token, expert) pairs are sorted by expert so that each expert
+    runs once, on its own tokens (as transformers' grouped implementation does); ``deltas`` gets the pairs' tokens."""
+    k = top_k_index.shape[1]
+    ids = top_k_index.reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    tokens = order // k  # the token of each sorted pair
+    x = hidden[tokens]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(torch.bincount(ids, minlength=experts.num_experts).tolist()):
+        if count and expert < experts.num_experts:  # ids past the experts are expert parallelism's sentinels
+            part = slice(start, start + count)
+            out[part] = _expert(experts, expert, x[part], tokens[part], deltas)
+        start += count
+    weighted = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+    return torch.zeros_like(hidden).index_add_(0, tokens, weighted)
+
+
+def routed_experts_ref(
+    experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, deltas: Deltas
+) -> torch.Tensor:
+    """:func:`routed_experts` token by token: the plain reference."""
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            token = torch.tensor([t], device=hidden.device)
+            out[t] += top_k_weights[t, j] * _expert(experts, e, hidden[t : t + 1], token, deltas)[0]
+    return out

@@ -26,14 +26,22 @@ def test_synthetic_artifacts_of_every_method_fit_every_family(family: str, tmp_p
     knobs = RandomKnobs(rank=4, alpha=8.0, small=lambda: small)
     check = base_checker(base)
     phi3 = family == "tiny-phi3"
+    attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    linears = {  # all-linear on the MoE families: their experts are no linears, a shared expert's are
+        "tiny-phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},  # fused
+        "tiny-mixtral": attention,
+        "tiny-qwen3-moe": attention,
+        "tiny-olmoe": attention,
+        "tiny-gpt-oss": attention,
+        "tiny-qwen2-moe": attention | mlp | {"shared_expert_gate"},
+    }.get(family, attention | mlp)
     for method in WITH_RANDOM:
         (out,) = registered()[method].random(base, {tmp_path / method: 7}, knobs)  # type: ignore[misc]
         check(out, method)
         if method in ("lora", "dora"):  # all-linear: every decoder linear of this family
             targets = set(json.loads((out / PEFT_CONFIG).read_text())["target_modules"])
-            fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-            assert targets == (fused if phi3 else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                   "down_proj"}), (method, targets)  # fmt: skip
+            assert targets == linears, (method, targets)
         if method == "ia3" and phi3:  # PEFT lists no Phi-3 default: keys and values are in the fused qkv_proj
             keys = load_file(out / "adapter_model.safetensors")
             assert {k.split(".")[-2] for k in keys} == {"qkv_proj", "down_proj"}

@@ -1,6 +1,7 @@
 """Every tested decoder family runs through its own HF modeling code with hotswap's attention: base rows equal
-HF's plain forward, and one mixed batch of LoRA, DoRA, BitFit, prefix, prompt, FishMask, proxy and base rows
-equals PEFT's single-adapter model per row (BitFit: the base with those biases; FishMask: the base with the
+HF's plain forward, and one mixed batch of LoRA (two: the second, of another rank, on every expert's projections
+too on the mixture-of-experts families), DoRA, BitFit, prefix, prompt, FishMask, proxy and base rows equals PEFT's
+single-adapter model per row (BitFit: the base with those biases; FishMask: the base with the
 sparse delta added; proxy: the proxy-tuned ensemble of the family's own small models, by full forwards). Rows of
 different lengths and positions share each batch; the sliding-window families' prompts and generations reach past
 their window."""
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from hotswap.basemodel import build_model, fingerprint, load_model, save_model
-from hotswap.methods.api import decoder_linears
+from hotswap.methods.api import decoder_experts, decoder_linears
 from hotswap.methods.proxy.ops_ref import ProxyTuned
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
@@ -32,10 +33,21 @@ from hotswap.train import (
 from tests.serve.reference import TEST_DEVICE, peft_model, reference_greedy, reference_logits, with_bias_deltas
 
 FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-olmo2",
-            "tiny-granite"]  # fmt: skip
+            "tiny-granite", "tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe",
+            "tiny-gpt-oss"]  # fmt: skip
 WINDOW = 8  # the tiny presets' sliding window
-PROMPTS = [[(5 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([3, 13, 21, 1, 6, 17, 4, 9])]
-ROWS = ["lora", "dora", "bitfit", "prefix", "prompt", "fishmask", "proxy", None]  # one prompt each; None = base
+PROMPTS = [[(5 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate([3, 13, 21, 1, 6, 17, 4, 9, 11])]
+ROWS = [
+    "lora",
+    "dora",
+    "bitfit",
+    "prefix",
+    "prompt",
+    "fishmask",
+    "proxy",
+    None,
+    "lora2",
+]  # one prompt each; None = base
 NEW = 8
 
 
@@ -44,9 +56,22 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """(base, adapter name -> artifact) for one family, and a running engine holding those adapters."""
     d = tmp_path_factory.mktemp(request.param)
     base = save_model(build_model(request.param, seed=0, initializer_range=0.1), d / "base")
-    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in decoder_linears(load_model(base))}))
+    model = load_model(base)
+    targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in decoder_linears(model)}))
+    experts = bool(decoder_experts(model))
     adapters = {
         "lora": random_lora(base, d / "lora", RandomLoraConfig(rank=4, seed=1, init_std=0.2, target_modules=targets)),
+        "lora2": random_lora(  # PEFT's target_parameters: a LoRA per expert (none on a dense base)
+            base,
+            d / "lora2",
+            RandomLoraConfig(
+                rank=2,
+                seed=8,
+                init_std=0.2,
+                target_modules=("o_proj",),
+                target_parameters=("experts",) if experts else (),
+            ),
+        ),
         "dora": random_lora(
             base, d / "dora", RandomLoraConfig(rank=4, seed=2, init_std=0.2, target_modules=targets, use_dora=True)
         ),
