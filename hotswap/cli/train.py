@@ -252,12 +252,18 @@ def _helps(name: str, uses: list[tuple[str, dataclasses.Field, type]]) -> str:
 def _shown(default: object) -> str:
     if default in (None, "", ()):
         return "unset"
-    return ",".join(default) if isinstance(default, tuple) else str(default)
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
 def _parser_for(hint: object) -> Callable[[str], object]:
-    """The argparse type of an options field: comma-separated names for tuples, the scalar type otherwise."""
+    """The argparse type of an options field: comma-separated items for tuples, the scalar type otherwise."""
     if typing.get_origin(hint) is tuple:
-        return lambda text: tuple(t for t in text.split(",") if t)
+        item = _parser_for(typing.get_args(hint)[0])
+
+        def items(text: str) -> tuple:
+            return tuple(item(t) for t in text.split(",") if t)
+
+        items.__name__ = f"comma-separated {getattr(item, '__name__', 'str')}"  # argparse's "invalid ... value"
+        return items
     scalar = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # `int | None` -> int
     return {int: int, float: float}.get(scalar, str)  # type: ignore[arg-type]

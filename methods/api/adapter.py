@@ -53,6 +53,8 @@ class BaseInfo:
 
     linears: dict[str, nn.Linear]  # wrapped module path -> the frozen base layer
     experts: dict[str, nn.Module]  # wrapped module path -> an MoE layer's experts (transformers' stacked weights)
+    embedding: tuple[str, nn.Embedding]  # the input embedding's module path and module
+    head: str | None  # the output head's module path (a linear in ``linears``), None without one
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -64,9 +66,12 @@ class BaseInfo:
     def of(cls, model: nn.Module) -> BaseInfo:
         """The facts of a loaded base (before or after the engine wraps its linears)."""
         cfg = model.config
+        ((embed_name, embed),) = input_embedding(model).items()
         return cls(
-            linears={name: getattr(layer, "base", layer) for name, layer in decoder_linears(model).items()},
+            linears={name: getattr(layer, "base", layer) for name, layer in served_linears(model).items()},
             experts={name: getattr(layer, "base", layer) for name, layer in decoder_experts(model).items()},
+            embedding=(embed_name, getattr(embed, "base", embed)),
+            head=next(iter(output_head(model)), None),
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim(cfg),
@@ -87,6 +92,26 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
         if inside_block and not in_wrapper and isinstance(getattr(module, "base", module), nn.Linear):
             found[name] = module
     return found
+
+
+def _module_named(model: nn.Module, module: nn.Module | None) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if m is module and module is not None}
+
+
+def output_head(model: nn.Module) -> dict[str, nn.Module]:
+    """The output head (``lm_head``), by path, or nothing: wrapped like the blocks' linears, so adapters may target
+    it (PEFT's LoRA on ``lm_head``)."""
+    return _module_named(model, model.get_output_embeddings())
+
+
+def input_embedding(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embedding (``model.embed_tokens``), by path: wrapped for per-row embedding deltas."""
+    return _module_named(model, model.get_input_embeddings())
+
+
+def served_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear the engine wraps: the decoder blocks' (:func:`decoder_linears`) and the output head."""
+    return {**decoder_linears(model), **output_head(model)}
 
 
 def is_experts(module: nn.Module) -> bool:

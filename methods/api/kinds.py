@@ -10,13 +10,14 @@ folder (:func:`register_kind`), so the engine names no method:
   :class:`BatchPlan`; each kind gathers its rows once per plan and adds its delta with its batched op.
 - :class:`ExpertKind` — the same for one mixture-of-experts layer's stacked expert weights (e.g. LoRA per
   expert): a delta on each expert's projections, for the tokens routed to that expert only.
+- :class:`EmbeddingKind` — the same for the input embedding: a delta on the embeddings of a row's tokens.
 - :class:`ContextKind` — what comes before a row's text: positions written straight into the row's KV cache
   (learned keys/values) and/or virtual embeddings computed before the text.
 - :class:`LogitKind` — an offset added to a row's next-token logits, computed beside the base (e.g. by other
   models over the row's text).
 
 Context and logit kinds are engine-wide (one instance per engine, created on first use with the engine's
-:class:`EngineRows`); slot and expert kinds are per wrapped module (both are a :class:`SlotTable`).
+:class:`EngineRows`); slot, expert and embedding kinds are per wrapped module (each a :class:`SlotTable`).
 """
 
 from __future__ import annotations
@@ -146,6 +147,14 @@ class ExpertKind(SlotTable):
         raise NotImplementedError
 
 
+class EmbeddingKind(SlotTable):
+    """The input embedding's kind (``base``: the model's input embedding module)."""
+
+    def apply(self, ids: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
+        """``y`` (Bt, T, hidden), the embeddings of ``ids`` (Bt, T) so far, plus this kind's delta for each row."""
+        raise NotImplementedError
+
+
 class RowRunner(Protocol):
     """Another causal LM run over the engine's rows, with its own KV cache indexed by the same rows."""
 
@@ -258,8 +267,8 @@ K = TypeVar("K", bound=type)
 def register_kind(cls: K) -> K:
     """Register a slot, expert, context or logit kind by its ``name``; a name registers once."""
     table: dict[str, Any] = _SLOT_KINDS if issubclass(cls, SlotTable) else _ADAPTER_KINDS
-    if not issubclass(cls, SlotKind | ExpertKind | ContextKind | LogitKind):
-        raise TypeError(f"{cls.__name__} is not a SlotKind, ExpertKind, ContextKind or LogitKind")
+    if not issubclass(cls, SlotKind | ExpertKind | EmbeddingKind | ContextKind | LogitKind):
+        raise TypeError(f"{cls.__name__} is not a SlotKind, ExpertKind, EmbeddingKind, ContextKind or LogitKind")
     if cls.name in _SLOT_KINDS or cls.name in _ADAPTER_KINDS:
         raise ValueError(f"kind {cls.name!r} is already registered")
     table[cls.name] = cls

@@ -29,11 +29,12 @@ from hotswap.methods.api import (
     target_linear,
 )
 from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, resolve_parameters, resolve_targets, save_variants
+from hotswap.methods.lora.embedding import read_embedding_parts
 from hotswap.methods.lora.kind import ExpertLoraFactors, ExpertLoraKind, LoraFactors, LoraKind
 
 _PEFT_PREFIX = "base_model.model."
 # -- LoRA family (LoRA, DoRA, and anything published in PEFT's LoRA format) --------------------------
-_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+_LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # (on the embedding: lora_embedding_A/B)
 _NESTED = ".base_layer"  # PEFT's wrapper of a module around the one it wraps
 
 
@@ -48,6 +49,7 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
     if config.bias != "none" or getattr(config, "lora_bias", False):
         raise UnsupportedAdapter(f"{ref}: LoRA bias={config.bias!r} is not served; use bias='none'")
     tensors = {k.removeprefix(_PEFT_PREFIX): v for k, v in read_tensors(path, ref, base).items()}
+    embedding = read_embedding_parts(ref, config, tensors, base)
     modules: set[str] = set()
     expert_keys: dict[str, dict[str, str]] = {}  # experts module -> projection -> its tensors' key prefix
     for key in tensors:
@@ -99,6 +101,8 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
         out.linear[module] = LinearDelta(
             {LoraKind.name: LoraFactors(a.to(base.dtype), b_scaled.to(base.dtype), dora_scale)}
         )
+    for module, delta in embedding.items():  # the head may hold plain LoRA too
+        out.linear[module] = LinearDelta({**out.linear[module].parts, **delta.parts}) if module in out.linear else delta
     for experts, projections in sorted(expert_keys.items()):
         factors = {
             proj: _expert_factors(ref, config, tensors, f"{experts}.{proj}", prefix, base.experts[experts], base)

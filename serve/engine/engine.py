@@ -26,7 +26,7 @@ import torch
 from hotswap.basemodel import bundled_tokenizer, fingerprint, load_model
 from hotswap.devices import free_memory, resolve_device, resolve_dtype, torch_dtype
 from hotswap.errors import CapacityExceeded, HotswapError, InvalidArgument, clip_message
-from hotswap.methods.api import BaseInfo, BatchPlan, EngineRows, decoder_experts, decoder_linears
+from hotswap.methods.api import BaseInfo, BatchPlan, EngineRows, decoder_experts, input_embedding, served_linears
 from hotswap.quantization import check_quantize
 from hotswap.registry import Manifest, Registry
 from hotswap.serve.engine.config import EngineConfig
@@ -37,7 +37,12 @@ from hotswap.serve.engine.scheduler import Scheduler
 from hotswap.serve.engine.step import decode_step, prefill
 from hotswap.serve.engine.types import EngineObserver, FinishReason, Request, Result
 from hotswap.serve.model.kvcache import PagedCache
-from hotswap.serve.model.layers import MultiAdapterExperts, MultiAdapterLinear, MultiAdapterModule
+from hotswap.serve.model.layers import (
+    MultiAdapterEmbedding,
+    MultiAdapterExperts,
+    MultiAdapterLinear,
+    MultiAdapterModule,
+)
 from hotswap.serve.model.rowkinds import EngineKinds
 from hotswap.serve.model.runner import Runner, kv_shape
 
@@ -126,10 +131,14 @@ class Engine:
         return blocks
 
     def _wrap_linears(self) -> dict[str, MultiAdapterModule]:
-        """Wrap every linear and every MoE layer's experts of the decoder blocks once; the base modules inside stay
-        frozen and unmerged."""
+        """Wrap every linear and every MoE layer's experts of the decoder blocks, the output head and the input
+        embedding once; the base modules inside stay frozen and unmerged."""
         wrapped: dict[str, MultiAdapterModule] = {}
-        for wrapper, found in ((MultiAdapterLinear, decoder_linears), (MultiAdapterExperts, decoder_experts)):
+        for wrapper, found in (
+            (MultiAdapterLinear, served_linears),
+            (MultiAdapterExperts, decoder_experts),
+            (MultiAdapterEmbedding, input_embedding),
+        ):
             for name, module in found(self.model).items():
                 parent, _, child = name.rpartition(".")
                 wrapped[name] = wrapper(module, self.plan, self.config.max_resident, self.model.dtype)

@@ -25,9 +25,9 @@ def prefill(
     several steps), from cache position ``job.position`` on. Returns, for a job whose prefill this completes, its
     logits at the last position (V,), or over its prompt's positions (L, V) with ``all_positions``; None for others."""
     assert jobs and all(j.row >= 0 and j.prefilling and j.chunk > 0 for j in jobs), "prefill takes bound jobs' chunks"
+    plan.set([j.slots for j in jobs], runner.device, [j.req.rank or 0 for j in jobs])
     chunks, starts, skips = [], [], []
-    for job in jobs:
-        text = runner.embed(torch.tensor(job.text_ids, device=runner.device))  # (L, hidden)
+    for job, text in zip(jobs, runner.embed_rows([j.text_ids for j in jobs]), strict=True):  # (L, hidden) each
         # (virtual + text tokens, hidden) from cache position offset; positions before it are written, not computed
         emb, offset, skip = kinds.context(runner.cache, job.row, job.position, job.slots, text)
         start = max(job.position, offset)
@@ -37,7 +37,6 @@ def prefill(
     ends = [start + c.shape[0] for start, c in zip(starts, chunks, strict=True)]
     for job, end in zip(jobs, ends, strict=True):
         job.cache_end = max(job.cache_end, end)  # before the forward: a failed one has written too
-    plan.set([j.slots for j in jobs], runner.device, [j.req.rank or 0 for j in jobs])
     logits = runner.prefill([j.row for j in jobs], chunks, starts, all_positions)
     if all_positions:
         logits = [x[skip:] for x, skip in zip(logits, skips, strict=True)]  # the text's positions

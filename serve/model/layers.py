@@ -1,7 +1,8 @@
 """The multi-adapter modules: a frozen base module plus per-slot deltas, applied row by row.
 
-At start-up every linear layer of the base's decoder blocks is wrapped once by :class:`MultiAdapterLinear`, and
-every MoE layer's experts (transformers' stacked expert weights) by :class:`MultiAdapterExperts`. Each keeps its
+At start-up every linear layer of the base's decoder blocks and its output head are wrapped once by
+:class:`MultiAdapterLinear`, every MoE layer's experts (transformers' stacked expert weights) by
+:class:`MultiAdapterExperts`, and the input embedding by :class:`MultiAdapterEmbedding`. Each keeps its
 base module untouched (weights never change) and, per resident adapter slot, that adapter's delta for it, held by
 kinds (:class:`hotswap.methods.api.SlotKind` / :class:`~hotswap.methods.api.ExpertKind`, each registered by its
 method folder). A kind is created the first time one of its payloads is installed, so the module never names a
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hotswap.methods.api import BatchPlan, ExpertKind, LinearDelta, SlotKind, SlotTable, slot_kind
+from hotswap.methods.api import BatchPlan, EmbeddingKind, ExpertKind, LinearDelta, SlotKind, SlotTable, slot_kind
 
 
 class MultiAdapterModule(nn.Module):
@@ -94,6 +95,22 @@ class MultiAdapterLinear(MultiAdapterModule):
         y = base_out
         for kind, state in states:
             y = kind.apply(x, base_out, y, state)
+        return y
+
+
+class MultiAdapterEmbedding(MultiAdapterModule):
+    """The frozen input embedding plus per-slot deltas of its rows, applied row by row: called on ``ids`` (Bt, T), the
+    batch's rows as the plan has them."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)
+        states: list[tuple[EmbeddingKind, Any]] = self.states()
+        for kind, state in states:
+            y = kind.apply(ids, y, state)
         return y
 
 

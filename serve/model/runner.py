@@ -58,6 +58,16 @@ class Runner:
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def embed_rows(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """Input embeddings (L_i, hidden) of each row's ``ids[i]``, the rows as the batch plan has them (so that each
+        sees its adapters' embedding deltas)."""
+        width = max(len(row) for row in ids)
+        padded = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, row in enumerate(ids):
+            padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        embeds = self.embed(padded.to(self.device))
+        return [embeds[i, : len(row)] for i, row in enumerate(ids)]
+
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         """Input embeddings of ``ids`` (L, hidden)."""
         return self.embed(torch.tensor(ids, device=self.device))

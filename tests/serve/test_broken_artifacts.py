@@ -183,15 +183,15 @@ CASES = [
         config("adapter_config.json", r=8),
         named("model.layers.0.mlp.down_proj.lora_A.weight has shape (4, 128), this base needs (8, 128)"),
     ),
-    Case(  # a LoRA on the output head: PEFT allows it, the engine wraps only the blocks' linears
-        "lora-lm-head",
+    Case(  # a LoRA on the final norm: no linear, no embedding, no experts
+        "lora-norm",
         "lora",
         both(
-            _add(f"{PEFT}lm_head.lora_A.weight", (4, 64)),
-            _add(f"{PEFT}lm_head.lora_B.weight", (256, 4)),
-            config("adapter_config.json", target_modules=[*ALL_TARGETS, "lm_head"]),
+            _add(f"{PEFT}model.norm.lora_A.weight", (4, 64)),
+            _add(f"{PEFT}model.norm.lora_B.weight", (64, 4)),
+            config("adapter_config.json", target_modules=[*ALL_TARGETS, "norm"]),
         ),
-        r"tensor lm_head\.lora_[AB]\.weight targets 'lm_head'",
+        r"tensor model\.norm\.lora_[AB]\.weight targets 'model\.norm', not a linear layer",
     ),
     Case(  # layer 2 of a 2-layer base
         "lora-deeper-base",
