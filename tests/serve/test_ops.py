@@ -190,3 +190,87 @@ def test_an_overflowing_adapter_never_reaches_rows_that_do_not_use_it(monkeypatc
     fast = sparse.sparse_delta(x * 10, entries, OUT, slots, weights)
     assert torch.isfinite(fast[clean]).all()
     _check(fast[clean], sparse_ref.sparse_delta(x * 10, entries, OUT, slots, weights)[clean], torch.float32)
+
+
+# -- LoRA on an MoE layer's experts: per-slot tables (S, E, R, in) / (S, E, R, out), tokens routed to one expert --
+EXPERTS = 3
+
+
+def _expert_tables(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot's factors for every expert, each slot at its own rank (RANKS) padded to CAPACITY."""
+    g = torch.Generator().manual_seed(7)
+    A = torch.zeros(SLOTS, EXPERTS, CAPACITY, IN)
+    B = torch.zeros(SLOTS, EXPERTS, CAPACITY, OUT)
+    for s, r in enumerate(RANKS):
+        A[s, :, :r] = torch.randn(EXPERTS, r, IN, generator=g)
+        B[s, :, :r] = torch.randn(EXPERTS, r, OUT, generator=g)
+    return A.to(dtype), B.to(dtype)
+
+
+def _routed_rows(rows: int, tokens: int) -> torch.Tensor:
+    """The batch rows (n,) of the tokens routed to one expert: ragged (a row may send several tokens, or none)."""
+    g = torch.Generator().manual_seed(8)
+    return torch.sort(torch.randint(0, rows, (tokens,), generator=g)).values
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("expert", [0, EXPERTS - 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_lora_matches_reference(pattern: str, k: int, expert: int, dtype: torch.dtype) -> None:
+    A, B = _expert_tables(dtype)
+    rows = 9
+    slots, weights = _slots(pattern, rows, k), _weights(rows, k)
+    token_rows = _routed_rows(rows, 13)
+    x = torch.randn(13, IN, generator=torch.Generator().manual_seed(9)).to(dtype)
+    rank = max(RANKS[s] for s in slots.flatten().tolist())
+    ref = lora_ref.expert_lora_delta(x, A, B, slots, weights, rank, expert, token_rows)
+    fast = lora.expert_lora_delta(x, A, B, slots, weights.to(dtype), rank, expert, token_rows)
+    assert fast.shape == (13, OUT) and fast.dtype == dtype
+    _check(fast, ref, dtype)
+
+
+def test_expert_lora_rows_of_zero_one_and_two_slots() -> None:
+    """Rows of one batch using no adapter, slot 0 only, one adapter, one at weight 0.5, and two (mixed ranks padded
+    to the table's): each token gets exactly its own row's weighted sum, a row without adapters exactly zero."""
+    A, B = _expert_tables(torch.float32)
+    slots = torch.tensor([[0, 0], [1, 0], [3, 0], [2, 5], [4, 4], [0, 0], [6, 7]])
+    weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.5], [0.5, 0.5], [1.0, 1.0], [-1.0, 0.5]])
+    token_rows = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 5, 6])  # row 5: slot 0 only (weight 1 on "no adapter")
+    x = torch.randn(len(token_rows), IN, generator=torch.Generator().manual_seed(10))
+    for expert in range(EXPERTS):
+        ref = lora_ref.expert_lora_delta(x, A, B, slots, weights, CAPACITY, expert, token_rows)
+        fast = lora.expert_lora_delta(x, A, B, slots, weights, CAPACITY, expert, token_rows)
+        _check(fast, ref, torch.float32)
+        assert torch.equal(fast[[0, 8, 9]], torch.zeros(3, OUT)), "base rows' tokens get an exact zero"
+        # slot 4 twice at 0.5 each is slot 4 once at weight 1
+        once = lora_ref.expert_lora_delta(x[7:8], A, B, torch.tensor([[4]]), torch.ones(1, 1), CAPACITY, expert,
+                                          torch.tensor([0]))  # fmt: skip
+        _check(fast[7:8], once, torch.float32)
+
+
+def test_expert_lora_gather_reads_each_distinct_adapter_once() -> None:
+    """The prepared factors hold the batch's U distinct adapters side by side at the batch's rank, per expert."""
+    A, B = _expert_tables(torch.float32)
+    slots = torch.tensor([[1, 0], [2, 1], [1, 0]])
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.25], [2.0, 0.0]])
+    f = lora.gather_experts(A, B, slots, weights, 4, [1, 2])
+    assert f.a.shape == (EXPERTS, IN, 2 * 4) and f.b.shape == (EXPERTS, 2 * 4, OUT) and f.coef.shape == (3, 2 * 4)
+    assert torch.equal(f.a[1, :, :4], A[1, 1, :4].T) and torch.equal(f.b[2, 4:], B[2, 2, :4])
+    expected = torch.tensor([[1.0, 0.0], [0.25, 0.5], [2.0, 0.0]]).repeat_interleave(4, dim=1)
+    assert torch.equal(f.coef, expected)
+
+
+def test_an_overflowing_expert_adapter_never_reaches_other_rows() -> None:
+    """Slot 5's expert factors overflow x @ A to inf; the rows without slot 5 keep exactly their reference delta."""
+    A, B = _expert_tables(torch.float32)
+    A[5, :, : RANKS[5]] = 1e37
+    slots = torch.tensor([[1], [5], [2], [0], [3]])
+    weights = torch.ones(5, 1)
+    token_rows = torch.tensor([0, 1, 1, 2, 3, 4, 4])
+    x = torch.randn(7, IN, generator=torch.Generator().manual_seed(11))
+    clean = [0, 3, 4, 5, 6]
+    fast = lora.expert_lora_delta(x, A, B, slots, weights, CAPACITY, 1, token_rows)
+    assert torch.isfinite(fast[clean]).all()
+    ref = lora_ref.expert_lora_delta(x[clean], A, B, slots, weights, CAPACITY, 1, token_rows[clean])
+    _check(fast[clean], ref, torch.float32)
