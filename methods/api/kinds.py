@@ -64,15 +64,18 @@ class BatchPlan:
 
 
 def nbytes(payload: object) -> int:
-    """Bytes of the tensors a payload holds (tensors, sequences, modules, objects with tensor fields)."""
+    """Bytes of the tensors a payload holds (tensors, sequences, mappings, modules, objects with tensor fields)."""
     if isinstance(payload, torch.Tensor):
         return payload.numel() * payload.element_size()
     if isinstance(payload, nn.Module):
         return sum(nbytes(p) for p in payload.parameters()) + sum(nbytes(b) for b in payload.buffers())
     if isinstance(payload, tuple | list):
         return sum(nbytes(p) for p in payload)
+    if isinstance(payload, dict):
+        return sum(nbytes(p) for p in payload.values())
     if hasattr(payload, "__dict__"):
-        return sum(nbytes(v) for v in vars(payload).values() if isinstance(v, torch.Tensor | tuple | list | nn.Module))
+        fields = vars(payload).values()
+        return sum(nbytes(v) for v in fields if isinstance(v, torch.Tensor | tuple | list | dict | nn.Module))
     return 0
 
 

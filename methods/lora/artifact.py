@@ -65,7 +65,9 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
                 raise ArtifactRejected(f"{ref}: tensor {key!r}: {experts}.{proj} takes plain LoRA (lora_A, lora_B)")
             expert_keys.setdefault(experts, {})[proj] = module
             continue
-        target_linear(ref, module, key, base)
+        target_linear(ref, experts, key, base)  # named without PEFT's nesting
+        if depth:
+            raise ArtifactRejected(f"{ref}: tensor {key!r}: LoRA on several parameters of one linear is not served")
         modules.add(module)
     out = LoadedAdapter(ref=ref, method=method)
     for module in sorted(modules):

@@ -44,7 +44,7 @@ MAX_GRAPHS = 32  # captured steps kept (cuda-graphs): each holds its own copy of
 
 
 class OpaqueState(TypeError):
-    """An adapter state that is not made of tensors, plain values, tuples, lists and dataclasses."""
+    """An adapter state that is not made of tensors, plain values, tuples, lists, dicts and dataclasses."""
 
 
 def layout(state: object) -> object:
@@ -55,6 +55,8 @@ def layout(state: object) -> object:
         return state
     if isinstance(state, tuple | list):
         return (type(state).__name__, *(layout(s) for s in state))
+    if isinstance(state, dict):
+        return ("dict", *((k, layout(v)) for k, v in sorted(state.items())))
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
         return (type(state).__qualname__, *(layout(getattr(state, f.name)) for f in dataclasses.fields(state)))
     raise OpaqueState(f"adapter state of type {type(state).__qualname__}")
@@ -68,6 +70,9 @@ def copy_state(dst: object, src: object) -> None:
     elif isinstance(dst, tuple | list):
         for d, s in zip(dst, src, strict=True):  # type: ignore[call-overload]
             copy_state(d, s)
+    elif isinstance(dst, dict):
+        for k, d in dst.items():
+            copy_state(d, src[k])  # type: ignore[index]
     elif dataclasses.is_dataclass(dst):
         for f in dataclasses.fields(dst):
             copy_state(getattr(dst, f.name), getattr(src, f.name))
@@ -223,6 +228,8 @@ def _clone(state: Any) -> Any:
         return state.clone()
     if isinstance(state, tuple | list):
         return type(state)(_clone(s) for s in state)
+    if isinstance(state, dict):
+        return {k: _clone(v) for k, v in state.items()}
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
         return dataclasses.replace(state, **{f.name: _clone(getattr(state, f.name)) for f in dataclasses.fields(state)})
     return state

@@ -319,11 +319,6 @@ def test_static_and_compiled_decodes_give_the_eager_tokens(
         assert static.eager_steps == eager_steps and static.new_steps > 0, "no expert adapter: traced"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphs.layout raises OpaqueState on ExpertLoraKind's dict state, so decode='static' decodes expert "
-    "batches eagerly although StaticDecode.decode refuses them only under compile / cuda-graphs",
-)
 def test_static_decode_runs_expert_adapters_through_the_step(moe: tuple[Path, Path, dict[str, Path]]) -> None:
     """decode="static" (the step run eagerly, no trace) has no data-dependent shape to avoid: expert adapters run
     through it as every other method's do (test_static_decode: eager_steps == 0)."""
@@ -364,10 +359,6 @@ def test_hot_unload_and_reload_keep_the_outputs(
             _assert_close(got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="methods/api/kinds.py nbytes() skips dict fields, so ExpertLoraFactors (a dict of factors) counts 0 bytes",
-)
 def test_adapter_bytes_count_the_expert_factors(moe: tuple[Path, Path, dict[str, Path]]) -> None:
     """What an expert LoRA holds in memory counts its expert factors (the host cache budget and the adapter's
     reported bytes): at least the artifact's float32 tensors, which it serves at the same sizes."""
