@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hotswap.basemodel import PRESETS, build_model, build_with_tokenizer, fingerprint, load_model, save_model
 from hotswap.cli import main
 from hotswap.errors import InvalidBaseModel
+from hotswap.methods.api import decoder_experts
 
 TINY = [name for name in PRESETS if name.startswith("tiny")]
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 9, 10, 11, 12, 13, 14, 15]])  # past the tiny sliding window (8)
@@ -51,7 +52,8 @@ def test_tiny_presets_share_the_tiny_scale(preset: str) -> None:
 
 def test_tiny_families_cover_what_the_engine_must_handle() -> None:
     """Sliding windows shorter than a test prompt, soft-capping, mixed layer types, head_dim != hidden / heads,
-    fused projections, tied and untied heads."""
+    fused projections, tied and untied heads, mixture-of-experts layers (stacked, transposed and biased experts, a
+    shared expert) and attention sinks."""
     configs = {name: build_model(name).config for name in TINY}
     for name in ("tiny-mistral", "tiny-gemma2", "tiny-gemma3"):
         assert 1 <= configs[name].sliding_window < IDS.shape[1], name
@@ -59,10 +61,23 @@ def test_tiny_families_cover_what_the_engine_must_handle() -> None:
     assert gemma2.attn_logit_softcapping and gemma2.final_logit_softcapping
     assert set(configs["tiny-gemma3"].layer_types) == {"sliding_attention", "full_attention"}
     wide = {n for n, c in configs.items() if getattr(c, "head_dim", None) not in (None, c.hidden_size // 4)}
-    assert wide == {"tiny-qwen3", "tiny-gemma2", "tiny-gemma3"}  # head_dim 32, not hidden / heads = 16
+    assert wide == {
+        "tiny-qwen3",
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-qwen3-moe",
+    }  # head_dim 32, not hidden / heads = 16
     assert {c.tie_word_embeddings for c in configs.values()} == {True, False}
     names = {n.rsplit(".", 1)[-1] for n, _ in build_model("tiny-phi3").named_modules()}
     assert {"qkv_proj", "gate_up_proj"} <= names and not names & {"q_proj", "gate_proj"}
+    moe = {n: decoder_experts(build_model(n)) for n in TINY}
+    assert {n for n, found in moe.items() if found} == {
+        "tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-gpt-oss"
+    }  # fmt: skip
+    oss = next(iter(moe["tiny-gpt-oss"].values()))
+    assert oss.is_transposed and oss.has_bias and oss.num_experts == 4
+    assert "shared_expert" in {n.rsplit(".", 1)[-1] for n, _ in build_model("tiny-qwen2-moe").named_modules()}
+    assert build_model("tiny-gpt-oss").model.layers[0].self_attn.sinks.shape == (4,)
 
 
 def test_final_soft_capping_bends_the_tiny_gemma2_logits() -> None:
