@@ -30,7 +30,7 @@ def lora_config(
 def attach(model: torch.nn.Module, config: Any) -> PeftModel:
     try:
         return get_peft_model(model, config)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # PEFT's errors for what a config cannot adapt (TypeError: a module type)
         raise InvalidArgument(f"cannot attach {config.peft_type.value}: {e}") from None
 
 

@@ -73,6 +73,17 @@ def test_cli_flags_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*args, "--trainable-tokens", "3,9", "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--trainable-tokens", "3,3", "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.strip().endswith("trainable_tokens must be distinct token ids, got [3, 3]")
+    embedding_and_tokens = [
+        "--targets",
+        "q_proj,embed_tokens",
+        "--trainable-tokens",
+        "3,9",
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    assert main([*args, *embedding_and_tokens]) == 2  # PEFT cannot put trainable tokens on a LoRA embedding
+    assert capsys.readouterr().err.strip().endswith("trainable_token_indices cannot be applied to modules of type "
+                                                    "<class 'peft.tuners.lora.layer.Embedding'>")  # fmt: skip
     with pytest.raises(SystemExit):
         main([*args, "--trainable-tokens", "3,x", "--out", str(tmp_path / "c")])
     assert "invalid comma-separated int value: '3,x'" in capsys.readouterr().err
