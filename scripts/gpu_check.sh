@@ -13,7 +13,7 @@ set -euo pipefail
 python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this script is for a GPU machine")'
 export HOTSWAP_TEST_DEVICE=cuda
 python -m pytest -q -p no:cacheprovider tests/serve/test_attention.py tests/serve/test_families.py tests/serve/test_dtypes.py \
-  tests/serve/test_static_decode.py
+  tests/serve/test_static_decode.py tests/serve/test_sinks.py tests/serve/test_moe.py tests/serve/test_embedding_lora.py
 out=bench-results/gpu
 for preset in ${HOTSWAP_GPU_PRESETS:-smollm2-135m qwen2.5-0.5b}; do
   for dtype in ${HOTSWAP_GPU_DTYPES:-bfloat16}; do

@@ -25,7 +25,7 @@ from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.serve.model.layers import MultiAdapterExperts, routed_experts, routed_experts_ref
 from hotswap.train import RandomLoraConfig, random_lora
-from tests.serve.reference import peft_model, reference_greedy, reference_logits
+from tests.serve.reference import TEST_DEVICE, peft_model, reference_greedy, reference_logits
 
 MOE = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-gpt-oss"]
 PEFT = "base_model.model."
@@ -255,8 +255,10 @@ def _reference(base: Path, adapters: dict[str, Path], row: list) -> nn.Module:
 def eager(moe: tuple[Path, Path, dict[str, Path]]) -> Iterator[tuple[list[torch.Tensor], list[list[int]]]]:
     """The mixed batch's prompt logits and greedy tokens, eager decode."""
     base, registry, _ = moe
-    with Engine(base, registry, max_batch=8, max_resident=4, max_seq_len=16, dtype="float32", device="cpu") as engine:
-        yield engine.forward_logits(_requests()), [r.token_ids for r in engine.generate(_requests())]
+    with Engine(base, registry, max_batch=8, max_resident=4, max_seq_len=16, dtype="float32",
+                device=TEST_DEVICE) as engine:  # fmt: skip
+        logits = [x.cpu() for x in engine.forward_logits(_requests())]
+        yield logits, [r.token_ids for r in engine.generate(_requests())]
 
 
 def test_merged_reference_is_peft_for_one_adapter(moe: tuple[Path, Path, dict[str, Path]]) -> None:
