@@ -1,6 +1,8 @@
-"""`hotswap train` trains LoRA on the input embedding and the output head (``--targets ... embed_tokens,lm_head``)
-and PEFT's trainable tokens (``--trainable-tokens``, on a tied base: the head's rows too): each learns the built-in
-task, publishes PEFT's own files, and serves beside a plain LoRA with the trained model's logits."""
+"""The issue's end-to-end case on a Qwen3-MoE-shaped base (its head tied here, so trainable tokens reach it):
+`hotswap train` trains LoRA on every expert (``--target-parameters experts``), LoRA on the input embedding and the
+output head (``--targets ... embed_tokens,lm_head``), PEFT's trainable tokens (``--trainable-tokens``) and a plain
+LoRA; each learns the built-in task and publishes PEFT's own files, and the engine serves all four unmerged in one
+batch with each trained model's logits."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from hotswap.train import TrainConfig, train
 
 PROBE = [[5, 12], [5, 30, 11], [7, 8, 9, 10]]
 RUNS: dict[str, dict] = {
+    "experts": {"target_modules": ["q_proj", "v_proj"], "target_parameters": ["experts"]},
     "embedding": {"target_modules": ["q_proj", "v_proj", "embed_tokens", "lm_head"]},
     "tokens": {"target_modules": ["q_proj", "v_proj"], "trainable_tokens": [5, 7, 11, 12, 30]},
     "plain": {"target_modules": ["q_proj", "v_proj"]},
@@ -28,9 +31,11 @@ RUNS: dict[str, dict] = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """Each run on a tied base (Qwen2's tiny shape), published to one registry."""
+    """Each run on the tiny Qwen3-MoE base with a tied head, published to one registry."""
     root = tmp_path_factory.mktemp("emb")
-    base = save_model(build_model("tiny-qwen2", seed=0, initializer_range=0.1), root / "base")
+    model = build_model("tiny-qwen3-moe", seed=0, initializer_range=0.1, tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    base = save_model(model, root / "base")
     registry = root / "registry"
     results = {}
     for name, options in RUNS.items():
@@ -48,6 +53,7 @@ def test_learns_and_publishes_peft_files(runs: tuple, name: str) -> None:
     assert m["eval_loss"] < m["eval_loss_untrained"] - 0.5, m
     keys = load_file(Registry(registry).fetch(f"t-{name}")[1] / "adapter_model.safetensors")
     parts = {
+        "experts": ("mlp.experts.base_layer.lora_A.weight", "mlp.experts.lora_B.weight"),
         "embedding": ("embed_tokens.lora_embedding_A", "lm_head.lora_A.weight"),
         "tokens": ("embed_tokens.token_adapter.trainable_tokens_delta",),
         "plain": ("q_proj.lora_A.weight",),
