@@ -115,15 +115,11 @@ class _RowTables:
         return bool(self.ids[slot].any())
 
 
-@register_kind
-class TokenRowsKind(EmbeddingKind):
-    """Trainable tokens on the input embedding: a row's tokens in its adapters' sets get their delta rows."""
+class _TokenRowsKind:
+    """What the embedding's and the head's token rows share: their tables, installed per slot; a row's state is its
+    slots and weights."""
 
-    name = "token_rows"
-
-    def __init__(self, base: nn.Module, num_slots: int, dtype: torch.dtype) -> None:
-        super().__init__(base, num_slots, dtype)
-        self.rows = _RowTables(self, *base.weight.shape)
+    rows: _RowTables
 
     def set(self, slot: int, payload: TokenRows | None) -> None:
         self.rows.set(slot, payload)
@@ -133,6 +129,17 @@ class TokenRowsKind(EmbeddingKind):
 
     def gather(self, plan: BatchPlan, used: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return _weighted(plan)
+
+
+@register_kind
+class TokenRowsKind(_TokenRowsKind, EmbeddingKind):
+    """Trainable tokens on the input embedding: a row's tokens in its adapters' sets get their delta rows."""
+
+    name = "token_rows"
+
+    def __init__(self, base: nn.Module, num_slots: int, dtype: torch.dtype) -> None:
+        super().__init__(base, num_slots, dtype)
+        self.rows = _RowTables(self, *base.weight.shape)
 
     def apply(self, ids: torch.Tensor, y: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         slots, weights = state
@@ -145,7 +152,7 @@ class TokenRowsKind(EmbeddingKind):
 
 
 @register_kind
-class HeadRowsKind(SlotKind):
+class HeadRowsKind(_TokenRowsKind, SlotKind):
     """Trainable tokens on an output head tied to the embedding: the logits of a row's tokens in its adapters' sets
     come from their new rows (h @ delta added to those columns)."""
 
@@ -154,15 +161,6 @@ class HeadRowsKind(SlotKind):
     def __init__(self, base: nn.Linear, num_slots: int, dtype: torch.dtype) -> None:
         super().__init__(base, num_slots, dtype)
         self.rows = _RowTables(self, base.out_features, base.in_features)
-
-    def set(self, slot: int, payload: TokenRows | None) -> None:
-        self.rows.set(slot, payload)
-
-    def holds(self, slot: int) -> bool:
-        return self.rows.holds(slot)
-
-    def gather(self, plan: BatchPlan, used: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return _weighted(plan)
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: tuple) -> torch.Tensor:
         slots, weights = state

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import load_file
 from torch import nn
 
@@ -25,6 +25,7 @@ from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.serve.model.layers import MultiAdapterExperts, routed_experts, routed_experts_ref
 from hotswap.train import RandomLoraConfig, random_lora
+from tests.serve.conftest import _peft_lora
 from tests.serve.reference import TEST_DEVICE, peft_model, reference_greedy, reference_logits
 
 MOE = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe", "tiny-gpt-oss"]
@@ -159,13 +160,7 @@ def _peft_expert_lora(base: Path, out: Path, seed: int) -> Path:
                         rank_pattern={"down_proj": 2}, alpha_pattern={"gate_up_proj": 2})  # fmt: skip
     with warnings.catch_warnings():  # PEFT 0.21 warns the patterns matched no module, and applies them to parameters
         warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys", RuntimeWarning)
-        model = get_peft_model(load_model(base), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(out)
+        _peft_lora(base, out, config, seed)
     shapes = {k: tuple(v.shape) for k, v in load_file(out / "adapter_model.safetensors").items()}
     assert shapes[f"{PEFT}model.layers.0.mlp.experts.lora_A.weight"] == (4 * 2, 32)  # down_proj at rank 2
     assert shapes[f"{PEFT}model.layers.0.mlp.experts.base_layer.lora_A.weight"] == (4 * 4, 64)  # gate_up_proj at 4
