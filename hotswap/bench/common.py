@@ -26,16 +26,32 @@ from hotswap.devices import resolve_dtype, torch_dtype
 from hotswap.errors import InvalidArgument
 from hotswap.gguf import PACKAGED, cached_base
 from hotswap.methods import RandomKnobs, registered
+from hotswap.methods.api.common import EXPERTS
 from hotswap.quantization import check_quantize
 from hotswap.registry import Registry
 from hotswap.serve import Engine, EngineObserver, Request
+from hotswap.train import RandomLoraConfig, random_loras
 
 log = logging.getLogger(__name__)
 
 # every registered method with synthetic artifacts (the LoRA-format exports of AdaLoRA, DyLoRA, PLoRA are LoRA here)
 METHODS = tuple(name for name, spec in registered().items() if spec.random is not None)
 
+CHECK_ROWS = 4  # rows per figure whose logits are compared with PEFT
 W1 = "smollm2-135m"  # the preset of workload W1 (docs/benchmarks.md)
+# MoE bases for the benchmarks, a published small MoE's proportions at random init: name -> (a tiny MoE preset of
+# hotswap.basemodel, the config values that differ from it), built as build_model(preset, **overrides)
+MOE_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # allenai/OLMoE-1B-7B (hidden 2048, 16 layers, 16 heads of 128, 64 experts of 1024, 8 per token, vocab 50304,
+    # untied) at 1/8 width (the vocabulary too, so the experts keep their share: 85% of 29.5M parameters, 93% in
+    # OLMoE) and 1/4 depth; experts, top-k and head size as published
+    "olmoe-mini": ("tiny-olmoe", dict(
+        vocab_size=6288, hidden_size=256, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+    )),
+}  # fmt: skip
+MOE = "olmoe-mini"  # the MoE base of the methods scenario's MoE rows (Workload.moe)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, as every MoE family names them
 # the preset whose shape a packaged real checkpoint has, for the label (tests/bench checks the configs agree)
 REAL_SHAPES = {"smollm2-135m-instruct": W1}
 
@@ -56,13 +72,17 @@ class Workload:
     device: str = "cpu"  # settled (not auto): hotswap.devices.resolve_device
     dtype: str = "auto"  # the engine's and the baselines' (hotswap.devices.resolve_dtype, per base)
     quantize: str = "none"  # the base quantized at load (hotswap.quantization), for the engine and the baselines
+    moe: str = MOE  # methods: the MoE base of its MoE rows (a MOE_SHAPES name or an MoE preset), or none
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS and self.model not in PACKAGED:
+        if self.model not in PRESETS and self.model not in PACKAGED and self.model not in MOE_SHAPES:
             raise InvalidArgument(
-                f"unknown model {self.model!r}: a preset shape at random init ({', '.join(PRESETS)}) "
+                f"unknown model {self.model!r}: a preset shape at random init ({', '.join([*PRESETS, *MOE_SHAPES])}) "
                 f"or a real checkpoint ({', '.join(PACKAGED)})"
             )
+        if self.moe != "none" and self.moe not in MOE_SHAPES and not _is_moe(self.moe):
+            moes = [*MOE_SHAPES, *(name for name in PRESETS if _is_moe(name))]
+            raise InvalidArgument(f"unknown MoE base {self.moe!r}: one of {', '.join(moes)}, or none")
 
     @property
     def real(self) -> bool:
@@ -79,6 +99,17 @@ class Workload:
         if shape is None:
             return f"{self.model} (real weights)"
         return f"{'W1' if shape == W1 else shape} shape, real weights ({self.model})"
+
+
+def _is_moe(preset: str) -> bool:
+    """A preset of hotswap.basemodel with routed experts."""
+    return preset in PRESETS and any(k in PRESETS[preset].config for k in ("num_experts", "num_local_experts"))
+
+
+def build_base(name: str, seed: int, **overrides: Any) -> torch.nn.Module:
+    """A preset or MOE_SHAPES base at random init (``overrides`` on top of the shape's)."""
+    preset, shape = MOE_SHAPES.get(name, (name, {}))
+    return build_model(preset, seed=seed, **{**shape, **overrides})
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -150,18 +181,28 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> Rounds:
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Weight bytes a decode step reads: every parameter once (tied ones once), less the input embedding unless
-    it is also the output head (a step reads a few rows of it, the head reads all of it)."""
+    it is also the output head (a step reads a few rows of it, the head reads all of it). The engine's wrappers
+    (of the head, the embedding) hold the module they wrap as ``base``."""
     params = {id(p): p for p in model.parameters()}
-    embed = model.get_input_embeddings().weight
+    embed = _unwrapped(model.get_input_embeddings()).weight
     head = model.get_output_embeddings()
-    if head is None or head.weight is not embed:
+    if head is None or _unwrapped(head).weight is not embed:
         params.pop(id(embed), None)
     return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "base", module)
 
 
 def roofline(base_bytes: int, adapter_bytes: int) -> float:
     """The ratio to base a purely bandwidth-bound decode step reaches when it also reads ``adapter_bytes``."""
     return base_bytes / (base_bytes + adapter_bytes)
+
+
+def roofline_fields(vs_base: float, bound: float) -> dict[str, float]:
+    """The workload's memory roofline (docs/benchmarks.md) and how close the measured ratio to base comes to it."""
+    return {"roofline": bound, "vs_roofline": vs_base / bound}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -174,6 +215,7 @@ class Fixtures:
 
     def __init__(self, workload: Workload, cache: Path) -> None:
         self.workload = workload
+        self.cache = cache
         if workload.real:  # shared with tests and the demo; its folder name carries the GGUF file's hash
             self.base = cached_base(workload.model)
             self.root = cache / f"{self.base.name}-s{workload.seed}-r{workload.rank}"
@@ -182,7 +224,7 @@ class Fixtures:
             self.base = self.root / "base"
             if not self.base.exists():
                 log.info("building base %s at %s", workload.model, self.base)
-                save_model(build_model(workload.model, seed=workload.seed), self.base)
+                save_model(build_base(workload.model, workload.seed), self.base)
         self.quantize = check_quantize(workload.quantize)
         self.fingerprint = fingerprint(self.base, self.quantize)  # adapters are published for the base as served
         self.registry = Registry(self.root / ("registry" if self.quantize is None else f"registry-{self.quantize}"))
@@ -194,14 +236,31 @@ class Fixtures:
 
     def adapters(self, method: str, n: int) -> list[str]:
         """Names of ``n`` published adapters of ``method`` ("lora-0", ...), creating missing ones."""
-        names = [f"{method}-{i}" for i in range(n)]
+        w = self.workload
+        knobs = RandomKnobs(rank=w.rank, alpha=w.alpha, small=self.proxy_small)
+        random = registered()[method].random
+        assert random is not None, method
+        return self._published(method, n, lambda outs: random(self.base, outs, knobs), 1000 * METHODS.index(method))
+
+    def moe_loras(self, n: int, experts: bool) -> list[str]:
+        """Names of ``n`` published LoRA adapters on the attention projections (q/k/v/o) and, with ``experts``, on
+        every projection of every MoE layer's experts too (PEFT ``target_parameters``): "lora-experts-0", ... or
+        "lora-attention-0", ...; the workload's rank and alpha, random non-zero A and B."""
+        w = self.workload
+        config = RandomLoraConfig(rank=w.rank, alpha=w.alpha, target_modules=ATTENTION,
+                                  target_parameters=(EXPERTS,) if experts else ())  # fmt: skip
+        prefix = "lora-experts" if experts else "lora-attention"
+        return self._published(prefix, n, lambda outs: random_loras(self.base, outs, config), 0 if experts else 1000)
+
+    def _published(self, prefix: str, n: int, write: Callable[[dict[Path, int]], object], seed: int) -> list[str]:
+        """``n`` adapters "PREFIX-0", ... in the registry, the missing artifacts written by ``write({dir: seed})``
+        (adapter i with seed ``seed + i``)."""
+        names = [f"{prefix}-{i}" for i in range(n)]
         missing = [self.root / "artifacts" / name for name in names if name not in self.registry.names()]
         # the artifacts are shared by the registries of the float and the quantized base
-        outs = {out: 1000 * METHODS.index(method) + names.index(out.name) for out in missing if not out.exists()}
+        outs = {out: seed + names.index(out.name) for out in missing if not out.exists()}
         if outs:
-            w = self.workload
-            knobs = RandomKnobs(rank=w.rank, alpha=w.alpha, small=self.proxy_small)
-            registered()[method].random(self.base, outs, knobs)  # type: ignore[misc]
+            write(outs)
         for out in missing:
             self.registry.publish(out, out.name, base_fingerprint=self.fingerprint)
         return names
@@ -223,7 +282,7 @@ class Fixtures:
                 torch.manual_seed(seed)
                 small = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
             else:
-                small = build_model(self.workload.model, seed=seed, **shape)
+                small = build_base(self.workload.model, seed, **shape)
             save_model(small, path)
         return path
 
@@ -301,6 +360,15 @@ def peft_row_logits(model: PeftModel, prompt: list[int], adapter: str | None) ->
                 return model(input_ids=ids).logits[0].float().cpu()
         model.set_adapter(adapter)
         return model(input_ids=ids).logits[0, -len(prompt) :].float().cpu()
+
+
+def max_logit_diff(engine: Engine, peft: PeftModel, prompts: list[list[int]], names: list[str | None]) -> float:
+    """Max |logit difference| of the engine's rows (one mixed batch, row i with adapter ``names[i]`` or none)
+    against PEFT's single-adapter forward of each row."""
+    ours = engine.forward_logits(requests(prompts, [[n] if n else [] for n in names], 1))
+    return max(
+        (o.cpu() - peft_row_logits(peft, p, n)).abs().max().item() for o, p, n in zip(ours, prompts, names, strict=True)
+    )
 
 
 def write_results(scenario: str, workload: Workload, rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, str]:

@@ -17,19 +17,22 @@ from functools import partial
 from typing import Any
 
 from hotswap.bench.common import (
+    CHECK_ROWS,
     METHODS,
     Fixtures,
     hf_generate,
     interleaved,
+    max_logit_diff,
     model_bytes,
-    peft_row_logits,
     percentile,
     requests,
     roofline,
+    roofline_fields,
     seconds,
     set_threads,
     summary,
 )
+from hotswap.bench.moe import moe_rows
 from hotswap.bench.training import train_bench
 from hotswap.client import Client
 from hotswap.devices import DECODE_CHOICES
@@ -40,15 +43,6 @@ from hotswap.registry.artifact import verify
 from hotswap.serve import EngineObserver
 
 log = logging.getLogger(__name__)
-CHECK_ROWS = 4  # rows per figure whose logits are compared with PEFT
-
-
-def _max_diff(fx: Fixtures, engine: Any, peft: Any, prompts: list[list[int]], names: list[str | None]) -> float:
-    reqs = requests(prompts, [[n] if n else [] for n in names], 1)
-    ours = engine.forward_logits(reqs)
-    return max(
-        (o.cpu() - peft_row_logits(peft, p, n)).abs().max().item() for o, p, n in zip(ours, prompts, names, strict=True)
-    )
 
 
 def mixed(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
@@ -88,7 +82,7 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
                       "float_base_memory_mb": float_engine.model.get_memory_footprint() / 2**20}  # fmt: skip
         set_threads()
         rounds = interleaved(runs, w.repeats)
-        diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], row_adapters[:CHECK_ROWS])
+        diff = max_logit_diff(engine, peft, prompts[:CHECK_ROWS], row_adapters[:CHECK_ROWS])
         bound = roofline(model_bytes(engine.model), sum(engine.adapter_bytes(ref) for ref in refs))
     tokens = batch * w.new_tokens
     base_row = {
@@ -111,16 +105,11 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
         "peft_tok_s": rounds.tok_s("peft", tokens),
         **vs_base,
         **rounds.vs("peft", "mixed", "peft"),
-        **_roofline(vs_base["vs_base"], bound),
+        **roofline_fields(vs_base["vs_base"], bound),
         "base_vs_hf_generate": statistics.median(rounds.ratios("base", "hf")),
         "max_abs_logit_diff": diff,
     }
     return row, base_row
-
-
-def _roofline(vs_base: float, bound: float) -> dict[str, float]:
-    """The workload's memory roofline (docs/benchmarks.md) and how close the measured ratio to base comes to it."""
-    return {"roofline": bound, "vs_roofline": vs_base / bound}
 
 
 def swap(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
@@ -156,7 +145,7 @@ def _swap_one(fx: Fixtures, n: int) -> dict[str, Any]:
             },
             w.repeats,
         )
-        diff = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], order[:CHECK_ROWS])
+        diff = max_logit_diff(engine, peft, prompts[:CHECK_ROWS], order[:CHECK_ROWS])
     tokens = w.batch * w.new_tokens
     return {
         "label": f"{n} adapters, one request at a time",
@@ -237,7 +226,9 @@ def _load_stages(fx: Fixtures, names: list[str], base: BaseInfo) -> dict[str, li
 
 
 def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
-    """``mixed`` for each method with N distinct adapters, and one batch mixing all methods."""
+    """``mixed`` for each method with N distinct adapters, and one batch mixing all methods; then on an MoE base
+    (``Workload.moe``, unless none) LoRA on the attention and every expert, and on the attention alone
+    (hotswap.bench.moe)."""
     w = fx.workload
     n = min(max(adapter_counts), w.batch)
     prompts = fx.prompts(w.batch)
@@ -256,7 +247,7 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
         diffs = {}
         for method in (m for m in METHODS if registered()[m].peft):  # PEFT loads these; the rest: the tests
             peft = fx.peft(per_method[method][:CHECK_ROWS])
-            diffs[method] = _max_diff(fx, engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
+            diffs[method] = max_logit_diff(engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
         base_bytes = model_bytes(engine.model)
         ref_of = {ref.partition("@")[0]: ref for ref in engine.resident()}
         bounds = {label: roofline(base_bytes, sum(engine.adapter_bytes(ref_of[a]) for a in set(adapters)))
@@ -273,11 +264,11 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
                 "tok_s": rounds.tok_s(label, tokens),
                 "base_tok_s": rounds.tok_s("base", tokens),
                 **vs_base,
-                **_roofline(vs_base["vs_base"], bounds[label]),
+                **roofline_fields(vs_base["vs_base"], bounds[label]),
                 "max_abs_logit_diff": diffs.get(label),
             }
         )
-    return rows
+    return rows if w.moe == "none" else rows + moe_rows(fx, n)
 
 
 def decode(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:

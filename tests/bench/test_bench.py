@@ -86,7 +86,11 @@ def test_swap_and_load(tmp_path: Path, cache: Path) -> None:
 
 @pytest.mark.slow
 def test_methods(tmp_path: Path, cache: Path) -> None:
-    rows = _load(run("methods", TINY, tmp_path, cache, [2])[0])["rows"]
+    """Every method's row on the dense base, then the MoE rows on the MoE base: LoRA on attention and every expert
+    (PEFT target_parameters), and on attention alone, each vs that base in the same rounds."""
+    data = _load(run("methods", replace(TINY, moe="tiny-olmoe"), tmp_path, cache, [2])[0])
+    assert data["workload"]["moe"] == "tiny-olmoe"
+    *rows, experts, attention = data["rows"]
     served = [name for name, spec in registered().items() if spec.random is not None]  # every method's folder
     assert {
         "lora",
@@ -101,12 +105,32 @@ def test_methods(tmp_path: Path, cache: Path) -> None:
         "ia3",
     } <= set(served)
     assert [r["method"] for r in rows] == [*served, "all methods"]
-    for r in rows:
+    assert [(r["method"], r["model"], r["targets"]) for r in (experts, attention)] == [
+        ("lora", "tiny-olmoe", "attention + experts"),
+        ("lora", "tiny-olmoe", "attention"),
+    ]
+    for r in (*rows, experts, attention):
         assert r["vs_base"] == pytest.approx(r["tok_s"] / r["base_tok_s"])
         _spread(r, "vs_base")
         assert 0 < r["roofline"] <= 1
         if r["max_abs_logit_diff"] is not None:
             assert r["max_abs_logit_diff"] < 1e-4
+    for r in (experts, attention):
+        assert r["n_adapters"] == 2 and r["max_abs_logit_diff"] is not None  # PEFT's target_parameters LoRA
+        assert r["vs_roofline"] == pytest.approx(r["vs_base"] / r["roofline"])
+        assert r["base_vs_hf_generate"] == pytest.approx(r["base_tok_s"] / r["hf_generate_tok_s"])
+        _spread(r, "base_vs_hf_generate")
+    assert experts["base_tok_s"] == attention["base_tok_s"]  # one MoE base, measured in the same rounds
+    assert experts["roofline"] < attention["roofline"]  # the experts' factors are read too
+    assert experts["base_tok_s"] != rows[0]["base_tok_s"]  # not the dense base
+
+
+def test_methods_moe_base_is_an_moe() -> None:
+    """The MoE rows' base: a bench MoE shape or an MoE preset; none leaves the rows out."""
+    assert Workload(moe="none").moe == "none" and Workload().moe == "olmoe-mini"
+    for wrong in ("tiny", "nope"):
+        with pytest.raises(InvalidArgument, match=rf"unknown MoE base '{wrong}': one of olmoe-mini, tiny-mixtral"):
+            Workload(moe=wrong)
 
 
 @pytest.mark.slow
