@@ -135,6 +135,16 @@ PRESETS: dict[str, Preset] = {
         ),
         "benchmarks: Gemma-3-270M's shape",
     ),
+    "olmoe-mini": Preset(  # allenai/OLMoE-1B-7B at 1/8 width (the vocabulary too, so the experts keep their share:
+        # 85% of 29.5M parameters, 93% in OLMoE) and 1/4 depth; experts, top-k and head size as published
+        "olmoe",
+        dict(
+            vocab_size=6288, hidden_size=256, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=2, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+            tie_word_embeddings=False, **_TINY_IDS,
+        ),
+        "benchmarks: OLMoE-1B-7B's proportions, scaled down (bench methods' MoE rows)",
+    ),
     "phi-3-mini": Preset(  # microsoft/Phi-3-mini-4k-instruct: 3.82B parameters
         "phi3",
         dict(

@@ -39,17 +39,6 @@ METHODS = tuple(name for name, spec in registered().items() if spec.random is no
 
 CHECK_ROWS = 4  # rows per figure whose logits are compared with PEFT
 W1 = "smollm2-135m"  # the preset of workload W1 (docs/benchmarks.md)
-# MoE bases for the benchmarks, a published small MoE's proportions at random init: name -> (a tiny MoE preset of
-# hotswap.basemodel, the config values that differ from it), built as build_model(preset, **overrides)
-MOE_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    # allenai/OLMoE-1B-7B (hidden 2048, 16 layers, 16 heads of 128, 64 experts of 1024, 8 per token, vocab 50304,
-    # untied) at 1/8 width (the vocabulary too, so the experts keep their share: 85% of 29.5M parameters, 93% in
-    # OLMoE) and 1/4 depth; experts, top-k and head size as published
-    "olmoe-mini": ("tiny-olmoe", dict(
-        vocab_size=6288, hidden_size=256, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=2, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
-    )),
-}  # fmt: skip
 MOE = "olmoe-mini"  # the MoE base of the methods scenario's MoE rows (Workload.moe)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, as every MoE family names them
 # the preset whose shape a packaged real checkpoint has, for the label (tests/bench checks the configs agree)
@@ -72,16 +61,16 @@ class Workload:
     device: str = "cpu"  # settled (not auto): hotswap.devices.resolve_device
     dtype: str = "auto"  # the engine's and the baselines' (hotswap.devices.resolve_dtype, per base)
     quantize: str = "none"  # the base quantized at load (hotswap.quantization), for the engine and the baselines
-    moe: str = MOE  # methods: the MoE base of its MoE rows (a MOE_SHAPES name or an MoE preset), or none
+    moe: str = MOE  # methods: the MoE base of its MoE rows (an MoE preset), or none
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS and self.model not in PACKAGED and self.model not in MOE_SHAPES:
+        if self.model not in PRESETS and self.model not in PACKAGED:
             raise InvalidArgument(
-                f"unknown model {self.model!r}: a preset shape at random init ({', '.join([*PRESETS, *MOE_SHAPES])}) "
+                f"unknown model {self.model!r}: a preset shape at random init ({', '.join(PRESETS)}) "
                 f"or a real checkpoint ({', '.join(PACKAGED)})"
             )
-        if self.moe != "none" and self.moe not in MOE_SHAPES and not _is_moe(self.moe):
-            moes = [*MOE_SHAPES, *(name for name in PRESETS if _is_moe(name))]
+        if self.moe != "none" and not _is_moe(self.moe):
+            moes = [name for name in PRESETS if _is_moe(name)]
             raise InvalidArgument(f"unknown MoE base {self.moe!r}: one of {', '.join(moes)}, or none")
 
     @property
@@ -104,12 +93,6 @@ class Workload:
 def _is_moe(preset: str) -> bool:
     """A preset of hotswap.basemodel with routed experts."""
     return preset in PRESETS and any(k in PRESETS[preset].config for k in ("num_experts", "num_local_experts"))
-
-
-def build_base(name: str, seed: int, **overrides: Any) -> torch.nn.Module:
-    """A preset or MOE_SHAPES base at random init (``overrides`` on top of the shape's)."""
-    preset, shape = MOE_SHAPES.get(name, (name, {}))
-    return build_model(preset, seed=seed, **{**shape, **overrides})
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -224,7 +207,7 @@ class Fixtures:
             self.base = self.root / "base"
             if not self.base.exists():
                 log.info("building base %s at %s", workload.model, self.base)
-                save_model(build_base(workload.model, workload.seed), self.base)
+                save_model(build_model(workload.model, seed=workload.seed), self.base)
         self.quantize = check_quantize(workload.quantize)
         self.fingerprint = fingerprint(self.base, self.quantize)  # adapters are published for the base as served
         self.registry = Registry(self.root / ("registry" if self.quantize is None else f"registry-{self.quantize}"))
@@ -282,7 +265,7 @@ class Fixtures:
                 torch.manual_seed(seed)
                 small = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
             else:
-                small = build_base(self.workload.model, seed, **shape)
+                small = build_model(self.workload.model, seed=seed, **shape)
             save_model(small, path)
         return path
 

@@ -33,6 +33,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         dtype=args.dtype,
         quantize=args.quantize,
+        moe=args.moe,
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
     print(table)
@@ -73,6 +74,7 @@ def register(add: AddCommand) -> None:
         choices=QUANTIZE_CHOICES,
         help="the base quantized at load, for the engine and the baselines (mixed adds the float base's row)",
     )
+    sp.add_argument("--moe", default="olmoe-mini", help="methods: the MoE preset of its MoE rows, or none")
     sp.add_argument("--batch", type=positive_int, default=16)
     sp.add_argument("--prompt", type=positive_int, default=64)
     sp.add_argument("--new-tokens", type=positive_int, default=32)

@@ -11,7 +11,9 @@ from torch import nn
 from hotswap.methods.api import BatchPlan, ExpertKind, SlotKind, expert_projections, register_kind, weighted_rows
 from hotswap.methods.lora.ops import (
     ExpertFactors,
+    ExpertRows,
     expert_lora_apply,
+    expert_lora_rows,
     gather_experts,
     gather_rows,
     gather_unique,
@@ -114,7 +116,8 @@ class ExpertLoraFactors:
 @register_kind
 class ExpertLoraKind(ExpertKind):
     """LoRA on experts: per projection, slot tables (slots+1, E, R, in) / (slots+1, E, R, out) padded to a common
-    rank; a batch reads each of its distinct adapters once (:func:`gather_experts`)."""
+    rank; a batch of few distinct adapters reads each once (:func:`gather_experts`), else each routed token reads
+    its own (:class:`ExpertRows`)."""
 
     name = "expert_lora"
     order = 10
@@ -149,17 +152,26 @@ class ExpertLoraKind(ExpertKind):
     def holds(self, slot: int) -> bool:
         return any(ranks[slot] for ranks in self.slot_rank.values())
 
-    def gather(self, plan: BatchPlan, used: list[int]) -> dict[str, ExpertFactors]:
+    def gather(self, plan: BatchPlan, used: list[int]) -> dict[str, ExpertFactors | ExpertRows]:
         assert plan.slots is not None and plan.weights is not None
-        state = {}
+        state: dict[str, ExpertFactors | ExpertRows] = {}
         for proj, ranks in self.slot_rank.items():
             if holding := [s for s in used if ranks[s]]:
                 rank = max(ranks[s] for s in holding)
-                state[proj] = gather_experts(self.A[proj], self.B[proj], plan.slots, plan.weights, rank, holding)
+                a, b = self.A[proj], self.B[proj]
+                # as LoraKind: few distinct adapters for many rows read each adapter once, else each token its own
+                if 2 * len(holding) <= plan.slots.shape[0]:
+                    state[proj] = gather_experts(a, b, plan.slots, plan.weights, rank, holding)
+                else:
+                    state[proj] = ExpertRows(a, b, plan.slots, plan.weights, rank)
         return state
 
     def delta(
-        self, proj: str, expert: int, x: torch.Tensor, rows: torch.Tensor, state: dict[str, ExpertFactors]
+        self, proj: str, expert: int, x: torch.Tensor, rows: torch.Tensor, state: dict[str, ExpertFactors | ExpertRows]
     ) -> torch.Tensor | None:
         f = state.get(proj)
-        return None if f is None else expert_lora_apply(x, f, expert, rows)
+        if f is None:
+            return None
+        return (
+            expert_lora_rows(x, f, expert, rows) if isinstance(f, ExpertRows) else expert_lora_apply(x, f, expert, rows)
+        )

@@ -17,6 +17,10 @@ not change):
   concatenated, two dense GEMMs for the whole batch and a per-row coefficient mask (none when every
   row uses the same adapters: one popular adapter costs two GEMMs per linear); reads each adapter
   once, so it wins when U is well below the batch size (popular adapters).
+
+An MoE layer's experts get the same two paths per expert, on the tokens routed to it: the batch's distinct
+adapters' factors of that expert (``gather_experts`` + ``expert_lora_apply``), or each token's own
+(``expert_lora_rows``).
 """
 
 from __future__ import annotations
@@ -171,6 +175,27 @@ def expert_lora_apply(x: torch.Tensor, f: ExpertFactors, expert: int, rows: torc
     coef = f.coef[rows]  # (n, U*r)
     h = (x @ f.a[expert]).mul_(coef).masked_fill_(coef == 0, 0.0)
     return h @ f.b[expert]
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """One projection of an MoE layer's experts, per token: the slot tables A [S, E, R, in], B [S, E, R, out] and the
+    rows' ``slots`` / ``weights`` [Bt, K], nothing gathered per plan (for :func:`expert_lora_rows`)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+    rank: int
+
+
+def expert_lora_rows(x: torch.Tensor, f: ExpertRows, expert: int, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`expert_lora_apply`'s delta from each token's own adapters' factors (K of them), gathered for the tokens
+    routed to ``expert`` only: when the batch has about as many distinct adapters as rows, the batched GEMMs over all
+    of them would mostly multiply tokens by other rows' adapters."""
+    s = f.slots[rows]  # (n, K)
+    h = torch.einsum("ni,nkri->nkr", x, f.A[s, expert, : f.rank]) * f.weights[rows, :, None].to(x.dtype)
+    return torch.einsum("nkr,nkro->no", h, f.B[s, expert, : f.rank])
 
 
 def expert_lora_delta(

@@ -21,6 +21,7 @@ from torch import nn
 from hotswap.basemodel import build_model, fingerprint, load_model, save_model
 from hotswap.methods.api import BatchPlan, LinearDelta, decoder_experts, expert_projections
 from hotswap.methods.lora.kind import ExpertLoraFactors, ExpertLoraKind
+from hotswap.methods.lora.ops import ExpertRows
 from hotswap.registry import Registry
 from hotswap.serve import Engine, Request
 from hotswap.serve.model.layers import MultiAdapterExperts, routed_experts, routed_experts_ref
@@ -254,6 +255,25 @@ def eager(moe: tuple[Path, Path, dict[str, Path]]) -> Iterator[tuple[list[torch.
                 device=TEST_DEVICE) as engine:  # fmt: skip
         logits = [x.cpu() for x in engine.forward_logits(_requests())]
         yield logits, [r.token_ids for r in engine.generate(_requests())]
+
+
+def test_rows_of_distinct_expert_adapters_read_their_own_factors(
+    moe: tuple[Path, Path, dict[str, Path]], eager: tuple[list[torch.Tensor], list[list[int]]]
+) -> None:
+    """Rows each with its own expert adapter (as many distinct adapters as rows: each routed token reads its own
+    factors, ExpertRows) give the mixed batch's logits and tokens (there: the batch's distinct adapters, read once)."""
+    base, registry, _ = moe
+    picked = [0, 1, 5, 2]  # e2, e4, pattern, e2 x 0.5 + e4
+    requests = [_requests()[i] for i in picked]
+    with Engine(base, registry, max_batch=8, max_resident=4, max_seq_len=16, dtype="float32",
+                device=TEST_DEVICE) as engine:  # fmt: skip
+        logits = [x.cpu() for x in engine.forward_logits(requests)]
+        states = [s for m in engine.model.modules() if isinstance(m, MultiAdapterExperts) for _, s in m.batch_states()]
+        assert states and all(isinstance(f, ExpertRows) for s in states for f in s.values())
+        tokens = [r.token_ids for r in engine.generate(requests)]
+    for i, row in enumerate(picked):
+        _assert_close(logits[i], eager[0][row])
+        assert tokens[i] == eager[1][row]
 
 
 def test_merged_reference_is_peft_for_one_adapter(moe: tuple[Path, Path, dict[str, Path]]) -> None:

@@ -228,6 +228,9 @@ def test_expert_lora_matches_reference(pattern: str, k: int, expert: int, dtype:
     fast = lora.expert_lora_delta(x, A, B, slots, weights.to(dtype), rank, expert, token_rows)
     assert fast.shape == (13, OUT) and fast.dtype == dtype
     _check(fast, ref, dtype)
+    per_token = lora.expert_lora_rows(x, lora.ExpertRows(A, B, slots, weights.to(dtype), rank), expert, token_rows)
+    assert per_token.shape == (13, OUT) and per_token.dtype == dtype
+    _check(per_token, ref, dtype)
 
 
 def test_expert_lora_rows_of_zero_one_and_two_slots() -> None:
@@ -241,8 +244,10 @@ def test_expert_lora_rows_of_zero_one_and_two_slots() -> None:
     for expert in range(EXPERTS):
         ref = lora_ref.expert_lora_delta(x, A, B, slots, weights, CAPACITY, expert, token_rows)
         fast = lora.expert_lora_delta(x, A, B, slots, weights, CAPACITY, expert, token_rows)
-        _check(fast, ref, torch.float32)
-        assert torch.equal(fast[[0, 8, 9]], torch.zeros(3, OUT)), "base rows' tokens get an exact zero"
+        per_token = lora.expert_lora_rows(x, lora.ExpertRows(A, B, slots, weights, CAPACITY), expert, token_rows)
+        for got in (fast, per_token):
+            _check(got, ref, torch.float32)
+            assert torch.equal(got[[0, 8, 9]], torch.zeros(3, OUT)), "base rows' tokens get an exact zero"
         # slot 4 twice at 0.5 each is slot 4 once at weight 1
         once = lora_ref.expert_lora_delta(x[7:8], A, B, torch.tensor([[4]]), torch.ones(1, 1), CAPACITY, expert,
                                           torch.tensor([0]))  # fmt: skip
