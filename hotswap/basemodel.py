@@ -44,6 +44,11 @@ class Preset:
     config: Mapping[str, Any]
     note: str  # what it is for, in `hotswap base build --help`
 
+    @property
+    def moe(self) -> bool:
+        """A mixture-of-experts shape (routed experts in its blocks)."""
+        return any(k in self.config for k in ("num_experts", "num_local_experts"))
+
 
 # The tiny shape every test uses: vocab 256, hidden 64, 2 layers, 4 heads / 2 kv heads, fp32. Its random weights (per
 # seed) are what the tests' expectations were made with: leave `tiny` as it is.

@@ -69,8 +69,8 @@ class Workload:
                 f"unknown model {self.model!r}: a preset shape at random init ({', '.join(PRESETS)}) "
                 f"or a real checkpoint ({', '.join(PACKAGED)})"
             )
-        if self.moe != "none" and not _is_moe(self.moe):
-            moes = [name for name in PRESETS if _is_moe(name)]
+        if self.moe != "none" and not (self.moe in PRESETS and PRESETS[self.moe].moe):
+            moes = [name for name, preset in PRESETS.items() if preset.moe]
             raise InvalidArgument(f"unknown MoE base {self.moe!r}: one of {', '.join(moes)}, or none")
 
     @property
@@ -88,11 +88,6 @@ class Workload:
         if shape is None:
             return f"{self.model} (real weights)"
         return f"{'W1' if shape == W1 else shape} shape, real weights ({self.model})"
-
-
-def _is_moe(preset: str) -> bool:
-    """A preset of hotswap.basemodel with routed experts."""
-    return preset in PRESETS and any(k in PRESETS[preset].config for k in ("num_experts", "num_local_experts"))
 
 
 def environment(device: str) -> dict[str, Any]:

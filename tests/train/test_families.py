@@ -19,17 +19,21 @@ from hotswap.methods import base_checker
 from hotswap.registry import HOTSWAP_CONFIG, PEFT_CONFIG
 from hotswap.train import TrainConfig, train, trainable_methods
 
-FAMILIES = [name for name in PRESETS if name.startswith("tiny-")]  # `tiny` (Llama) is test_train.py's
+# `tiny` (Llama) is test_train.py's; of the mixture-of-experts families, Qwen3-MoE's shape stands for the others
+# (their experts are no linears, so every method trains the same layers on each; serving tests them all)
+MOE = "tiny-qwen3-moe"
+FAMILIES = [name for name, preset in PRESETS.items() if name.startswith("tiny-") and not preset.moe] + [MOE]
 METHODS = list(trainable_methods())
 PEFT_FORMAT = {"lora", "dora", "adalora", "dylora", "plora", "prefix", "prompt", "ia3", "vera"}  # adapter_config.json
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 LINEARS = {family: {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if family == "tiny-phi3" else ALL_LINEAR
-           for family in FAMILIES}  # fmt: skip
+           for family in FAMILIES} | {MOE: {"q_proj", "k_proj", "v_proj", "o_proj"}}  # fmt: skip
 # IA3's default: PEFT's own per model type; for a type PEFT does not list, the same roles by name
 IA3 = {"tiny-mistral": {"k_proj", "v_proj", "down_proj"}, "tiny-qwen2": {"q_proj", "v_proj", "down_proj"},
        "tiny-qwen3": {"q_proj", "v_proj", "down_proj"}, "tiny-gemma2": {"q_proj", "v_proj", "down_proj"},
        "tiny-gemma3": {"q_proj", "v_proj", "down_proj"}, "tiny-phi3": {"qkv_proj", "down_proj"},
-       "tiny-olmo2": {"k_proj", "v_proj", "down_proj"}, "tiny-granite": {"k_proj", "v_proj", "down_proj"}}  # fmt: skip
+       "tiny-olmo2": {"k_proj", "v_proj", "down_proj"}, "tiny-granite": {"k_proj", "v_proj", "down_proj"},
+       MOE: {"k_proj", "v_proj"}}  # fmt: skip
 PROBE = torch.tensor([[5, 12, 30, 11, 7, 8, 9, 10, 13, 14, 15, 16]])  # past the tiny sliding window (8)
 
 Bases = Callable[[str], tuple[Path, Path]]
