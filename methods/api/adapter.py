@@ -1,7 +1,6 @@
 """Reading adapters for serving: what a loader returns (:class:`LoadedAdapter`), what it knows of the base
 (:class:`BaseInfo`, :func:`decoder_linears`, :func:`decoder_experts`, :func:`target_linears`) and the checks every
-loader uses. The
-dispatch to each method's own loader is :func:`hotswap.methods.load_adapter`.
+loader uses. The dispatch to each method's own loader is :func:`hotswap.methods.load_adapter`.
 
 The loaders are also the artifact's validation against a base: every tensor must map to a module the
 engine wraps, with the shape the base and the config say, a floating dtype and finite values (in the
@@ -119,12 +118,8 @@ def is_experts(module: nn.Module) -> bool:
     parameters (``gate_up_proj`` or ``up_proj``, and ``down_proj``), its class dispatched through transformers'
     experts interface (``use_experts_implementation``, which records the layout: ``has_gate``, ``is_transposed``)."""
     down = getattr(module, "down_proj", None)
-    return (
-        hasattr(module, "has_gate")
-        and hasattr(module, "is_transposed")
-        and isinstance(down, nn.Parameter)
-        and (down.dim() == 3)
-    )
+    layout = hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+    return layout and isinstance(down, nn.Parameter) and down.dim() == 3
 
 
 def decoder_experts(model: nn.Module) -> dict[str, nn.Module]:

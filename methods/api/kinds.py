@@ -141,12 +141,16 @@ class SlotKind(SlotTable):
 
 class ExpertKind(SlotTable):
     """An MoE layer's kind (``base``: the layer's experts, transformers' stacked expert weights). The layer runs each
-    expert on the tokens routed to it; the kind adds its delta to that expert's projections there."""
+    expert on the tokens routed to it; the kind adds its delta to the experts' projections there, before their
+    activation."""
 
-    def delta(self, proj: str, expert: int, x: torch.Tensor, rows: torch.Tensor, state: Any) -> torch.Tensor | None:
-        """The delta (n, out) of projection ``proj`` (the experts' parameter name, e.g. ``gate_up_proj``) of
-        ``expert`` on its routed tokens ``x`` (n, in), whose batch rows are ``rows`` (n,); None where the kind adapts
-        no such projection."""
+    def delta(
+        self, proj: str, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, counts: list[int], state: Any
+    ) -> torch.Tensor | None:
+        """The delta (n, out) of projection ``proj`` (the experts' parameter name, e.g. ``gate_up_proj``) on the
+        routed (token, expert) pairs' inputs ``x`` (n, in), sorted by expert: pair i comes from batch row ``rows[i]``
+        and goes to expert ``experts[i]``, and ``counts[e]`` pairs go to expert e. None where the kind adapts no such
+        projection."""
         raise NotImplementedError
 
 

@@ -5,14 +5,12 @@ layer's experts (PEFT's ``target_parameters``); the writers make random ones for
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 
 from hotswap.errors import ArtifactRejected, InvalidArtifact, UnsupportedAdapter
 from hotswap.formats import PEFT_CONFIG
@@ -29,6 +27,7 @@ from hotswap.methods.api import (
     target_linear,
 )
 from hotswap.methods.api.common import DEFAULT_TARGETS, PathLike, resolve_parameters, resolve_targets, save_variants
+from hotswap.methods.lora.config import rank_and_scaling
 from hotswap.methods.lora.embedding import read_embedding_parts
 from hotswap.methods.lora.kind import ExpertLoraFactors, ExpertLoraKind, LoraFactors, LoraKind
 
@@ -77,14 +76,9 @@ def load_lora(path: Path, ref: str, method: str, base: BaseInfo) -> LoadedAdapte
             b = tensors[f"{module}.lora_B.weight"].float()  # (out, r)
         except KeyError as e:
             raise ArtifactRejected(f"{ref}: {module} lacks tensor {e.args[0]!r}") from None
-        # PEFT matches rank/alpha patterns against the module's full name in the base model.
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ArtifactRejected(f"{ref}: {module}'s rank in {PEFT_CONFIG} must be a positive integer, got {r!r}")
+        r, scaling = rank_and_scaling(ref, config, module)
         check_shape(ref, f"{module}.lora_A.weight", a, (r, linear.in_features))
         check_shape(ref, f"{module}.lora_B.weight", b, (linear.out_features, r))
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
         # (r, out) contiguous, scaled and transposed in one pass here in the loader's thread, so that installing
         # on the engine's thread is a plain copy
         b_scaled = torch.mul(b.T, scaling, out=torch.empty(r, linear.out_features))
@@ -155,13 +149,9 @@ def _expert_factors(
         a, b = (tensors[f"{prefix}.lora_{x}.weight"].float() for x in "AB")
     except KeyError as err:
         raise ArtifactRejected(f"{ref}: {param} lacks tensor {err.args[0]!r}") from None
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), param), config.r)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ArtifactRejected(f"{ref}: {param}'s rank in {PEFT_CONFIG} must be a positive integer, got {r!r}")
+    r, scaling = rank_and_scaling(ref, config, param)
     check_shape(ref, f"{prefix}.lora_A.weight", a, (e * r, n_in))
     check_shape(ref, f"{prefix}.lora_B.weight", b, (n_out, r * e))
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), param), config.lora_alpha)
-    scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
     b_experts = b.view(n_out, r, e).permute(2, 1, 0) * scaling  # (E, r, out)
     return a.view(e, r, n_in).to(base.dtype), b_experts.to(base.dtype).contiguous()
 

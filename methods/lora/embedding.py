@@ -5,16 +5,15 @@ never written into the base's tables."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from torch import nn
 
 from hotswap.errors import ArtifactRejected, UnsupportedAdapter
 from hotswap.methods.api import BaseInfo, BatchPlan, EmbeddingKind, LinearDelta, SlotKind, check_shape, register_kind
+from hotswap.methods.lora.config import rank_and_scaling
 
 
 def _embed_scale(embedding: nn.Module) -> torch.Tensor | float:
@@ -204,11 +203,9 @@ def read_embedding_parts(
         if a is None or b is None:
             raise ArtifactRejected(f"{ref}: {embed_name} needs both lora_embedding_A and lora_embedding_B")
         vocab, hidden = embedding.weight.shape
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), embed_name), config.r)
+        r, scaling = rank_and_scaling(ref, config, embed_name)
         check_shape(ref, f"{embed_name}.lora_embedding_A", a, (r, vocab))
         check_shape(ref, f"{embed_name}.lora_embedding_B", b, (hidden, r))
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), embed_name), config.lora_alpha)
-        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
         factors = EmbeddingLoraFactors(a.T.to(base.dtype).contiguous(), (b.T.float() * scaling).to(base.dtype))
         out[embed_name] = LinearDelta({EmbeddingLoraKind.name: factors})
     for key in [k for k in tensors if k.endswith(_TOKEN_ROWS)]:

@@ -167,11 +167,24 @@ class ExpertLoraKind(ExpertKind):
         return state
 
     def delta(
-        self, proj: str, expert: int, x: torch.Tensor, rows: torch.Tensor, state: dict[str, ExpertFactors | ExpertRows]
+        self,
+        proj: str,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        experts: torch.Tensor,
+        counts: list[int],
+        state: dict[str, ExpertFactors | ExpertRows],
     ) -> torch.Tensor | None:
         f = state.get(proj)
         if f is None:
             return None
-        return (
-            expert_lora_rows(x, f, expert, rows) if isinstance(f, ExpertRows) else expert_lora_apply(x, f, expert, rows)
-        )
+        if isinstance(f, ExpertRows):  # every pair at once, each reading its own adapters' factors of its expert
+            return expert_lora_rows(x, f, experts, rows)
+        out = x.new_zeros(x.shape[0], f.b.shape[-1])
+        start = 0
+        for expert, count in enumerate(counts):  # each expert on its pairs, over the batch's distinct adapters
+            if count:
+                part = slice(start, start + count)
+                out[part] = expert_lora_apply(x[part], f, expert, rows[part])
+            start += count
+        return out

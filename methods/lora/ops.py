@@ -189,13 +189,25 @@ class ExpertRows:
     rank: int
 
 
-def expert_lora_rows(x: torch.Tensor, f: ExpertRows, expert: int, rows: torch.Tensor) -> torch.Tensor:
-    """:func:`expert_lora_apply`'s delta from each token's own adapters' factors (K of them), gathered for the tokens
-    routed to ``expert`` only: when the batch has about as many distinct adapters as rows, the batched GEMMs over all
-    of them would mostly multiply tokens by other rows' adapters."""
+def expert_lora_rows(
+    x: torch.Tensor, f: ExpertRows, experts: torch.Tensor, rows: torch.Tensor, budget: int = 1 << 22
+) -> torch.Tensor:
+    """The delta [n, out] of routed pairs x [n, in], pair i from batch row ``rows[i]`` to expert ``experts[i]``, from
+    each pair's own adapters' factors of its expert (K per row), gathered for the routed pairs only: when the batch
+    has about as many distinct adapters as rows, the GEMMs over all of them (:func:`expert_lora_apply`) would mostly
+    multiply tokens by other rows' adapters. All experts at once, in chunks of at most ``budget`` gathered factor
+    elements (a prefill routes many pairs)."""
     s = f.slots[rows]  # (n, K)
-    h = torch.einsum("ni,nkri->nkr", x, f.A[s, expert, : f.rank]) * f.weights[rows, :, None].to(x.dtype)
-    return torch.einsum("nkr,nkro->no", h, f.B[s, expert, : f.rank])
+    w = f.weights[rows, :, None].to(x.dtype)  # (n, K, 1)
+    e = experts[:, None]  # (n, 1)
+    size = s.shape[1] * f.rank * max(f.A.shape[-1], f.B.shape[-1])  # gathered elements per pair
+    step = max(1, budget // max(size, 1))
+    out = x.new_empty(x.shape[0], f.B.shape[-1])
+    for i in range(0, x.shape[0], step):
+        c = slice(i, i + step)
+        h = torch.einsum("ni,nkri->nkr", x[c], f.A[s[c], e[c], : f.rank]) * w[c]
+        out[c] = torch.einsum("nkr,nkro->no", h, f.B[s[c], e[c], : f.rank])
+    return out
 
 
 def expert_lora_delta(

@@ -78,7 +78,7 @@ class Engine:
         self.eos_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None) or cfg.eos_token_id))
         self.plan = BatchPlan()
         base_info = BaseInfo.of(self.model)
-        self.layers = self._wrap_linears()
+        self.layers = self._wrap_modules()
         c = self.config
         self.runner = Runner(self.model, c.max_batch, c.max_seq_len, c.kv_block_size, self._kv_blocks(), c.decode)
         self.kinds = EngineKinds(
@@ -130,7 +130,7 @@ class Engine:
             )
         return blocks
 
-    def _wrap_linears(self) -> dict[str, MultiAdapterModule]:
+    def _wrap_modules(self) -> dict[str, MultiAdapterModule]:
         """Wrap every linear and every MoE layer's experts of the decoder blocks, the output head and the input
         embedding once; the base modules inside stay frozen and unmerged."""
         wrapped: dict[str, MultiAdapterModule] = {}

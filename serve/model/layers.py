@@ -114,8 +114,9 @@ class MultiAdapterEmbedding(MultiAdapterModule):
         return y
 
 
-# deltas(projection name, expert, its inputs (n, in), their tokens (n,)) -> the sum of the kinds' deltas, or None
-Deltas = Callable[[str, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
+# deltas(projection name, the pairs' inputs (n, in) sorted by expert, their tokens (n,), their experts (n,), the
+# pairs per expert) -> the sum of the kinds' deltas (n, out), or None
+Deltas = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, list[int]], torch.Tensor | None]
 
 
 class MultiAdapterExperts(MultiAdapterModule):
@@ -132,15 +133,21 @@ class MultiAdapterExperts(MultiAdapterModule):
         n = hidden.shape[0]
         token_rows = torch.arange(n, device=hidden.device) // (n // self.plan.slots.shape[0])
 
-        def deltas(proj: str, expert: int, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        def deltas(
+            proj: str, x: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor, counts: list[int]
+        ) -> torch.Tensor | None:
             out = None
             for kind, state in states:
-                d = kind.delta(proj, expert, x, token_rows[tokens], state)
+                d = kind.delta(proj, x, token_rows[tokens], experts, counts, state)
                 if d is not None:
                     out = d if out is None else out + d
             return out
 
         return routed_experts(self.base, hidden, top_k_index, top_k_weights, deltas)
+
+
+def _projections(experts: nn.Module) -> tuple[str, str]:
+    return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
 
 
 def _project(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
@@ -150,38 +157,39 @@ def _project(experts: nn.Module, name: str, expert: int, x: torch.Tensor) -> tor
     return y + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else y
 
 
-def _expert(experts: nn.Module, expert: int, x: torch.Tensor, tokens: torch.Tensor, deltas: Deltas) -> torch.Tensor:
-    """One expert on its tokens ``x`` (n, hidden): up (and gate), activation, down, each projection plus its deltas."""
-    h = x
-    for name in ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj"):
-        y = _project(experts, name, expert, h)
-        d = deltas(name, expert, h, tokens)
-        y = y if d is None else y + d
-        if name != "down_proj":
-            y = experts._apply_gate(y) if experts.has_gate else experts.act_fn(y)
-        h = y
-    return experts.post_expert_norm(h) if experts.has_post_expert_norm else h
+def _activate(experts: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return experts._apply_gate(y) if experts.has_gate else experts.act_fn(y)
 
 
 def routed_experts(
     experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, deltas: Deltas
 ) -> torch.Tensor:
     """The experts' output (N, hidden) for N tokens, each through its k routed experts weighted and summed, with the
-    deltas added to each expert's projections. The (token, expert) pairs are sorted by expert so that each expert
-    runs once, on its own tokens (as transformers' grouped implementation does); ``deltas`` gets the pairs' tokens."""
-    k = top_k_index.shape[1]
+    deltas added to each expert's projections before its activation. The (token, expert) pairs are sorted by expert
+    so that each expert's base product runs once, on its own tokens (as transformers' grouped implementation does);
+    the deltas are computed for all pairs at once per projection (a kind may batch them across experts)."""
+    k, num = top_k_index.shape[1], experts.num_experts
     ids = top_k_index.reshape(-1)
     order = torch.argsort(ids, stable=True)
-    tokens = order // k  # the token of each sorted pair
-    x = hidden[tokens]
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(torch.bincount(ids, minlength=experts.num_experts).tolist()):
-        if count and expert < experts.num_experts:  # ids past the experts are expert parallelism's sentinels
-            part = slice(start, start + count)
-            out[part] = _expert(experts, expert, x[part], tokens[part], deltas)
-        start += count
-    weighted = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+    counts = torch.bincount(ids, minlength=num).tolist()[:num]  # ids past the experts (expert parallelism's
+    n = sum(counts)  # sentinels) sort last and are left out
+    order = order[:n]
+    tokens, pair_experts = order // k, ids[order]
+    h = hidden[tokens]
+    for name in _projections(experts):
+        y = torch.empty(n, getattr(experts, name).shape[2 if experts.is_transposed else 1], dtype=h.dtype,
+                        device=h.device)  # fmt: skip
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                y[start : start + count] = _project(experts, name, expert, h[start : start + count])
+            start += count
+        d = deltas(name, h, tokens, pair_experts, counts)
+        y = y if d is None else y + d
+        h = y if name == "down_proj" else _activate(experts, y)
+    if experts.has_post_expert_norm:
+        h = experts.post_expert_norm(h)
+    weighted = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
     return torch.zeros_like(hidden).index_add_(0, tokens, weighted)
 
 
@@ -193,6 +201,15 @@ def routed_experts_ref(
     for t in range(hidden.shape[0]):
         for j in range(top_k_index.shape[1]):
             e = int(top_k_index[t, j])
-            token = torch.tensor([t], device=hidden.device)
-            out[t] += top_k_weights[t, j] * _expert(experts, e, hidden[t : t + 1], token, deltas)[0]
+            counts = [int(i == e) for i in range(experts.num_experts)]
+            token, expert = torch.tensor([t], device=hidden.device), torch.tensor([e], device=hidden.device)
+            h = hidden[t : t + 1]
+            for name in _projections(experts):
+                y = _project(experts, name, e, h)
+                d = deltas(name, h, token, expert, counts)
+                y = y if d is None else y + d
+                h = y if name == "down_proj" else _activate(experts, y)
+            if experts.has_post_expert_norm:
+                h = experts.post_expert_norm(h)
+            out[t] += top_k_weights[t, j] * h[0]
     return out

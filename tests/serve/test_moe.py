@@ -107,8 +107,10 @@ def test_routed_experts_match_the_token_loop(layer: tuple[nn.Module, dict], idle
     hidden = torch.randn(n, _width(experts), generator=torch.Generator().manual_seed(4))
     index, weights = _routing(n, experts.num_experts, 2, idle, seed=5)
 
-    def deltas(proj: str, expert: int, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
-        return kind.delta(proj, expert, x, token_rows[tokens], state)
+    def deltas(
+        proj: str, x: torch.Tensor, tokens: torch.Tensor, experts: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor | None:
+        return kind.delta(proj, x, token_rows[tokens], experts, counts, state)
 
     with torch.no_grad():
         fast = routed_experts(experts, hidden, index, weights, deltas)

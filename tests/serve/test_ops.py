@@ -228,9 +228,27 @@ def test_expert_lora_matches_reference(pattern: str, k: int, expert: int, dtype:
     fast = lora.expert_lora_delta(x, A, B, slots, weights.to(dtype), rank, expert, token_rows)
     assert fast.shape == (13, OUT) and fast.dtype == dtype
     _check(fast, ref, dtype)
-    per_token = lora.expert_lora_rows(x, lora.ExpertRows(A, B, slots, weights.to(dtype), rank), expert, token_rows)
+    f = lora.ExpertRows(A, B, slots, weights.to(dtype), rank)
+    per_token = lora.expert_lora_rows(x, f, torch.full((13,), expert), token_rows)
     assert per_token.shape == (13, OUT) and per_token.dtype == dtype
     _check(per_token, ref, dtype)
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 22], ids=["a-pair-per-chunk", "one-chunk"])
+def test_expert_lora_rows_of_pairs_to_many_experts(budget: int) -> None:
+    """The per-token path on pairs routed to different experts at once, in chunks or not: each pair equals the
+    reference of its own expert and row."""
+    A, B = _expert_tables(torch.float32)
+    slots, weights = _slots("distinct", 9, 2), _weights(9, 2)
+    rows = _routed_rows(9, 13)
+    experts = torch.randint(0, EXPERTS, (13,), generator=torch.Generator().manual_seed(11))
+    x = torch.randn(13, IN, generator=torch.Generator().manual_seed(12))
+    got = lora.expert_lora_rows(x, lora.ExpertRows(A, B, slots, weights, CAPACITY), experts, rows, budget=budget)
+    for i in range(13):
+        want = lora_ref.expert_lora_delta(
+            x[i : i + 1], A, B, slots, weights, CAPACITY, int(experts[i]), rows[i : i + 1]
+        )
+        _check(got[i : i + 1], want, torch.float32)
 
 
 def test_expert_lora_rows_of_zero_one_and_two_slots() -> None:
@@ -244,7 +262,8 @@ def test_expert_lora_rows_of_zero_one_and_two_slots() -> None:
     for expert in range(EXPERTS):
         ref = lora_ref.expert_lora_delta(x, A, B, slots, weights, CAPACITY, expert, token_rows)
         fast = lora.expert_lora_delta(x, A, B, slots, weights, CAPACITY, expert, token_rows)
-        per_token = lora.expert_lora_rows(x, lora.ExpertRows(A, B, slots, weights, CAPACITY), expert, token_rows)
+        f = lora.ExpertRows(A, B, slots, weights, CAPACITY)
+        per_token = lora.expert_lora_rows(x, f, torch.full((len(token_rows),), expert), token_rows)
         for got in (fast, per_token):
             _check(got, ref, torch.float32)
             assert torch.equal(got[[0, 8, 9]], torch.zeros(3, OUT)), "base rows' tokens get an exact zero"
