@@ -14,6 +14,7 @@ from torch import nn
 from hotswap.errors import ArtifactRejected, UnsupportedAdapter
 from hotswap.methods.api import BaseInfo, BatchPlan, EmbeddingKind, LinearDelta, SlotKind, check_shape, register_kind
 from hotswap.methods.lora.config import rank_and_scaling
+from hotswap.methods.lora.kind import put_ranked
 
 
 def _embed_scale(embedding: nn.Module) -> torch.Tensor | float:
@@ -61,16 +62,9 @@ class EmbeddingLoraKind(EmbeddingKind):
         self.slot_rank = [0] * (num_slots + 1)
 
     def set(self, slot: int, payload: EmbeddingLoraFactors | None) -> None:
-        r = 0 if payload is None else payload.rank
-        if r > self.A.shape[2]:
-            self.A = nn.functional.pad(self.A, (0, r - self.A.shape[2]))
-            self.B = nn.functional.pad(self.B, (0, 0, 0, r - self.B.shape[1]))
-        if payload is not None:
-            self.A[slot, :, :r] = payload.A
-            self.B[slot, :r] = payload.B
-        self.A[slot, :, r:].zero_()
-        self.B[slot, r:].zero_()
-        self.slot_rank[slot] = r
+        self.A = put_ranked(self.A, slot, None if payload is None else payload.A, 1)  # (V, r) per slot
+        self.B = put_ranked(self.B, slot, None if payload is None else payload.B, 0)  # (r, hidden)
+        self.slot_rank[slot] = 0 if payload is None else payload.rank
 
     def holds(self, slot: int) -> bool:
         return self.slot_rank[slot] > 0

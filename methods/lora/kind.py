@@ -23,6 +23,21 @@ from hotswap.methods.lora.ops import (
 )
 
 
+def put_ranked(table: torch.Tensor, slot: int, value: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``table`` (slots+1, ...) with ``value`` in row ``slot``, its rank along the row's dimension ``dim``: the table
+    grows (zeros) along it when ``value`` needs more rank than it holds, and the rest of the row's rank capacity reads
+    as zero (None clears the row). Returns the table, a new one if it grew. One rule for every LoRA slot table."""
+    r = 0 if value is None else value.shape[dim]
+    grow = r - table.shape[dim + 1]
+    if grow > 0:
+        table = torch.nn.functional.pad(table, [0, 0] * (table.dim() - dim - 2) + [0, grow])
+    row = table[slot]
+    if value is not None:
+        row.narrow(dim, 0, r).copy_(value)
+    row.narrow(dim, r, row.shape[dim] - r).zero_()
+    return table
+
+
 @dataclass(frozen=True)
 class LoraFactors:
     """LoRA's payload: A (r, in), B (r, out) with the scaling (and DoRA's magnitude scale) folded in, and DoRA's
@@ -54,16 +69,8 @@ class LoraKind(SlotKind):
 
     def set(self, slot: int, payload: LoraFactors | None) -> None:
         r = 0 if payload is None else payload.rank
-        if r > self.A.shape[1]:
-            pad = r - self.A.shape[1]
-            self.A = torch.nn.functional.pad(self.A, (0, 0, 0, pad))
-            self.B = torch.nn.functional.pad(self.B, (0, 0, 0, pad))
-        if payload is not None:
-            self.A[slot, :r] = payload.A
-            self.B[slot, :r] = payload.B
-        if r < self.A.shape[1]:  # the rest of the slot's capacity reads as zero (one table write per part)
-            self.A[slot, r:].zero_()
-            self.B[slot, r:].zero_()
+        self.A = put_ranked(self.A, slot, None if payload is None else payload.A, 0)
+        self.B = put_ranked(self.B, slot, None if payload is None else payload.B, 0)
         dora = payload is not None and payload.dora_scale is not None
         if dora and self.dora is None:
             self.dora = self._empty(self.base.out_features)
@@ -137,17 +144,9 @@ class ExpertLoraKind(ExpertKind):
             self.slot_rank[proj] = [0] * (self.num_slots + 1)
         for proj in self.A:
             a, b = factors.get(proj, (None, None))
-            r = 0 if a is None else a.shape[1]
-            if r > self.A[proj].shape[2]:
-                pad = (0, 0, 0, r - self.A[proj].shape[2])
-                self.A[proj] = torch.nn.functional.pad(self.A[proj], pad)
-                self.B[proj] = torch.nn.functional.pad(self.B[proj], pad)
-            if a is not None:
-                self.A[proj][slot, :, :r] = a
-                self.B[proj][slot, :, :r] = b
-            self.A[proj][slot, :, r:].zero_()
-            self.B[proj][slot, :, r:].zero_()
-            self.slot_rank[proj][slot] = r
+            self.A[proj] = put_ranked(self.A[proj], slot, a, 1)  # (E, r, in) per slot
+            self.B[proj] = put_ranked(self.B[proj], slot, b, 1)
+            self.slot_rank[proj][slot] = 0 if a is None else a.shape[1]
 
     def holds(self, slot: int) -> bool:
         return any(ranks[slot] for ranks in self.slot_rank.values())
