@@ -56,9 +56,14 @@ def resolve_targets(model: torch.nn.Module, target_modules: Sequence[str]) -> tu
 
 
 def resolve_parameters(model: torch.nn.Module, target_parameters: Sequence[str]) -> tuple[str, ...]:
-    """PEFT ``target_parameters`` for ``model``: as given, or, for ``experts``, every projection of the MoE layers'
-    experts, named from inside a block (e.g. ``mlp.experts.down_proj``)."""
+    """PEFT ``target_parameters`` for ``model``: as given (each must name a parameter of ``model``, as PEFT matches
+    them: the full path or its last parts), or, for ``experts``, every projection of the MoE layers' experts, named
+    from inside a block (e.g. ``mlp.experts.down_proj``)."""
     if EXPERTS not in target_parameters:
+        paths = [name for name, _ in model.named_parameters()]
+        for target in target_parameters:
+            if not any(p == target or p.endswith(f".{target}") for p in paths):
+                raise InvalidArgument(f"target parameter {target!r} names no parameter of {type(model).__name__}")
         return tuple(target_parameters)
     if len(target_parameters) > 1:
         raise InvalidArgument(f"{EXPERTS} stands alone, got target parameters {', '.join(target_parameters)}")

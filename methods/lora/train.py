@@ -46,6 +46,9 @@ def attach_lora(model: torch.nn.Module, opts: LoraOptions, dora: bool) -> PeftTr
     if opts.target_parameters:
         extra["target_parameters"] = list(resolve_parameters(model, opts.target_parameters))
     if opts.trainable_tokens:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if past := [t for t in opts.trainable_tokens if t >= vocab]:
+            raise InvalidArgument(f"trainable token {past[0]} is outside the base's vocabulary of {vocab}")
         extra["trainable_token_indices"] = list(opts.trainable_tokens)
     return attach_peft(
         model,

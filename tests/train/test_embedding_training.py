@@ -90,6 +90,14 @@ def test_cli_flags_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*args, *embedding_and_tokens]) == 2  # PEFT cannot put trainable tokens on a LoRA embedding
     assert capsys.readouterr().err.strip().endswith("trainable_token_indices cannot be applied to modules of type "
                                                     "<class 'peft.tuners.lora.layer.Embedding'>")  # fmt: skip
+    assert main([*args, "--trainable-tokens", "3,256", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.strip().endswith("trainable token 256 is outside the base's vocabulary of 256")
+    assert main([*args, "--target-parameters", "mlp.experts.nope", "--out", str(tmp_path / "f")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("target parameter 'mlp.experts.nope' names no parameter of Qwen3MoeForCausalLM")
+    )
     with pytest.raises(SystemExit):
         main([*args, "--trainable-tokens", "3,x", "--out", str(tmp_path / "c")])
     assert "invalid comma-separated int value: '3,x'" in capsys.readouterr().err
