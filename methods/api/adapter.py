@@ -113,7 +113,7 @@ def served_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {**decoder_linears(model), **output_head(model)}
 
 
-def is_experts(module: nn.Module) -> bool:
+def _is_experts(module: nn.Module) -> bool:
     """Whether ``module`` is an MoE layer's experts as transformers stores them: per-expert weights stacked in 3-D
     parameters (``gate_up_proj`` or ``up_proj``, and ``down_proj``), its class dispatched through transformers'
     experts interface (``use_experts_implementation``, which records the layout: ``has_gate``, ``is_transposed``)."""
@@ -130,7 +130,7 @@ def decoder_experts(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         inside_block = ".layers." in name.rpartition(".")[0] + "."
         in_wrapper = any(name.startswith(f"{w}.") for w in found)
-        if inside_block and not in_wrapper and is_experts(getattr(module, "base", module)):
+        if inside_block and not in_wrapper and _is_experts(getattr(module, "base", module)):
             found[name] = module
     return found
 
