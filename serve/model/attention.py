@@ -81,14 +81,13 @@ def hotswap_attention(
         raise InvalidBaseModel(f"this model's attention needs {unsupported or ['its own mask']}, which hotswap lacks")
     batch.write(module.layer_idx, key, value)
     keys, values = batch.read(module.layer_idx)
-    mask = batch.mask(sliding_window)
     scaling = scaling or query.shape[-1] ** -0.5
     # SDPA has no sink column (and its fused kernels keep their log-sum-exp private): sinks take the matmul path
     if softcap is None and sinks is None and _sdpa_is_faster(query):
+        mask = batch.mask(sliding_window)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
-    else:
-        out = _grouped_attention(query, keys, values, mask, scaling, softcap, sinks)
-    return out.transpose(1, 2), None
+        return out.transpose(1, 2), None
+    return _grouped_attention(query, keys, values, batch, sliding_window, scaling, softcap, sinks), None
 
 
 def _sdpa_is_faster(query: torch.Tensor) -> bool:
@@ -101,28 +100,43 @@ def _grouped_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    batch: Batch,
+    window: int | None,
     scaling: float,
     softcap: float | None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDPA's result (with Gemma 2's logit soft-capping and gpt-oss's sinks where given) as two matmuls per kv head
-    over its group of query heads, softmax in float32: query (B, H, T, hd), keys/values (B, KV, L, hd), mask
-    (B, 1, T, L), sinks (H,)."""
+    """SDPA's result (with Gemma 2's logit soft-capping and gpt-oss's sinks where given) as two batched matmuls over
+    each kv head's group of query heads, softmax in float32: query (B, H, T, hd), keys/values (B, KV, L, hd), sinks
+    (H,); returns (B, T, H, hd).
+
+    The matmuls batch over (KV, B) when the cache stores kv heads outermost (the paged cache's gather) and over
+    (B, KV) otherwise (the static cache's rows), so that keys and values are read where they lie, never copied; the
+    mask is the batch's additive bias, fused into the scores' matmul when there is no soft-capping."""
     b, h, t, d = query.shape
     kv, length = keys.shape[1], keys.shape[2]
-    q = query.reshape(b, kv, h // kv * t, d)  # head i uses kv head i // (H / KV), as HF's repeat_kv
-    scores = (q @ keys.transpose(-1, -2)).float() * scaling  # (B, KV, G*T, L)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(b, kv, h // kv, t, length).masked_fill(~mask[:, :, None], float("-inf"))  # (B, KV, G, T, L)
-    if sinks is None:
-        probs = scores.softmax(-1)
-    else:  # the sink's column joins the softmax, then leaves: its probability attends to nothing
-        sink = sinks.float().view(1, kv, h // kv, 1, 1).expand(b, -1, -1, t, 1)  # (B, KV, G, T, 1)
+    g = h // kv  # query head i uses kv head i // g, as HF's repeat_kv
+    kv_major = keys.stride(0) < keys.stride(1)
+    q = query.reshape(b, kv, g * t, d)
+    if kv_major:
+        q, keys, values = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+    q, k, v = q.reshape(-1, g * t, d), keys.reshape(-1, length, d), values.reshape(-1, length, d)  # (N, ., hd)
+    bias = batch.bias(window, query.dtype, (kv, g), kv_major)  # (N, G*T, L)
+    if softcap is None:
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling).float()
+    else:
+        scores = torch.tanh((q @ k.transpose(1, 2)).float() * (scaling / softcap)) * softcap + bias
+    if sinks is not None:  # the sink's column joins the softmax, then leaves: its probability attends to nothing
+        order = (kv, b, g, t) if kv_major else (b, kv, g, t)
+        per_head = sinks.float().view(kv, 1, g, 1) if kv_major else sinks.float().view(1, kv, g, 1)
+        sink = per_head.expand(order).reshape(-1, g * t, 1)
         probs = torch.cat([scores, sink], -1).softmax(-1)[..., :length]
-    probs = probs.to(values.dtype).reshape(b, kv, -1, length)  # (B, KV, G*T, L)
-    return (probs @ values).view(b, h, t, d)
+    else:
+        probs = scores.softmax(-1)
+    out = torch.bmm(probs.to(v.dtype), v)  # (N, G*T, hd)
+    if kv_major:
+        return out.view(kv, b, g, t, d).permute(1, 3, 0, 2, 4).reshape(b, t, h, d)
+    return out.view(b, kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def attention_ref(

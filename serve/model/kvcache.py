@@ -38,6 +38,7 @@ class Batch(ABC):
         self.positions = positions  # (B, T)
         self.key_len = key_len  # keys read per row: positions [0, key_len)
         self._masks: dict[int | None, torch.Tensor] = {}
+        self._biases: dict[tuple, torch.Tensor] = {}
 
     def mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, T, key_len) bool: key position k is visible to a query at q iff k <= q (and q - k < window)."""
@@ -49,6 +50,20 @@ class Batch(ABC):
                 visible &= q - k < window
             self._masks[window] = visible
         return self._masks[window]
+
+    def bias(self, window: int | None, dtype: torch.dtype, heads: tuple[int, int], kv_major: bool) -> torch.Tensor:
+        """:meth:`mask` as an additive score bias (0 or -inf) for every layer's grouped scores, computed once per
+        forward: (KV*B, G*T, key_len) in ``kv_major`` order, else (B*KV, G*T, key_len); ``heads`` = (KV, G)."""
+        key = (window, dtype, heads, kv_major)
+        if key not in self._biases:
+            kv, g = heads
+            b, _, t, length = self.positions.shape[0], 1, self.positions.shape[1], self.key_len
+            bias = torch.zeros((b, 1, t, length), dtype=dtype, device=self.positions.device)
+            bias.masked_fill_(~self.mask(window), float("-inf"))  # (B, 1, T, L)
+            order = (kv, b, g, t, length) if kv_major else (b, kv, g, t, length)
+            grouped = bias[None] if kv_major else bias[:, :, None]  # broadcastable to ``order``
+            self._biases[key] = grouped.expand(order).reshape(kv * b, g * t, length)
+        return self._biases[key]
 
     @abstractmethod
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -238,7 +253,9 @@ def block_digests(key: bytes, tokens: Sequence[int], block_size: int) -> list[by
 
 
 class PagedCache:
-    """(layers, blocks + 2, block_size, kv_heads, head_dim) keys and values, a block table per row."""
+    """(layers, kv_heads, blocks + 2, block_size, head_dim) keys and values, a block table per row: kv heads
+    outermost, so that one ``index_select`` gathers a forward's keys as (kv_heads, rows, positions, head_dim), which
+    the attention's batched matmuls read in place (block-major storage needed a second, transposing copy per layer)."""
 
     def __init__(
         self,
@@ -251,7 +268,7 @@ class PagedCache:
         dtype: torch.dtype,
         device,
     ) -> None:
-        shape = (layers, num_blocks + 2, block_size, kv_heads, head_dim)
+        shape = (layers, kv_heads, num_blocks + 2, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
@@ -329,8 +346,8 @@ class PagedCache:
         p = kv[0][0].shape[1]
         blocks, offsets = self._slots(row, torch.arange(p))
         for i, (k, v) in enumerate(kv):  # each (kv_heads, P, head_dim)
-            self.k[i][blocks, offsets] = k.transpose(0, 1).to(self.k.dtype)
-            self.v[i][blocks, offsets] = v.transpose(0, 1).to(self.v.dtype)
+            self.k[i][:, blocks, offsets] = k.to(self.k.dtype)
+            self.v[i][:, blocks, offsets] = v.to(self.v.dtype)
 
     def _slots(self, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         table = torch.tensor(self.tables[row], dtype=torch.long, device=self.k.device)
@@ -346,8 +363,8 @@ class PagedCache:
     @torch.inference_mode()
     def _zero(self, blocks: list[int]) -> None:
         if blocks:
-            self.k[:, blocks] = 0
-            self.v[:, blocks] = 0
+            self.k[:, :, blocks] = 0
+            self.v[:, :, blocks] = 0
 
 
 class _PagedBatch(Batch):
@@ -360,15 +377,20 @@ class _PagedBatch(Batch):
         safe = positions.clamp(min=0)
         block = torch.where(pad, cache.scratch, self.table.gather(1, safe // bs))  # (B, T)
         self.block, self.offset = block, torch.where(pad, 0, safe % bs)
+        # the rows' blocks of every kv head, as rows of a layer's (KV * blocks, block_size * hd) view: (KV * B * width,)
+        kv_heads, blocks = cache.k.shape[1:3]
+        self.gather = (torch.arange(kv_heads, device=table.device)[:, None, None] * blocks + table).flatten()
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         c = self.cache
-        c.k[layer][self.block, self.offset] = key.transpose(1, 2).to(c.k.dtype)  # (B, T, KV, hd)
-        c.v[layer][self.block, self.offset] = value.transpose(1, 2).to(c.v.dtype)
+        c.k[layer][:, self.block, self.offset] = key.to(c.k.dtype).permute(1, 0, 2, 3)  # (KV, B, T, hd)
+        c.v[layer][:, self.block, self.offset] = value.to(c.v.dtype).permute(1, 0, 2, 3)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, width = self.table.shape
-        shape = (b, width * self.cache.block_size, *self.cache.k.shape[-2:])  # (B, L, KV, hd)
-        keys = self.cache.k[layer][self.table].view(shape).transpose(1, 2)  # gather the rows' blocks: (B, KV, L, hd)
-        values = self.cache.v[layer][self.table].view(shape).transpose(1, 2)
-        return keys, values
+        kv, blocks, bs, hd = self.cache.k.shape[1:]
+        shape = (kv, self.table.shape[0], self.key_len, hd)  # (KV, B, L, hd)
+        out = []
+        for cache in (self.cache.k, self.cache.v):
+            rows = cache[layer].view(kv * blocks, bs * hd).index_select(0, self.gather)  # the rows' blocks, copied
+            out.append(rows.view(shape).transpose(0, 1))  # (B, KV, L, hd), kv-head major in memory
+        return out[0], out[1]

@@ -36,7 +36,7 @@ def _row_kv(cache: StaticCache | PagedCache, layer: int, row: int) -> tuple[torc
     if isinstance(cache, StaticCache):
         return cache.k[layer, row, :, :MAX_LEN], cache.v[layer, row, :, :MAX_LEN]
     table = cache.tables[row]
-    return tuple(t[layer][table].reshape(-1, KV_HEADS, HEAD_DIM).transpose(0, 1) for t in (cache.k, cache.v))
+    return tuple(t[layer][:, table].reshape(KV_HEADS, -1, HEAD_DIM) for t in (cache.k, cache.v))
 
 
 @pytest.mark.parametrize("kind", ["static", "paged"])
@@ -53,7 +53,7 @@ def test_fast_attention_equals_the_row_loop(
     cache.k.normal_(generator=g)  # earlier tokens' keys/values, already in the rows
     cache.v.normal_(generator=g)
     if isinstance(cache, PagedCache):
-        cache.k[:, cache.null] = cache.v[:, cache.null] = 0
+        cache.k[:, :, cache.null] = cache.v[:, :, cache.null] = 0
     # three rows of one forward: a prefill of 5 tokens at 0.., a prefill of 3 at 9.. (left-padded), one decode at 20
     positions = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 9, 10, 11], [-1, -1, -1, -1, 20]])
     rows = [0, 1, 2] if contiguous else [3, 0, 2]
@@ -83,10 +83,10 @@ def test_padding_writes_only_scratch_space(kind: str) -> None:
     out, _ = hotswap_attention(_Layer(0), q, k, v, None, 1.0, hotswap_batch=cache.bind([0, 1], positions))
     assert torch.isfinite(out).all(), "a padding query sees position 0 of its row, never an empty set"
     assert _row_kv(cache, 0, 0)[0][:, 1:].abs().sum() == 0, "row 0's padding touched none of its real positions"
-    scratch = cache.k[0, 0, :, MAX_LEN] if kind == "static" else cache.k[0, cache.scratch]
+    scratch = cache.k[0, 0, :, MAX_LEN] if kind == "static" else cache.k[0, :, cache.scratch]
     assert scratch.abs().sum() > 0
     if isinstance(cache, PagedCache):
-        assert cache.k[:, cache.null].abs().sum() == 0, "the null block padding tables read stays zero"
+        assert cache.k[:, :, cache.null].abs().sum() == 0, "the null block padding tables read stays zero"
 
 
 class _SinkLayer(_Layer):
