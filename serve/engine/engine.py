@@ -151,7 +151,7 @@ class Engine:
         its adapters already resolved (e.g. by the server's authorization; the request names them by exact ref),
         so they are not resolved again."""
         job = self._make_job(request, manifests)
-        self.scheduler.add(job)
+        self.scheduler.add([job])
         return job.handle
 
     def _make_job(self, request: Request, manifests: Sequence[Manifest] | None = None) -> Job:
@@ -160,9 +160,11 @@ class Engine:
                         cfg.bos_token_id, manifests)  # fmt: skip
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Submit all, wait for all, return results in order (raises the first request error)."""
-        handles = [self.submit(r) for r in requests]
-        return [h.result() for h in handles]
+        """Submit all at once (each checked first: a bad one queues none), wait for all, return results in order
+        (raises the first request error). They join the batch together, as one offline batch."""
+        jobs = [self._make_job(r) for r in requests]
+        self.scheduler.add(jobs)
+        return [job.handle.result() for job in jobs]
 
     def load_adapter(self, ref: str, pin: bool = False, timeout: float | None = None) -> str:
         """Make an adapter resident now (prefetch), optionally pinned against eviction. Returns its exact ref."""

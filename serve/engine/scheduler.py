@@ -51,16 +51,18 @@ class Scheduler:
         self._admissions = 0
 
     # -- callers' threads ---------------------------------------------------------------------------
-    def add(self, job: Job) -> None:
-        """Queue a request (its adapters start loading now), or refuse it: closed, or the queue is full."""
+    def add(self, jobs: list[Job]) -> None:
+        """Queue requests together (their adapters start loading now): the next step sees all of them or none, so a
+        batch submitted at once is admitted as one. Refused as a whole when closed or the queue cannot hold them."""
         with self.lock:
             if self.closed:
                 raise EngineClosed("the engine is shut down")
-            if len(self.waiting) >= self.max_queue:
-                raise CapacityExceeded(f"queue is full ({self.max_queue} waiting); retry later")
-            self.waiting.append(job)
-            for ref, _ in job.adapters:
-                self.pool.note_request(ref)
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise CapacityExceeded(f"queue is full ({self.max_queue} waiting at most); retry later")
+            self.waiting.extend(jobs)
+            for job in jobs:
+                for ref, _ in job.adapters:
+                    self.pool.note_request(ref)
             self.lock.notify_all()
 
     def want(self, ref: str, pin: bool) -> Future[int]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from hotswap.serve import Engine, Request
+from hotswap.errors import AdapterNotFound
+from hotswap.serve import Engine, EngineObserver, Request
 
 PROMPT = [5, 17, 99, 3, 42]
 
@@ -123,3 +125,39 @@ def test_cancel_frees_the_row(tiny_base: Path, registry_path: Path) -> None:
         cancelled = long.result(timeout=30)
         assert cancelled.finish_reason == "cancelled" and 0 < len(cancelled.token_ids) < 4000
         assert waiting.result(timeout=30).finish_reason == "length"
+
+
+class _Steps(EngineObserver):
+    """The batch size of every decode step."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def step(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+
+
+def test_generate_admits_its_requests_together(tiny_base: Path, registry_path: Path) -> None:
+    """An offline batch is one batch: every decode step runs all of its rows (each request's adapter resolved from
+    the registry first, none of them already started while the others were still being checked)."""
+    steps = _Steps()
+    with Engine(tiny_base, registry_path, max_batch=8, max_resident=8, observer=steps) as eng:
+        names = ["lora4", "dora", "lora8qv", "lora4b"]
+        for name in names:
+            eng.load_adapter(name)
+        reqs = [Request(prompt_ids=PROMPT, adapters=[n], max_new_tokens=4, ignore_eos=True) for n in names * 2]
+        for _ in range(3):
+            steps.sizes.clear()
+            assert all(len(r.token_ids) == 4 for r in eng.generate(reqs))
+            assert steps.sizes == [8, 8, 8], "the rows were prefilled and decoded as one batch"
+
+
+def test_generate_queues_nothing_when_one_request_is_bad(tiny_base: Path, registry_path: Path) -> None:
+    steps = _Steps()
+    with Engine(tiny_base, registry_path, max_batch=4, max_resident=4, observer=steps) as eng:
+        good = Request(prompt_ids=PROMPT, adapters=["lora4"], max_new_tokens=2)
+        with pytest.raises(AdapterNotFound):
+            eng.generate([good, Request(prompt_ids=PROMPT, adapters=["no-such-adapter"], max_new_tokens=2)])
+        time.sleep(0.2)
+        assert steps.sizes == [], "the good request of a refused batch was never queued"
+        assert len(eng.generate([good])[0].token_ids) == 2
