@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from hotswap.errors import AdapterNotFound
+from hotswap.methods.api import BatchPlan
 from hotswap.serve import Engine, EngineObserver, Request
+from hotswap.serve.model.layers import MultiAdapterLinear
 
 PROMPT = [5, 17, 99, 3, 42]
 
@@ -161,3 +164,39 @@ def test_generate_queues_nothing_when_one_request_is_bad(tiny_base: Path, regist
         time.sleep(0.2)
         assert steps.sizes == [], "the good request of a refused batch was never queued"
         assert len(eng.generate([good])[0].token_ids) == 2
+
+
+class _ThreadProbe(nn.Linear):
+    """A linear that records the CPU threads its forward runs on, and refuses a NaN input."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4)
+        self.threads: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        if x.isnan().any():
+            raise RuntimeError("bad input")
+        return super().forward(x)
+
+
+def test_the_base_product_runs_on_its_own_threads_and_the_step_keeps_its_own() -> None:
+    probe = _ThreadProbe()
+    layer = MultiAdapterLinear(probe, BatchPlan(), 2, torch.float32)
+    layer.base_threads = 2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # a decode step's
+        layer(torch.ones(1, 1, 4))
+        with pytest.raises(RuntimeError, match="bad input"):
+            layer(torch.full((1, 1, 4), float("nan")))
+        assert torch.get_num_threads() == 1, "the step's threads are back after the product, raised or not"
+    finally:
+        torch.set_num_threads(before)
+    assert probe.threads == [2, 2]
+
+
+def test_the_engine_gives_decode_base_products_the_prefill_threads(tiny_base: Path, registry_path: Path) -> None:
+    with Engine(tiny_base, registry_path, max_batch=2, prefill_threads=2, decode_threads=1) as eng:
+        linears = [m for m in eng.layers.values() if isinstance(m, MultiAdapterLinear)]
+        assert linears and all(m.base_threads == 2 for m in linears)
