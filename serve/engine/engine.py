@@ -104,9 +104,10 @@ class Engine:
         on_cpu = torch.device(self.config.device).type == "cpu"
         self._prefill_threads = (self.config.prefill_threads or torch.get_num_threads()) if on_cpu else 1
         self._decode_threads = (self.config.decode_threads or torch.get_num_threads()) if on_cpu else 1
-        for layer in self.layers.values():  # a decode step's base products on the prefill's threads
-            if isinstance(layer, MultiAdapterLinear) and on_cpu:
-                layer.base_threads = self._prefill_threads
+        if on_cpu:  # a decode step's base products on the prefill's threads
+            for layer in self.layers.values():
+                if isinstance(layer, MultiAdapterLinear):
+                    layer.base_threads = self._prefill_threads
         self._thread = threading.Thread(target=self._loop, name="hotswap-engine", daemon=True)
         self._thread.start()
 

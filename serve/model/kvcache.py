@@ -56,8 +56,7 @@ class Batch(ABC):
         forward: (KV*B, G*T, key_len) in ``kv_major`` order, else (B*KV, G*T, key_len); ``heads`` = (KV, G)."""
         key = (window, dtype, heads, kv_major)
         if key not in self._biases:
-            kv, g = heads
-            b, _, t, length = self.positions.shape[0], 1, self.positions.shape[1], self.key_len
+            (kv, g), (b, t), length = heads, self.positions.shape, self.key_len
             bias = torch.zeros((b, 1, t, length), dtype=dtype, device=self.positions.device)
             bias.masked_fill_(~self.mask(window), float("-inf"))  # (B, 1, T, L)
             order = (kv, b, g, t, length) if kv_major else (b, kv, g, t, length)
