@@ -81,7 +81,7 @@ class MultiAdapterLinear(MultiAdapterModule):
     base: nn.Linear
     # CPU threads for the base product where a step runs on fewer (0: the step's own). The engine decodes on one
     # thread, since fork/join costs each small op more than a second thread gains, but a decode batch's base product
-    # streams megabytes of weights: on W1 (2 cores) the step's base products took 101 ms on one thread, 83 ms on two
+    # streams megabytes of weights: on W1 (2 cores) the step's base products took 120 ms on one thread, 83 ms on two
     # with the thread count switched around each of them, 81 ms with the whole step on two.
     base_threads = 0
 
