@@ -128,7 +128,8 @@ class SlotTable:
 class SlotKind(SlotTable):
     """A linear layer's kind. It may scale the base layer's input per row (:meth:`scale_input`) and add to the output
     (:meth:`apply`, given the base output and the running one; a kind that reads the whole output, like a serial
-    bottleneck, goes last)."""
+    bottleneck, goes last). A kind whose delta is a function of the input alone also says so with :meth:`additive`,
+    which lets the layer compute it first and accumulate the base product into it."""
 
     base: nn.Linear
 
@@ -137,6 +138,12 @@ class SlotKind(SlotTable):
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
         return y
+
+    def additive(self, x: torch.Tensor, state: Any) -> torch.Tensor | None:
+        """This kind's delta (Bt, T, out) for ``x`` (Bt, T, in) as a new tensor the caller may write, when the state's
+        delta reads neither the base output nor the running one (then ``apply`` returns ``y`` plus it); None otherwise,
+        and ``apply`` runs."""
+        return None
 
 
 class ExpertKind(SlotTable):

@@ -98,6 +98,12 @@ class LoraKind(SlotKind):
             dora = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
         return lora, dora
 
+    def additive(self, x: torch.Tensor, state: tuple) -> torch.Tensor | None:
+        lora, dora = state
+        if dora is not None:  # DoRA scales the base output
+            return None
+        return lora_apply_unique(x, lora[1]) if lora[0] == "unique" else lora_apply(x, *lora[1:])
+
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: tuple) -> torch.Tensor:
         lora, dora = state
         if dora is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded

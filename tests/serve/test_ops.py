@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from hotswap.methods.api import rows, rows_ref
+from hotswap.methods.api import BatchPlan, LinearDelta, rows, rows_ref
 from hotswap.methods.bottleneck import ops as bottleneck
 from hotswap.methods.bottleneck import ops_ref as bottleneck_ref
 from hotswap.methods.lora import ops as lora
 from hotswap.methods.lora import ops_ref as lora_ref
+from hotswap.methods.lora.kind import LoraFactors, LoraKind
 from hotswap.methods.sparse import ops as sparse
 from hotswap.methods.sparse import ops_ref as sparse_ref
+from hotswap.serve.model.layers import MultiAdapterLinear
 
 # One tolerance table: max |fast - ref| / (max |ref| + 1) per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -298,3 +302,48 @@ def test_an_overflowing_expert_adapter_never_reaches_other_rows() -> None:
     assert torch.isfinite(fast[clean]).all()
     ref = lora_ref.expert_lora_delta(x[clean], A, B, slots, weights, CAPACITY, 1, token_rows[clean])
     _check(fast[clean], ref, torch.float32)
+
+
+@pytest.mark.parametrize("pattern", ["identical", "distinct", "with-base-rows"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("beside", [None, "bitfit", "dora"])
+def test_a_wrapped_linear_adds_lora_before_or_after_its_base_product(
+    pattern: str, bias: bool, beside: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoRA's delta is a function of the input alone, so the layer computes it first (LoRA's ``apply`` never runs) and
+    accumulates the base product into it, or adds the base product to it before a kind that reads the output
+    (BitFit's here); DoRA scales the base output, so its ``apply`` runs. Every way, the rows equal the base plus the
+    reference deltas."""
+    g = torch.Generator().manual_seed(2)
+    A, B, vectors = _tables(torch.float32)
+    base = torch.nn.Linear(IN, OUT, bias=bias)
+    layer = MultiAdapterLinear(base, BatchPlan(), SLOTS - 1, torch.float32)
+    for s in range(1, SLOTS):
+        parts: dict[str, object] = {"lora": LoraFactors(A[s, : RANKS[s]], B[s, : RANKS[s]])}
+        if beside == "bitfit":
+            parts["bias"] = vectors[s]
+        elif beside == "dora":  # its per-output scale (m / ||W + s B A|| - 1), here any vector
+            parts["lora"] = LoraFactors(A[s, : RANKS[s]], B[s, : RANKS[s]], 0.1 * vectors[s])
+        layer.set_slot(s, LinearDelta(parts))
+    slots = _slots(pattern, 6, 1)
+    layer.plan.set([[(int(s), 1.0)] if s else [] for s in slots[:, 0]], torch.device("cpu"))
+    applied: list[str] = []
+    monkeypatch.setattr(LoraKind, "apply", _recording(LoraKind.apply, applied))
+    x = torch.randn(6, 3, IN, generator=g)
+    with torch.no_grad():
+        fast, plain = layer(x), base(x)
+    ref = plain + lora_ref.lora_delta(x, A, B, slots, _weights(6, 1), CAPACITY)
+    if beside == "bitfit":
+        ref = ref + vectors[slots[:, 0]][:, None, :]
+    elif beside == "dora":
+        ref = ref + 0.1 * vectors[slots[:, 0]][:, None, :] * (plain - (base.bias if bias else 0))
+    _check(fast, ref, torch.float32)
+    assert applied == (["lora"] if beside == "dora" else [])
+
+
+def _recording(apply: Callable, calls: list[str]) -> Callable:
+    def recorded(self: LoraKind, *args: object) -> torch.Tensor:
+        calls.append(self.name)
+        return apply(self, *args)
+
+    return recorded
