@@ -103,8 +103,9 @@ class MultiAdapterLinear(MultiAdapterModule):
         # pay: into the additive deltas, computed first (then the deltas and the base product write the output once
         # each, where adding the deltas after reads and writes it again), and on a CPU in float32 into zeros as well
         # (or into the bias): in W1's decode step (16 rows, the step on one thread and each product on two) the base
-        # step took 0.89x the time with zeros + addmm_ than with nn.Linear's own mm, interleaved step by step, though
-        # a steady two-thread loop of either alone runs at the same speed (in float16 on a CPU addmm_ is slower).
+        # step took 0.85-0.90x the time with zeros + addmm_ than with nn.Linear's own mm, interleaved step by step,
+        # though a steady two-thread loop of either alone runs at the same speed (in bfloat16 and float16 on a CPU,
+        # addmm_ is slower).
         # Other modules and weights (quantized ones) run their own forward.
         weight, bias = self.base.weight, self.base.bias
         cpu = x.device.type == "cpu"
