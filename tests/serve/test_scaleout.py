@@ -127,10 +127,18 @@ def test_requests_follow_their_adapter(cluster: str) -> None:
     with grpc.insecure_channel(cluster) as channel:
         stub = pb_grpc.InferenceStub(channel)
         loads: dict[str, int] = {}
-        for adapter in ADAPTERS:  # warm-up: each adapter loaded somewhere (maybe already, by the test above)
-            replica, n = _ask_raw(stub, adapter)
-            loads[replica] = n
-        time.sleep(1)  # replicas report what they hold to Ray's routers asynchronously
+        # warm-up: each adapter loaded somewhere (maybe already, by the test above), repeated until a round loads
+        # nothing, since replicas report what they hold to Ray's routers asynchronously (a fixed second was not
+        # always enough on a loaded 2-core machine)
+        deadline = time.monotonic() + 30
+        while True:
+            before = dict(loads)
+            for adapter in ADAPTERS:
+                replica, n = _ask_raw(stub, adapter)
+                loads[replica] = n
+            if loads == before or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         warm = dict(loads)
         for _ in range(4):
             for adapter in ADAPTERS:
