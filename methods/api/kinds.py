@@ -140,9 +140,9 @@ class SlotKind(SlotTable):
         return y
 
     def additive(self, x: torch.Tensor, state: Any) -> torch.Tensor | None:
-        """This kind's delta (Bt, T, out) for ``x`` (Bt, T, in) as a new tensor the caller may write, when the state's
-        delta reads neither the base output nor the running one (then ``apply`` returns ``y`` plus it); None otherwise,
-        and ``apply`` runs."""
+        """This kind's delta (Bt, T, out) for ``x`` (Bt, T, in) as a new contiguous tensor the caller may write, when
+        the state's delta reads neither the base output nor the running one (then ``apply`` returns ``y`` plus it);
+        None otherwise, and ``apply`` runs."""
         return None
 
 
