@@ -132,7 +132,7 @@ class MultiAdapterLinear(MultiAdapterModule):
         for kind, state in states:
             if type(kind).scale_input is not SlotKind.scale_input:
                 x_base = kind.scale_input(x_base, state)
-        # The leading kinds whose deltas read the input alone (e.g. LoRA) add them up first; when that is every kind,
+        # The leading kinds whose deltas read the input alone add them up first; when that is every kind,
         # the base product accumulates into their sum.
         deltas, first = None, 0
         while x_base is x and first < len(states) and (d := states[first][0].additive(x, states[first][1])) is not None:
