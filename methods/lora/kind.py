@@ -100,18 +100,20 @@ class LoraKind(SlotKind):
 
     def additive(self, x: torch.Tensor, state: tuple) -> torch.Tensor | None:
         lora, dora = state
-        if dora is not None:  # DoRA scales the base output
-            return None
-        return lora_apply_unique(x, lora[1]) if lora[0] == "unique" else lora_apply(x, *lora[1:])
+        return _lora_delta(x, lora) if dora is None else None  # DoRA scales the base output
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: tuple) -> torch.Tensor:
         lora, dora = state
         if dora is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
             base_no_bias = base_out if self.base.bias is None else base_out - self.base.bias
             y = y + dora * base_no_bias
-        if lora[0] == "unique":  # accumulate in place: y is a fresh tensor owned by this forward
-            return lora_apply_unique(x, lora[1], out=y)
-        return lora_apply(x, *lora[1:], out=y)
+        return _lora_delta(x, lora, out=y)  # accumulate in place: y is a fresh tensor owned by this forward
+
+
+def _lora_delta(x: torch.Tensor, lora: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gathered factors' delta for ``x`` by the path :meth:`LoraKind.gather` chose, added in place to ``out`` if
+    given."""
+    return lora_apply_unique(x, lora[1], out=out) if lora[0] == "unique" else lora_apply(x, *lora[1:], out=out)
 
 
 @dataclass(frozen=True)

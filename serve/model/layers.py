@@ -108,9 +108,9 @@ class MultiAdapterLinear(MultiAdapterModule):
         # addmm_ is slower).
         # Other modules and weights (quantized ones) run their own forward.
         weight, bias = self.base.weight, self.base.bias
-        cpu = x.device.type == "cpu"
-        gemm = type(self.base) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
-        if not gemm or (x.dtype != torch.float32 if cpu else into is None):
+        plain = type(self.base) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
+        accumulate = plain and (x.dtype == torch.float32 if x.device.type == "cpu" else into is not None)
+        if not accumulate:
             y = self.base(x)
             return y if into is None else into.add_(y)
         if into is None:
@@ -135,9 +135,13 @@ class MultiAdapterLinear(MultiAdapterModule):
         # The leading kinds whose deltas read the input alone add them up first; when that is every kind,
         # the base product accumulates into their sum.
         deltas, first = None, 0
-        while x_base is x and first < len(states) and (d := states[first][0].additive(x, states[first][1])) is not None:
-            deltas = d if deltas is None else deltas.add_(d)
-            first += 1
+        if x_base is x:  # no kind scaled the input
+            for kind, state in states:
+                d = kind.additive(x, state)
+                if d is None:
+                    break
+                deltas = d if deltas is None else deltas.add_(d)
+                first += 1
         if first == len(states):
             return self._base(x, deltas)
         base_out = self._base(x_base)  # (Bt, T, out)
