@@ -22,12 +22,14 @@ Context and logit kinds are engine-wide (one instance per engine, created on fir
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,8 +40,17 @@ class BatchPlan:
     weights: torch.Tensor | None = None  # (Bt, K) float
     ranks: torch.Tensor | None = None  # (Bt,) long: the rank a row asks for, 0 = full; None when no row asks
     used: frozenset[int] = frozenset()  # non-zero slots present in `slots`
+    unit_weights: bool = True  # every weight in `weights` is 1 (plain adapters, no weighted composition)
     version: int = 0  # bumped whenever slots/weights change, so layers can reuse gathered factors
     _key: tuple = field(default=(), repr=False)
+    _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, computed once per plan version and shared by every layer that asks with ``key``: what depends
+        on the batch's rows alone (e.g. each row's coefficients on the batch's adapters), not on a layer's tables."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def set(self, rows: list[list[tuple[int, float]]], device: torch.device, ranks: list[int] | None = None) -> None:
         """rows[b] = [(slot, weight), ...] (empty for the base model); ranks[b] = the row's rank (0 = full)."""
@@ -49,7 +60,9 @@ class BatchPlan:
             return
         self._key = key
         self.version += 1
+        self._shared = {}
         self.used = frozenset(s for r in rows for s, _ in r if s)
+        self.unit_weights = all(w == 1 for r in rows for _, w in r)
         if not self.used:
             self.slots = self.weights = self.ranks = None
             return

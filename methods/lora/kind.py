@@ -20,6 +20,7 @@ from hotswap.methods.lora.ops import (
     lora_apply,
     lora_apply_unique,
     rank_truncation,
+    unique_rows,
 )
 
 
@@ -84,15 +85,18 @@ class LoraKind(SlotKind):
     def gather(self, plan: BatchPlan, used: list[int]) -> tuple:
         assert plan.slots is not None and plan.weights is not None
         rank = max(self.slot_rank[s] for s in used)
+        weights = None if plan.unit_weights else plan.weights  # plain adapters: B's rows as they are
         # Few distinct adapters for many rows: read each adapter once (dense path); else per row.
         if plan.ranks is not None:  # DyLoRA rows at a chosen rank: the per-row path truncates
             slot_ranks = torch.tensor(self.slot_rank, device=plan.slots.device)
             trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
-            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank, trunc))
+            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, weights, rank, trunc))
         elif 2 * len(used) <= plan.slots.shape[0]:
-            lora = ("unique", gather_unique(self.A, self.B, plan.slots, plan.weights, rank, used))
+            rows = plan.shared(("lora unique", tuple(used), rank, self.dtype),
+                               lambda: unique_rows(plan.slots, plan.weights, rank, used, self.dtype))  # fmt: skip
+            lora = ("unique", gather_unique(self.A, self.B, rows, rank))
         else:
-            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, plan.weights, rank))
+            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, weights, rank))
         dora = None
         if self.dora is not None and any(self.slot_dora[s] for s in used):
             dora = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)

@@ -13,7 +13,7 @@ not change):
 
 - per row (``gather_rows`` + ``lora_apply``): each row's own factors, two ``bmm``; reads one copy of
   the factors per row, so it suits batches where most rows have distinct adapters;
-- per unique adapter (``gather_unique`` + ``lora_apply_unique``): the batch's U distinct adapters
+- per unique adapter (``unique_rows`` + ``gather_unique`` + ``lora_apply_unique``): the batch's U distinct adapters
   concatenated, two dense GEMMs for the whole batch and a per-row coefficient mask (none when every
   row uses the same adapters: one popular adapter costs two GEMMs per linear); reads each adapter
   once, so it wins when U is well below the batch size (popular adapters).
@@ -34,21 +34,22 @@ def gather_rows(
     A: torch.Tensor,
     B: torch.Tensor,
     slots: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     rank: int,
     truncation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row stacked factors. A: [S, R, in], B: [S, R, out] (scaling folded in), slots/weights: [Bt, K];
-    ``truncation`` [Bt, K, rank] (from :func:`rank_truncation`) scales each rank component per row.
+    """Per-row stacked factors. A: [S, R, in], B: [S, R, out] (scaling folded in), slots/weights: [Bt, K] (None:
+    every weight 1); ``truncation`` [Bt, K, rank] (from :func:`rank_truncation`) scales each rank component per row.
 
     Returns A_rows [Bt, K*rank, in] and B_rows [Bt, K*rank, out] with each adapter's weight folded into B.
     """
     bt, k = slots.shape
     a = A[slots, :rank]  # (Bt, K, r, in)
-    coef = weights[:, :, None].to(B.dtype).expand(bt, k, rank)
+    b = B[slots, :rank]  # (Bt, K, r, out)
+    if weights is not None:
+        b = b * weights[:, :, None, None].to(B.dtype)
     if truncation is not None:
-        coef = coef * truncation.to(B.dtype)
-    b = B[slots, :rank] * coef[..., None]  # (Bt, K, r, out)
+        b = b * truncation.to(B.dtype)[..., None]
     return a.reshape(bt, k * rank, A.shape[-1]), b.reshape(bt, k * rank, B.shape[-1])
 
 
@@ -88,10 +89,10 @@ def lora_delta(
 class UniqueFactors:
     """The batch's U distinct adapters' factors, prepared once per batch plan for :func:`lora_apply_unique`.
 
-    ``a_t`` [in, U*rank] (A transposed, contiguous: one plain GEMM per forward), ``b`` [U*rank, out]. ``coef``
-    [Bt, 1, U*rank] is each row's coefficient on each adapter and ``drop`` where it is zero; both are None when
-    every row has the same coefficients (one popular adapter on the whole batch), which are then folded into ``b``:
-    the forward is then two GEMMs and nothing else. ``coef`` alone is None when it is only ones and zeros."""
+    ``a_t`` [in, U*rank] (A transposed), ``b`` [U*rank, out]. ``coef`` [Bt, 1, U*rank] is each row's coefficient on
+    each adapter and ``drop`` where it is zero; both are None when every row has the same coefficients (one popular
+    adapter on the whole batch), which are then folded into ``b``: the forward is then two GEMMs and nothing else.
+    ``coef`` alone is None when it is only ones and zeros."""
 
     a_t: torch.Tensor
     b: torch.Tensor
@@ -99,21 +100,51 @@ class UniqueFactors:
     drop: torch.Tensor | None
 
 
-def gather_unique(
-    A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, rank: int, used: list[int]
-) -> UniqueFactors:
-    """Factors of the batch's distinct slots ``used`` (U of them) and each row's coefficient on them, where
+@dataclass(frozen=True)
+class UniqueRows:
+    """What :func:`gather_unique` needs of the batch beside one layer's slot tables: the distinct slots ``used``
+    and each row's coefficients on them. The same for every layer of a batch plan at one rank, so a plan computes
+    it once for all of them. ``scale`` [U*rank]: every row's coefficients where all rows are alike (None: all
+    ones); else ``coef`` and ``drop`` as :class:`UniqueFactors` has them."""
+
+    used: list[int]
+    index: torch.Tensor  # (U,) long: ``used`` on the device
+    scale: torch.Tensor | None
+    coef: torch.Tensor | None
+    drop: torch.Tensor | None
+
+
+def _coefficients(slots: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    """coef[b, u*rank:(u+1)*rank] = sum_k weights[b, k] * (slots[b, k] == idx[u]): (Bt, U*rank)."""
+    onehot = (slots[:, :, None] == idx[None, None, :]).to(weights.dtype)  # (Bt, K, U)
+    return torch.einsum("bk,bku->bu", weights, onehot).repeat_interleave(rank, dim=1)
+
+
+def unique_rows(
+    slots: torch.Tensor, weights: torch.Tensor, rank: int, used: list[int], dtype: torch.dtype
+) -> UniqueRows:
+    """Each row's coefficients (in ``dtype``, the factors') on the distinct slots ``used`` (U of them), where
     coef[b, 0, u*rank:(u+1)*rank] = sum_k weights[b, k] * (slots[b, k] == used[u])."""
     idx = torch.tensor(used, device=slots.device)
-    a_t = A[idx, :rank].reshape(len(used) * rank, A.shape[-1]).T.contiguous()  # (in, U*r)
-    b = B[idx, :rank].reshape(len(used) * rank, B.shape[-1])  # (U*r, out)
-    onehot = (slots[:, :, None] == idx[None, None, :]).to(weights.dtype)  # (Bt, K, U)
-    coef = torch.einsum("bk,bku->bu", weights, onehot).repeat_interleave(rank, dim=1).to(A.dtype)  # (Bt, U*r)
+    coef = _coefficients(slots, weights, idx, rank)  # (Bt, U*r)
     if bool((coef == coef[:1]).all()):  # every row alike: fold the coefficients into B, no per-row mask
-        return UniqueFactors(a_t, b * coef[0, :, None], None, None)
+        return UniqueRows(used, idx, None if bool((coef[0] == 1).all()) else coef[0].to(dtype), None, None)
     drop = (coef == 0)[:, None, :]  # (Bt, 1, U*r)
     ones = bool(((coef == 0) | (coef == 1)).all())
-    return UniqueFactors(a_t, b, None if ones else coef[:, None, :], drop)
+    return UniqueRows(used, idx, None, None if ones else coef[:, None, :].to(dtype), drop)
+
+
+def gather_unique(A: torch.Tensor, B: torch.Tensor, rows: UniqueRows, rank: int) -> UniqueFactors:
+    """The factors of the batch's distinct slots ``rows.used`` from slot tables A [S, R, in], B [S, R, out]. One
+    slot's are views of its table rows (no copy, where its coefficients are all ones); several are gathered."""
+    if len(rows.used) == 1:
+        a_t, b = A[rows.used[0], :rank].t(), B[rows.used[0], :rank]
+    else:
+        a_t = A[rows.index, :rank].reshape(-1, A.shape[-1]).t()  # (in, U*r)
+        b = B[rows.index, :rank].reshape(-1, B.shape[-1])  # (U*r, out)
+    if rows.scale is not None:
+        b = b * rows.scale[:, None]
+    return UniqueFactors(a_t, b, rows.coef, rows.drop)
 
 
 def lora_apply_unique(x: torch.Tensor, f: UniqueFactors, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,14 +172,14 @@ def lora_delta_unique(
     used = sorted(set(slots.flatten().tolist()) - {0})
     if not used:
         return torch.zeros(*x.shape[:2], B.shape[-1], dtype=x.dtype, device=x.device)
-    return lora_apply_unique(x, gather_unique(A, B, slots, weights, rank, used))
+    return lora_apply_unique(x, gather_unique(A, B, unique_rows(slots, weights, rank, used, A.dtype), rank))
 
 
 @dataclass(frozen=True)
 class ExpertFactors:
     """One projection of an MoE layer's experts: the batch's U distinct adapters' factors per expert, prepared once
     per batch plan for :func:`expert_lora_apply`. ``a`` [E, in, U*rank], ``b`` [E, U*rank, out] (scaling folded in),
-    ``coef`` [Bt, U*rank]: each row's coefficient on each adapter's rank components (as :func:`gather_unique`)."""
+    ``coef`` [Bt, U*rank]: each row's coefficient on each adapter's rank components (as :func:`unique_rows`)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -163,9 +194,7 @@ def gather_experts(
     u, e = len(used), A.shape[1]
     a = A[idx, :, :rank].transpose(0, 1).reshape(e, u * rank, A.shape[-1]).transpose(1, 2).contiguous()
     b = B[idx, :, :rank].transpose(0, 1).reshape(e, u * rank, B.shape[-1]).contiguous()
-    onehot = (slots[:, :, None] == idx[None, None, :]).to(weights.dtype)  # (Bt, K, U)
-    coef = torch.einsum("bk,bku->bu", weights, onehot).repeat_interleave(rank, dim=1).to(A.dtype)  # (Bt, U*r)
-    return ExpertFactors(a, b, coef)
+    return ExpertFactors(a, b, _coefficients(slots, weights, idx, rank).to(A.dtype))
 
 
 def expert_lora_apply(x: torch.Tensor, f: ExpertFactors, expert: int, rows: torch.Tensor) -> torch.Tensor:

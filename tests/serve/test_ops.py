@@ -84,12 +84,21 @@ def test_lora_paths_match_reference(pattern: str, tokens: int, k: int, dtype: to
     # In-place accumulation gives the same delta on top of an existing output.
     out = torch.randn(rows, tokens, OUT).to(dtype)
     used = sorted(set(slots.flatten().tolist()) - {0})
-    factors = lora.gather_unique(A, B, slots, weights.to(dtype), rank, used)
+    factors = lora.gather_unique(A, B, lora.unique_rows(slots, weights, rank, used, dtype), rank)
     assert (factors.drop is None) == (pattern == "identical" and k == 1)  # alike rows: no per-row mask at all
+    # one adapter at weight 1 on every row reads its table rows in place
+    alike = pattern == "identical" and k == 1
+    assert (factors.a_t.untyped_storage().data_ptr() == A.untyped_storage().data_ptr()) == alike
+    if alike:  # the same adapter at another weight on every row: the weight folded into a copy of B
+        half = lora.gather_unique(A, B, lora.unique_rows(slots, weights / 2, rank, used, dtype), rank)
+        assert half.drop is None and half.b.untyped_storage().data_ptr() != B.untyped_storage().data_ptr()
+        _check(lora.lora_apply_unique(x, half), ref / 2, dtype)
     acc = lora.lora_apply_unique(x, factors, out=out.clone())
     _check(acc - out, ref, dtype)
     acc = lora.lora_apply(x, *lora.gather_rows(A, B, slots, weights.to(dtype), rank), out=out.clone())
     _check(acc - out, ref, dtype)
+    if k == 1:  # every weight 1: B's rows as they are
+        _check(lora.lora_apply(x, *lora.gather_rows(A, B, slots, None, rank)), ref, dtype)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -347,3 +356,25 @@ def _recording(apply: Callable, calls: list[str]) -> Callable:
         return apply(self, *args)
 
     return recorded
+
+
+def test_layers_of_one_plan_share_the_rows_coefficients() -> None:
+    """What the unique path needs of the rows (the batch's distinct adapters, each row's coefficients on them) is
+    computed once per plan for every layer at the same rank, and again when the plan changes."""
+    A, B, _ = _tables(torch.float32)
+    plan = BatchPlan()
+    layers = [MultiAdapterLinear(torch.nn.Linear(IN, OUT), plan, SLOTS - 1, torch.float32) for _ in range(3)]
+    for layer in layers:
+        for s in (1, 2):
+            layer.set_slot(s, LinearDelta({"lora": LoraFactors(A[s, :4], B[s, :4])}))
+    rows = [[(1, 1.0)], [(2, 1.0)], [(1, 1.0)], [(1, 1.0)], []]
+    plan.set(rows, torch.device("cpu"))
+
+    def drops() -> list[torch.Tensor | None]:
+        return [layer.batch_states()[0][1][0][1].drop for layer in layers]
+
+    first = drops()
+    assert first[0] is not None and all(d is first[0] for d in first)
+    plan.set(rows[:4], torch.device("cpu"))
+    second = drops()
+    assert all(d is second[0] for d in second) and second[0] is not first[0]
