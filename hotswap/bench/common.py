@@ -62,6 +62,7 @@ class Workload:
     dtype: str = "auto"  # the engine's and the baselines' (hotswap.devices.resolve_dtype, per base)
     quantize: str = "none"  # the base quantized at load (hotswap.quantization), for the engine and the baselines
     moe: str = MOE  # methods: the MoE base of its MoE rows (an MoE preset), or none
+    methods: tuple[str, ...] = ()  # methods: the methods compared (empty: every method with random adapters)
 
     def __post_init__(self) -> None:
         if self.model not in PRESETS and self.model not in PACKAGED:
@@ -72,6 +73,8 @@ class Workload:
         if self.moe != "none" and not (self.moe in PRESETS and PRESETS[self.moe].moe):
             moes = [name for name, preset in PRESETS.items() if preset.moe]
             raise InvalidArgument(f"unknown MoE base {self.moe!r}: one of {', '.join(moes)}, or none")
+        if unknown := [m for m in self.methods if m not in METHODS]:
+            raise InvalidArgument(f"unknown method {unknown[0]!r} to benchmark: one of {', '.join(METHODS)}")
 
     @property
     def real(self) -> bool:

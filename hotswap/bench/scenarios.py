@@ -226,18 +226,20 @@ def _load_stages(fx: Fixtures, names: list[str], base: BaseInfo) -> dict[str, li
 
 
 def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
-    """``mixed`` for each method with N distinct adapters, and one batch mixing all methods; then on an MoE base
+    """``mixed`` for each method (``Workload.methods``, default every one) with N distinct adapters, and one batch
+    mixing them all; then on an MoE base
     (``Workload.moe``, unless none) LoRA on the attention and every expert, and on the attention alone
     (hotswap.bench.moe)."""
     w = fx.workload
     n = min(max(adapter_counts), w.batch)
     prompts = fx.prompts(w.batch)
-    per_method = {m: fx.adapters(m, n) for m in METHODS}
+    chosen = w.methods or METHODS
+    per_method = {m: fx.adapters(m, n) for m in chosen}
     batches = {m: [names[i % n] for i in range(w.batch)] for m, names in per_method.items()}
-    batches["all methods"] = [per_method[METHODS[i % len(METHODS)]][(i // len(METHODS)) % n] for i in range(w.batch)]
+    batches["all methods"] = [per_method[chosen[i % len(chosen)]][(i // len(chosen)) % n] for i in range(w.batch)]
     reqs = {label: requests(prompts, [[x] for x in a], w.new_tokens) for label, a in batches.items()}
     base_reqs = requests(prompts, [[] for _ in prompts], w.new_tokens)
-    with fx.engine(max_batch=w.batch, max_resident=n * len(METHODS)) as engine:
+    with fx.engine(max_batch=w.batch, max_resident=n * len(chosen)) as engine:
         for names in per_method.values():
             for name in names:
                 engine.load_adapter(name)
@@ -245,7 +247,7 @@ def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
         runs |= {label: partial(engine.generate, r) for label, r in reqs.items()}
         rounds = interleaved(runs, w.repeats)
         diffs = {}
-        for method in (m for m in METHODS if registered()[m].peft):  # PEFT loads these; the rest: the tests
+        for method in (m for m in chosen if registered()[m].peft):  # PEFT loads these; the rest: the tests
             peft = fx.peft(per_method[method][:CHECK_ROWS])
             diffs[method] = max_logit_diff(engine, peft, prompts[:CHECK_ROWS], batches[method][:CHECK_ROWS])
         base_bytes = model_bytes(engine.model)

@@ -34,6 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         moe=args.moe,
+        methods=tuple(args.methods.split(",")) if args.methods else (),
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
     print(table)
@@ -75,6 +76,7 @@ def register(add: AddCommand) -> None:
         help="the base quantized at load, for the engine and the baselines (mixed adds the float base's row)",
     )
     sp.add_argument("--moe", default="olmoe-mini", help="methods: the MoE preset of its MoE rows, or none")
+    sp.add_argument("--methods", help="methods: the methods compared, comma-separated, e.g. lora,dora (default all)")
     sp.add_argument("--batch", type=positive_int, default=16)
     sp.add_argument("--prompt", type=positive_int, default=64)
     sp.add_argument("--new-tokens", type=positive_int, default=32)

@@ -125,6 +125,19 @@ def test_methods(tmp_path: Path, cache: Path) -> None:
     assert experts["base_tok_s"] != rows[0]["base_tok_s"]  # not the dense base
 
 
+def test_methods_compares_the_methods_asked_for(tmp_path: Path, cache: Path) -> None:
+    """``--methods``: those methods' rows and the batch mixing them, nothing else; an unknown one is refused."""
+    code = main(["bench", "methods", "--model", "tiny", "--batch", "4", "--prompt", "8", "--new-tokens", "3",
+                 "--repeats", "1", "--adapters", "2", "--moe", "none", "--methods", "bitfit,lora",
+                 "--out", str(tmp_path), "--cache", str(cache)])  # fmt: skip
+    assert code == 0
+    rows = _load(tmp_path / "methods.json")["rows"]
+    assert [r["method"] for r in rows] == ["bitfit", "lora", "all methods"]
+    assert rows[1]["max_abs_logit_diff"] < 1e-4
+    with pytest.raises(InvalidArgument, match=r"unknown method 'loar' to benchmark: one of lora, .*"):
+        Workload(methods=("lora", "loar"))
+
+
 def test_methods_moe_base_is_an_moe() -> None:
     """The MoE rows' base: an MoE preset; none leaves the rows out."""
     assert Workload(moe="none").moe == "none" and Workload().moe == "olmoe-mini"
