@@ -108,9 +108,10 @@ class LoraKind(SlotKind):
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: tuple) -> torch.Tensor:
         lora, dora = state
-        if dora is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded
-            base_no_bias = base_out if self.base.bias is None else base_out - self.base.bias
-            y = y + dora * base_no_bias
+        if dora is not None:  # DoRA: (m/||W+sBA|| - 1) * (W x), the bias excluded; one pass over the output
+            y = torch.addcmul(y, dora, base_out)  # a new tensor: base_out may be y, and a later kind's to read
+            if self.base.bias is not None:
+                y.sub_(dora * self.base.bias)
         return _lora_delta(x, lora, out=y)  # accumulate in place: y is a fresh tensor owned by this forward
 
 
