@@ -152,10 +152,11 @@ class SlotKind(SlotTable):
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
         return y
 
-    def additive(self, x: torch.Tensor, state: Any) -> torch.Tensor | None:
-        """This kind's delta (Bt, T, out) for ``x`` (Bt, T, in) as a new contiguous tensor the caller may write, when
-        the state's delta reads neither the base output nor the running one (then ``apply`` returns ``y`` plus it);
-        None otherwise, and ``apply`` runs."""
+    def additive(self, x: torch.Tensor, state: Any, into: torch.Tensor | None) -> torch.Tensor | None:
+        """When the state's delta reads neither the base output nor the running one (then ``apply`` returns ``y``
+        plus it): this kind's delta (Bt, T, out) for ``x`` (Bt, T, in) added in place to ``into`` and returned, or
+        without ``into`` as a new contiguous tensor the caller may write. None otherwise (``into`` untouched), and
+        ``apply`` runs."""
         return None
 
 

@@ -31,5 +31,9 @@ class BiasKind(SlotKind):
         assert plan.slots is not None and plan.weights is not None
         return weighted_rows(self.table, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
 
+    def additive(self, x: torch.Tensor, state: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+        # alone, the rows' biases are where the base product accumulates (as into a base bias): no pass of its own
+        return state.expand(*x.shape[:-1], state.shape[-1]).clone() if into is None else into.add_(state)
+
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return y + state

@@ -102,9 +102,9 @@ class LoraKind(SlotKind):
             dora = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
         return lora, dora
 
-    def additive(self, x: torch.Tensor, state: tuple) -> torch.Tensor | None:
+    def additive(self, x: torch.Tensor, state: tuple, into: torch.Tensor | None) -> torch.Tensor | None:
         lora, dora = state
-        return _lora_delta(x, lora) if dora is None else None  # DoRA scales the base output
+        return _lora_delta(x, lora, out=into) if dora is None else None  # DoRA scales the base output
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor, y: torch.Tensor, state: tuple) -> torch.Tensor:
         lora, dora = state

@@ -137,11 +137,10 @@ class MultiAdapterLinear(MultiAdapterModule):
         deltas, first = None, 0
         if x_base is x:  # no kind scaled the input
             for kind, state in states:
-                d = kind.additive(x, state)
+                d = kind.additive(x, state, deltas)
                 if d is None:
                     break
-                deltas = d if deltas is None else deltas.add_(d)
-                first += 1
+                deltas, first = d, first + 1
         if first == len(states):
             return self._base(x, deltas)
         base_out = self._base(x_base)  # (Bt, T, out)

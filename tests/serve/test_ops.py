@@ -7,7 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from hotswap.methods.api import BatchPlan, LinearDelta, rows, rows_ref
+from hotswap.methods.api import BatchPlan, LinearDelta, SlotKind, rows, rows_ref
+from hotswap.methods.bitfit.kind import BiasKind
 from hotswap.methods.bottleneck import ops as bottleneck
 from hotswap.methods.bottleneck import ops_ref as bottleneck_ref
 from hotswap.methods.lora import ops as lora
@@ -315,14 +316,13 @@ def test_an_overflowing_expert_adapter_never_reaches_other_rows() -> None:
 
 @pytest.mark.parametrize("pattern", ["identical", "distinct", "with-base-rows"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("beside", [None, "bitfit", "dora"])
+@pytest.mark.parametrize("beside", [None, "bitfit", "dora", "bitfit alone"])
 def test_a_wrapped_linear_adds_lora_before_or_after_its_base_product(
     pattern: str, bias: bool, beside: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """LoRA's delta is a function of the input alone, so the layer computes it first (LoRA's ``apply`` never runs) and
-    accumulates the base product into it, or adds the base product to it before a kind that reads the output
-    (BitFit's here); DoRA scales the base output, so its ``apply`` runs. Every way, the rows equal the base plus the
-    reference deltas."""
+    """LoRA's delta is a function of the input alone, and BitFit's of nothing, so the layer computes them first (their
+    ``apply`` never runs) and accumulates the base product into their sum; DoRA scales the base output, so its
+    ``apply`` runs. Every way, the rows equal the base plus the reference deltas."""
     g = torch.Generator().manual_seed(2)
     A, B, vectors = _tables(torch.float32)
     base = torch.nn.Linear(IN, OUT, bias=bias)
@@ -331,6 +331,8 @@ def test_a_wrapped_linear_adds_lora_before_or_after_its_base_product(
         parts: dict[str, object] = {"lora": LoraFactors(A[s, : RANKS[s]], B[s, : RANKS[s]])}
         if beside == "bitfit":
             parts["bias"] = vectors[s]
+        elif beside == "bitfit alone":
+            parts = {"bias": vectors[s]}
         elif beside == "dora":  # its per-output scale (m / ||W + s B A|| - 1), here any vector
             parts["lora"] = LoraFactors(A[s, : RANKS[s]], B[s, : RANKS[s]], 0.1 * vectors[s])
         layer.set_slot(s, LinearDelta(parts))
@@ -338,11 +340,12 @@ def test_a_wrapped_linear_adds_lora_before_or_after_its_base_product(
     layer.plan.set([[(int(s), 1.0)] if s else [] for s in slots[:, 0]], torch.device("cpu"))
     applied: list[str] = []
     monkeypatch.setattr(LoraKind, "apply", _recording(LoraKind.apply, applied))
+    monkeypatch.setattr(BiasKind, "apply", _recording(BiasKind.apply, applied))
     x = torch.randn(6, 3, IN, generator=g)
     with torch.no_grad():
         fast, plain = layer(x), base(x)
-    ref = plain + lora_ref.lora_delta(x, A, B, slots, _weights(6, 1), CAPACITY)
-    if beside == "bitfit":
+    ref = plain if beside == "bitfit alone" else plain + lora_ref.lora_delta(x, A, B, slots, _weights(6, 1), CAPACITY)
+    if beside in ("bitfit", "bitfit alone"):
         ref = ref + vectors[slots[:, 0]][:, None, :]
     elif beside == "dora":
         ref = ref + 0.1 * vectors[slots[:, 0]][:, None, :] * (plain - (base.bias if bias else 0))
@@ -351,7 +354,7 @@ def test_a_wrapped_linear_adds_lora_before_or_after_its_base_product(
 
 
 def _recording(apply: Callable, calls: list[str]) -> Callable:
-    def recorded(self: LoraKind, *args: object) -> torch.Tensor:
+    def recorded(self: SlotKind, *args: object) -> torch.Tensor:
         calls.append(self.name)
         return apply(self, *args)
 
