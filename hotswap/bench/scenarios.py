@@ -227,9 +227,8 @@ def _load_stages(fx: Fixtures, names: list[str], base: BaseInfo) -> dict[str, li
 
 def methods(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
     """``mixed`` for each method (``Workload.methods``, default every one) with N distinct adapters, and one batch
-    mixing them all; then on an MoE base
-    (``Workload.moe``, unless none) LoRA on the attention and every expert, and on the attention alone
-    (hotswap.bench.moe)."""
+    mixing them all; then on an MoE base (``Workload.moe``, unless none) LoRA on the attention and every expert, and
+    on the attention alone (hotswap.bench.moe)."""
     w = fx.workload
     n = min(max(adapter_counts), w.batch)
     prompts = fx.prompts(w.batch)

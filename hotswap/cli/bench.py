@@ -34,7 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         moe=args.moe,
-        methods=tuple(args.methods.split(",")) if args.methods else (),
+        methods=tuple(dict.fromkeys(args.methods.split(","))) if args.methods else (),  # each once, in order
     )
     path, table = run(args.scenario, workload, args.out, args.cache, counts)
     print(table)

@@ -46,10 +46,11 @@ def gather_rows(
     bt, k = slots.shape
     a = A[slots, :rank]  # (Bt, K, r, in)
     b = B[slots, :rank]  # (Bt, K, r, out)
-    if weights is not None:
-        b = b * weights[:, :, None, None].to(B.dtype)
+    coef = None if weights is None else weights[:, :, None].to(B.dtype)  # (Bt, K, 1)
     if truncation is not None:
-        b = b * truncation.to(B.dtype)[..., None]
+        coef = truncation.to(B.dtype) if coef is None else coef * truncation.to(B.dtype)  # (Bt, K, r)
+    if coef is not None:  # one pass over the gathered B
+        b = b * coef[..., None]
     return a.reshape(bt, k * rank, A.shape[-1]), b.reshape(bt, k * rank, B.shape[-1])
 
 
