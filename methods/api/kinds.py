@@ -45,6 +45,11 @@ class BatchPlan:
     _key: tuple = field(default=(), repr=False)
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def nonunit_weights(self) -> torch.Tensor | None:
+        """``weights``, or None where every weight is 1 (plain adapters): nothing for a kind to multiply by."""
+        return None if self.unit_weights else self.weights
+
     def shared(self, key: Hashable, make: Callable[[], T]) -> T:
         """``make()``, computed once per plan version and shared by every layer that asks with ``key``: what depends
         on the batch's rows alone (e.g. each row's coefficients on the batch's adapters), not on a layer's tables."""

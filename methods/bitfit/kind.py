@@ -29,7 +29,7 @@ class BiasKind(SlotKind):
 
     def gather(self, plan: BatchPlan, used: list[int]) -> torch.Tensor:
         assert plan.slots is not None and plan.weights is not None
-        return weighted_rows(self.table, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
+        return weighted_rows(self.table, plan.slots, plan.nonunit_weights)[:, None, :]  # (Bt, 1, out)
 
     def additive(self, x: torch.Tensor, state: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
         # alone, the rows' biases are where the base product accumulates (as into a base bias): no pass of its own

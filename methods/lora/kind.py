@@ -20,6 +20,7 @@ from hotswap.methods.lora.ops import (
     lora_apply,
     lora_apply_unique,
     rank_truncation,
+    unique_factors,
     unique_rows,
 )
 
@@ -67,6 +68,9 @@ class LoraKind(SlotKind):
         self.dora: torch.Tensor | None = None  # (slots+1, out), allocated on the first DoRA adapter
         self.slot_rank = [0] * (num_slots + 1)
         self.slot_dora = [False] * (num_slots + 1)
+        # The last plan's distinct slots and rank, and their factors (unique path): kept while the next plans have
+        # the same adapters (requests join and leave), so that a batch change copies no factors; cleared by set().
+        self._unique: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def set(self, slot: int, payload: LoraFactors | None) -> None:
         r = 0 if payload is None else payload.rank
@@ -78,6 +82,7 @@ class LoraKind(SlotKind):
         if self.dora is not None:
             self.dora[slot] = payload.dora_scale if dora else 0  # type: ignore[union-attr]
         self.slot_rank[slot], self.slot_dora[slot] = r, dora
+        self._unique = None
 
     def holds(self, slot: int) -> bool:
         return self.slot_rank[slot] > 0
@@ -85,21 +90,25 @@ class LoraKind(SlotKind):
     def gather(self, plan: BatchPlan, used: list[int]) -> tuple:
         assert plan.slots is not None and plan.weights is not None
         rank = max(self.slot_rank[s] for s in used)
-        weights = None if plan.unit_weights else plan.weights  # plain adapters: B's rows as they are
+        weights = plan.nonunit_weights  # plain adapters: B's rows as they are
         # Few distinct adapters for many rows: read each adapter once (dense path); else per row.
-        if plan.ranks is not None:  # DyLoRA rows at a chosen rank: the per-row path truncates
-            slot_ranks = torch.tensor(self.slot_rank, device=plan.slots.device)
-            trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
-            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, weights, rank, trunc))
-        elif 2 * len(used) <= plan.slots.shape[0]:
+        if plan.ranks is None and 2 * len(used) <= plan.slots.shape[0]:
             rows = plan.shared(("lora unique", tuple(used), rank, self.dtype),
                                lambda: unique_rows(plan.slots, plan.weights, rank, used, self.dtype))  # fmt: skip
-            lora = ("unique", gather_unique(self.A, self.B, rows, rank))
+            key = (tuple(used), rank)
+            if self._unique is None or self._unique[0] != key:
+                self._unique = (key, unique_factors(self.A, self.B, rows, rank))
+            lora = ("unique", gather_unique(self.A, self.B, rows, rank, self._unique[1]))
         else:
-            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, weights, rank))
+            self._unique = None  # held no longer than a plan uses it
+            trunc = None
+            if plan.ranks is not None:  # DyLoRA rows at a chosen rank: the per-row path truncates
+                slot_ranks = torch.tensor(self.slot_rank, device=plan.slots.device)
+                trunc = rank_truncation(slot_ranks, plan.slots, plan.ranks, rank)
+            lora = ("rows", *gather_rows(self.A, self.B, plan.slots, weights, rank, trunc))
         dora = None
         if self.dora is not None and any(self.slot_dora[s] for s in used):
-            dora = weighted_rows(self.dora, plan.slots, plan.weights)[:, None, :]  # (Bt, 1, out)
+            dora = weighted_rows(self.dora, plan.slots, weights)[:, None, :]  # (Bt, 1, out)
         return lora, dora
 
     def additive(self, x: torch.Tensor, state: tuple, into: torch.Tensor | None) -> torch.Tensor | None:

@@ -135,14 +135,25 @@ def unique_rows(
     return UniqueRows(used, idx, None, None if ones else coef[:, None, :].to(dtype), drop)
 
 
-def gather_unique(A: torch.Tensor, B: torch.Tensor, rows: UniqueRows, rank: int) -> UniqueFactors:
-    """The factors of the batch's distinct slots ``rows.used`` from slot tables A [S, R, in], B [S, R, out]. One
-    slot's are views of its table rows (no copy, where its coefficients are all ones); several are gathered."""
+def unique_factors(A: torch.Tensor, B: torch.Tensor, rows: UniqueRows, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of the batch's distinct slots ``rows.used`` from slot tables A [S, R, in], B [S, R, out]: A
+    transposed (in, U*rank) and B (U*rank, out). One slot's are views of its table rows; several are gathered. They
+    depend on the distinct slots alone, so they hold while requests join and leave a batch of the same adapters."""
     if len(rows.used) == 1:
-        a_t, b = A[rows.used[0], :rank].t(), B[rows.used[0], :rank]
-    else:
-        a_t = A[rows.index, :rank].reshape(-1, A.shape[-1]).t()  # (in, U*r)
-        b = B[rows.index, :rank].reshape(-1, B.shape[-1])  # (U*r, out)
+        return A[rows.used[0], :rank].t(), B[rows.used[0], :rank]
+    return A[rows.index, :rank].reshape(-1, A.shape[-1]).t(), B[rows.index, :rank].reshape(-1, B.shape[-1])
+
+
+def gather_unique(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    rows: UniqueRows,
+    rank: int,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> UniqueFactors:
+    """:func:`unique_factors` (or ``factors``, as it returned them for these slots) with the rows' coefficients:
+    folded into B where every row has the same (one copy of B, none where they are all ones)."""
+    a_t, b = factors if factors is not None else unique_factors(A, B, rows, rank)
     if rows.scale is not None:
         b = b * rows.scale[:, None]
     return UniqueFactors(a_t, b, rows.coef, rows.drop)

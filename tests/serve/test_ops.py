@@ -108,6 +108,8 @@ def test_weighted_rows_match_reference(pattern: str, k: int) -> None:
     _, _, vectors = _tables(torch.float32)
     slots, weights = _slots(pattern, 9, k), _weights(9, k)
     _check(rows.weighted_rows(vectors, slots, weights), rows_ref.weighted_rows(vectors, slots, weights), torch.float32)
+    ones = torch.ones(slots.shape)  # None: every weight 1
+    _check(rows.weighted_rows(vectors, slots, None), rows_ref.weighted_rows(vectors, slots, ones), torch.float32)
 
 
 def test_rows_without_adapter_get_exactly_zero() -> None:
@@ -381,3 +383,34 @@ def test_layers_of_one_plan_share_the_rows_coefficients() -> None:
     plan.set(rows[:4], torch.device("cpu"))
     second = drops()
     assert all(d is second[0] for d in second) and second[0] is not first[0]
+
+
+def test_a_batch_of_the_same_adapters_reuses_their_gathered_factors() -> None:
+    """Requests joining and leaving a batch of the same distinct adapters change the rows' coefficients, not the
+    adapters' factors: a layer keeps the factors it gathered (no copy), and gathers again for other adapters or
+    once a slot is rewritten. Every plan's output still matches the reference."""
+    A, B, _ = _tables(torch.float32)
+    plan = BatchPlan()
+    layer = MultiAdapterLinear(torch.nn.Linear(IN, OUT), plan, SLOTS - 1, torch.float32)
+    for s in (1, 2, 3):
+        layer.set_slot(s, LinearDelta({"lora": LoraFactors(A[s, :4], B[s, :4])}))
+    x = torch.randn(6, 2, IN)
+
+    def factors(rows: list[list[tuple[int, float]]]) -> torch.Tensor:
+        plan.set(rows, torch.device("cpu"))
+        slots = torch.tensor([[r[0][0] if r else 0] for r in rows])
+        weights = torch.tensor([[r[0][1] if r else 0.0] for r in rows])
+        want = layer.base(x[: len(rows)]) + lora_ref.lora_delta(x[: len(rows)], A[:, :4], B[:, :4], slots, weights, 4)
+        _check(layer(x[: len(rows)]), want, torch.float32)
+        return layer.batch_states()[0][1][0][1].a_t
+
+    two = [[(1, 1.0)], [(2, 1.0)], [(1, 1.0)], [(1, 1.0)], [], [(2, 1.0)]]
+    first = factors(two)
+    assert factors(two[:4]).data_ptr() == first.data_ptr()  # a request left: the same two adapters
+    assert factors(two[1:]).data_ptr() == first.data_ptr()
+    other = factors([[(1, 1.0)], [(3, 1.0)], [(1, 1.0)], [(1, 1.0)]])
+    assert other.data_ptr() != first.data_ptr()
+    layer.set_slot(3, LinearDelta({"lora": LoraFactors(A[4, :4], B[4, :4])}))
+    A[3], B[3] = A[4], B[4]  # the reference's slot 3 as rewritten
+    rewritten = factors([[(1, 1.0)], [(3, 1.0)], [(1, 1.0)], [(1, 1.0)]])
+    assert rewritten.data_ptr() != other.data_ptr()
