@@ -46,6 +46,11 @@ class BatchPlan:
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def rows(self) -> tuple[tuple[tuple[int, float], ...], ...]:
+        """Each row's (slot, weight) pairs, as set: rows with equal pairs have equal ``slots`` and ``weights`` rows."""
+        return self._key[0] if self._key else ()
+
+    @property
     def nonunit_weights(self) -> torch.Tensor | None:
         """``weights``, or None where every weight is 1 (plain adapters): nothing for a kind to multiply by."""
         return None if self.unit_weights else self.weights

@@ -414,3 +414,39 @@ def test_a_batch_of_the_same_adapters_reuses_their_gathered_factors() -> None:
     A[3], B[3] = A[4], B[4]  # the reference's slot 3 as rewritten
     rewritten = factors([[(1, 1.0)], [(3, 1.0)], [(1, 1.0)], [(1, 1.0)]])
     assert rewritten.data_ptr() != other.data_ptr()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_new_plan_copies_only_the_rows_that_changed(k: int) -> None:
+    """Per-row path (distinct adapters): a decode plan that differs from the last one of its shape in a row (a request
+    ended, the next took its row), even with a prefill's plan between them, updates that row of the same factors in
+    place; every plan's output matches the reference, and after a slot is rewritten its rows are gathered anew."""
+    A, B, _ = _tables(torch.float32)
+    plan = BatchPlan()
+    layer = MultiAdapterLinear(torch.nn.Linear(IN, OUT), plan, SLOTS - 1, torch.float32)
+    for s in range(1, SLOTS):
+        layer.set_slot(s, LinearDelta({"lora": LoraFactors(A[s, :4], B[s, :4])}))
+    x = torch.randn(4, 2, IN)
+
+    def factors(rows: list[list[tuple[int, float]]]) -> torch.Tensor:
+        plan.set(rows, torch.device("cpu"))
+        n = len(rows)
+        slots = torch.tensor([[s for s, _ in r] + [0] * (k - len(r)) for r in rows])
+        weights = torch.tensor([[w for _, w in r] + [0.0] * (k - len(r)) for r in rows])
+        want = layer.base(x[:n]) + lora_ref.lora_delta(x[:n], A[:, :4], B[:, :4], slots, weights, 4)
+        _check(layer(x[:n]), want, torch.float32)
+        (path, a_rows, _), _ = layer.batch_states()[0][1]
+        assert path == "rows"
+        return a_rows
+
+    def row(s: int) -> list[tuple[int, float]]:
+        return [(s, 1.0)] if k == 1 else [(s, 0.5), (s % (SLOTS - 1) + 1, 0.25)]
+
+    decode = [row(1), row(2), row(3), row(4)]
+    first = factors(decode)
+    factors([row(5), row(6)])  # a prefill's plan between two decode plans
+    decode[2] = row(6)  # the request in row 2 ended; the next one took its row
+    assert factors(decode).data_ptr() == first.data_ptr()
+    layer.set_slot(6, LinearDelta({"lora": LoraFactors(A[7, :4], B[7, :4])}))
+    A[6], B[6] = A[7], B[7]  # the reference's slot 6 as rewritten
+    assert factors(decode).data_ptr() != first.data_ptr()
