@@ -13,6 +13,7 @@ from hotswap.errors import InvalidArgument
 
 SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
     "mixed": scenarios.mixed,
+    "continuous": scenarios.continuous,
     "swap": scenarios.swap,
     "load": scenarios.load,
     "methods": scenarios.methods,
@@ -25,6 +26,7 @@ SCENARIOS: dict[str, Callable[[Fixtures, list[int]], list[dict[str, Any]]]] = {
 }
 DEFAULT_ADAPTERS = {
     "mixed": [1, 4, 16, 32],
+    "continuous": [1, 16],
     "swap": [16],
     "load": [16],
     "methods": [16],

@@ -311,10 +311,12 @@ class Fixtures:
         return model.eval()
 
 
-def requests(prompts: list[list[int]], adapters: list[list[str]], new_tokens: int) -> list[Request]:
+def requests(prompts: list[list[int]], adapters: list[list[str]], new_tokens: int | list[int]) -> list[Request]:
+    """Greedy requests that generate exactly ``new_tokens`` tokens each (or ``new_tokens[i]`` for request i)."""
+    lengths = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
     return [
-        Request(prompt_ids=p, adapters=a, max_new_tokens=new_tokens, ignore_eos=True)
-        for p, a in zip(prompts, adapters, strict=True)
+        Request(prompt_ids=p, adapters=a, max_new_tokens=n, ignore_eos=True)
+        for p, a, n in zip(prompts, adapters, lengths, strict=True)
     ]
 
 

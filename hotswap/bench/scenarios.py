@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import re
 import signal
 import statistics
@@ -110,6 +111,44 @@ def _mixed_one(fx: Fixtures, n: int, hf_model: Any) -> tuple[dict[str, Any], dic
         "max_abs_logit_diff": diff,
     }
     return row, base_row
+
+
+def continuous(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:
+    """Continuous batching: twice a batch of requests of staggered lengths (new tokens drawn from a quarter of the
+    workload's to 1.75 times it, seeded) through one engine of ``batch`` rows, so that requests end at different steps
+    and the waiting ones take their rows; request i uses adapter i mod N, against the base, interleaved. Each row
+    counts the batch changes of one run: every one is a new plan for which the layers prepare their adapter state."""
+    w = fx.workload
+    count = 2 * w.batch
+    rng = random.Random(w.seed)
+    high = min(w.new_tokens + 32, 7 * w.new_tokens // 4)  # within the engine's max_seq_len
+    lengths = [rng.randint(max(1, w.new_tokens // 4), max(1, high)) for _ in range(count)]
+    prompts = fx.prompts(count)
+    runs: dict[str, Callable[[], object]] = {}
+    changes: dict[str, int] = {}
+    with fx.engine(max_batch=w.batch, max_resident=max(adapter_counts)) as engine:
+
+        def run(key: str, reqs: list[Any]) -> None:
+            version = engine.plan.version
+            engine.generate(reqs)
+            changes[key] = engine.plan.version - version
+
+        runs["base"] = partial(run, "base", requests(prompts, [[] for _ in prompts], lengths))
+        for n in adapter_counts:
+            names = fx.adapters("lora", n)
+            for name in names:
+                engine.load_adapter(name)
+            runs[str(n)] = partial(run, str(n), requests(prompts, [[names[i % n]] for i in range(count)], lengths))
+        set_threads()
+        rounds = interleaved(runs, w.repeats)
+    rows = []
+    for n in adapter_counts:
+        row = {"label": f"{n} adapters, {count} requests", "n_adapters": n, "batch": w.batch, "requests": count,
+               "tok_s": rounds.tok_s(str(n), sum(lengths)), "base_tok_s": rounds.tok_s("base", sum(lengths)),
+               **rounds.vs("base", str(n), "base"), "batch_changes": changes[str(n)]}  # fmt: skip
+        rows.append(row)
+        log.info("continuous N=%d: %s", n, row)
+    return rows
 
 
 def swap(fx: Fixtures, adapter_counts: list[int]) -> list[dict[str, Any]]:

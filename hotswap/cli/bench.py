@@ -43,7 +43,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # hotswap.bench's SCENARIOS, named here so that `hotswap --help` imports no torch (tests/bench checks they agree)
-SCENARIO_NAMES = ("mixed", "swap", "load", "methods", "server", "train", "scale-out", "soak", "kv", "decode")
+SCENARIO_NAMES = (
+    "mixed",
+    "continuous",
+    "swap",
+    "load",
+    "methods",
+    "server",
+    "train",
+    "scale-out",
+    "soak",
+    "kv",
+    "decode",
+)
 
 
 def _model_help() -> str:

@@ -56,6 +56,18 @@ def test_mixed(tmp_path: Path, cache: Path) -> None:
     assert f"{rows[0]['vs_base']:.2f} ({rows[0]['vs_base_min']:.2f}–{rows[0]['vs_base_max']:.2f})" in table
 
 
+def test_continuous(tmp_path: Path, cache: Path) -> None:
+    """Twice a batch of requests of staggered lengths: they end at different steps, so the batch changes more often
+    than once per wave; each row is against the base in the same run."""
+    data = _load(run("continuous", TINY, tmp_path, cache, [1, 2])[0])
+    rows = data["rows"]
+    assert [r["n_adapters"] for r in rows] == [1, 2] and all(r["requests"] == 8 for r in rows)
+    for r in rows:
+        assert r["vs_base"] == pytest.approx(r["tok_s"] / r["base_tok_s"])
+        _spread(r, "vs_base")
+        assert r["batch_changes"] > 2  # at equal lengths, one: the two waves' rows are alike
+
+
 def test_mixed_on_a_quantized_base(tmp_path: Path, cache: Path) -> None:
     """NF4: adapters published for the NF4 base, PEFT on the same NF4 base, and the float base's row beside it."""
     pytest.importorskip("bitsandbytes")
