@@ -132,10 +132,11 @@ class LoraKind(SlotKind):
             a_rows, b_rows = gather_rows(self.A, self.B, plan.slots, plan.nonunit_weights, rank)
         else:
             before, a_rows, b_rows = cached
-            if changed := [i for i, (old, new) in enumerate(zip(before, plan.rows, strict=True)) if old != new]:
-                idx = torch.tensor(changed, device=plan.slots.device)
-                weights = plan.nonunit_weights
-                a, b = gather_rows(self.A, self.B, plan.slots[idx], None if weights is None else weights[idx], rank)
+            # the same for every layer whose last plan of this shape had these rows: computed once per plan
+            changed = plan.shared(("lora rows changed", before), lambda: _changed_rows(before, plan))
+            if changed is not None:
+                idx, slots, weights = changed
+                a, b = gather_rows(self.A, self.B, slots, weights, rank)
                 a_rows.index_copy_(0, idx, a)
                 b_rows.index_copy_(0, idx, b)
         self._per_row[shape] = (plan.rows, a_rows, b_rows)
@@ -154,6 +155,18 @@ class LoraKind(SlotKind):
             if self.base.bias is not None:
                 y.sub_(dora * self.base.bias)
         return _lora_delta(x, lora, out=y)  # accumulate in place: y is a fresh tensor owned by this forward
+
+
+def _changed_rows(before: tuple, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The rows of ``plan`` whose (slot, weight) pairs differ from ``before`` (an earlier plan's rows, as many): their
+    indices, slots and weights (None: all ones); None where none differs."""
+    assert plan.slots is not None
+    changed = [i for i, (old, new) in enumerate(zip(before, plan.rows, strict=True)) if old != new]
+    if not changed:
+        return None
+    idx = torch.tensor(changed, device=plan.slots.device)
+    weights = plan.nonunit_weights
+    return idx, plan.slots[idx], None if weights is None else weights[idx]
 
 
 def _lora_delta(x: torch.Tensor, lora: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
